@@ -1,0 +1,1 @@
+"""sparsefx: a compression compiler for LLMs."""

