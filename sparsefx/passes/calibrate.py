@@ -1,0 +1,172 @@
+"""Calibration as a compiler step: prepare (insert observers at linear inputs) -> run batches -> statistics.
+
+One observer per distinct linear input (q/k/v share one, gate/up share one). Statistics are attached to the IR:
+``node.meta['sparsefx.stats']`` on each linear (the shared ``ActStats`` object of its input) and
+``gm.meta['sparsefx.stats']`` keyed by input node name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from ..errors import CalibrationError
+from ..ir.annotate import annotated_linears
+from .base import Pass, PassContext, PassReport, PassResult
+
+STATS = "sparsefx.stats"
+_OBS_PREFIX = "_sparsefx_observer_"
+# |x| histogram: log10-spaced bins over [1e-8, 1e4]; below goes into bin 0, above into the last bin.
+HIST_BINS, HIST_LO, HIST_HI = 2048, -8.0, 4.0
+
+
+@dataclass
+class ActStats:
+    """Statistics of one linear input ``x: [..., C]`` over all calibration tokens."""
+
+    n_tokens: int
+    sq_sum: torch.Tensor     # [C] float64, sum of x_c^2
+    abs_sum: torch.Tensor    # [C] float64, sum of |x_c|
+    abs_max: torch.Tensor    # [C] float32
+    hist: torch.Tensor       # [HIST_BINS] float64, counts of log10|x| over all channels
+
+    @property
+    def channel_l2(self) -> torch.Tensor:
+        """``||X_c||_2`` over calibration tokens (Wanda's activation norm), float32 ``[C]``."""
+        return self.sq_sum.sqrt().float()
+
+    @property
+    def channel_mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n_tokens, 1)).float()
+
+    def quantile(self, q: float) -> float:
+        """Approximate quantile of |x| (all channels) from the histogram, exact to one log-bin (~1.4%)."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {q}")
+        cdf = self.hist.cumsum(0) / self.hist.sum()
+        idx = int(torch.searchsorted(cdf, torch.tensor(q, dtype=cdf.dtype)).clamp(max=HIST_BINS - 1))
+        width = (HIST_HI - HIST_LO) / HIST_BINS
+        return 10 ** (HIST_LO + (idx + 1) * width)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.sq_sum": self.sq_sum, f"{prefix}.abs_sum": self.abs_sum, f"{prefix}.abs_max": self.abs_max,
+                f"{prefix}.hist": self.hist, f"{prefix}.n_tokens": torch.tensor([self.n_tokens])}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str) -> "ActStats":
+        return cls(int(t[f"{prefix}.n_tokens"][0]), t[f"{prefix}.sq_sum"], t[f"{prefix}.abs_sum"],
+                   t[f"{prefix}.abs_max"], t[f"{prefix}.hist"])
+
+
+class Observer(nn.Module):
+    """Identity module that accumulates ``ActStats`` of what flows through it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.n_tokens = 0
+        self.sq_sum = torch.zeros(channels, dtype=torch.float64)
+        self.abs_sum = torch.zeros(channels, dtype=torch.float64)
+        self.abs_max = torch.zeros(channels)
+        self.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C]
+        flat = x.detach().reshape(-1, self.channels).float()
+        a = flat.abs()
+        self.n_tokens += flat.shape[0]
+        self.sq_sum += flat.double().pow(2).sum(0).cpu()
+        self.abs_sum += a.double().sum(0).cpu()
+        self.abs_max = torch.maximum(self.abs_max, a.amax(0).cpu())
+        logs = a.clamp_min(10 ** HIST_LO).log10().clamp(HIST_LO, HIST_HI)
+        self.hist += torch.histc(logs, HIST_BINS, HIST_LO, HIST_HI).double().cpu()
+        return x
+
+    def stats(self) -> ActStats:
+        return ActStats(self.n_tokens, self.sq_sum.clone(), self.abs_sum.clone(), self.abs_max.clone(), self.hist.clone())
+
+
+def insert_observers(gm: GraphModule) -> dict[str, str]:
+    """Insert one observer per distinct linear input; return ``{input node name: observer module name}``."""
+    inserted: dict[str, str] = {}
+    observers: dict[str, torch.fx.Node] = {}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for lin, info in annotated_linears(gm):
+        src = by_name[info.input_node]
+        if src.name not in observers:
+            mod_name = f"{_OBS_PREFIX}{len(inserted)}"
+            gm.add_submodule(mod_name, Observer(info.in_features))
+            with gm.graph.inserting_after(src):
+                obs = gm.graph.call_module(mod_name, (src,))
+            obs.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta")})
+            inserted[src.name], observers[src.name] = mod_name, obs
+        lin.replace_input_with(src, observers[src.name])
+    gm.recompile()
+    return inserted
+
+
+def run_calibration(gm: GraphModule, batches: torch.Tensor, batch_size: int = 4, progress: bool = True) -> None:
+    """Feed token ids ``batches: [N, S]`` through ``gm`` in chunks of ``batch_size``, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    if batches.dim() != 2 or batches.dtype != torch.long:
+        raise CalibrationError(f"calibration data must be token ids [N, S] of dtype long, got {tuple(batches.shape)} "
+                               f"{batches.dtype}")
+    device = next(iter(gm.parameters())).device
+    steps = math.ceil(batches.shape[0] / batch_size)
+    with torch.no_grad():
+        for i in tqdm(range(steps), desc="calibrating", unit="batch", disable=not progress):
+            gm(batches[i * batch_size:(i + 1) * batch_size].to(device))
+
+
+def collect_statistics(gm: GraphModule, inserted: dict[str, str]) -> dict[str, ActStats]:
+    """Remove the observers, attach their statistics to the IR, and return them keyed by input node name."""
+    stats = {}
+    for src_name, mod_name in inserted.items():
+        obs_node = next(iter(gm.graph.find_nodes(op="call_module", target=mod_name)))
+        stats[src_name] = gm.get_submodule(mod_name).stats()
+        obs_node.replace_all_uses_with(obs_node.args[0])
+        gm.graph.erase_node(obs_node)
+        gm.delete_submodule(mod_name)
+    gm.recompile()
+    bad = []
+    for lin, info in annotated_linears(gm):
+        s = stats.get(info.input_node)
+        if s is None:
+            continue
+        if s.n_tokens == 0:
+            raise CalibrationError(f"no calibration tokens reached {info.param}; run_calibration saw no batches")
+        if not (torch.isfinite(s.sq_sum).all() and torch.isfinite(s.abs_max).all()):
+            bad.append(info.param)
+        lin.meta[STATS] = s
+    if bad:
+        raise CalibrationError(f"non-finite activation statistics (NaN/inf) at the inputs of {bad[:5]}"
+                               f"{' ...' if len(bad) > 5 else ''}; the model overflows on the calibration text — "
+                               "run it in float32 and check the weights for NaN")
+    gm.meta[STATS] = stats
+    return stats
+
+
+class CalibratePass(Pass):
+    """Observe linear inputs on ``ctx.calibration`` and attach ``ActStats`` to every linear node."""
+
+    name = "calibrate"
+    requires = ("annotated",)
+    provides = ("calibrated",)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.calibration is None:
+            raise CalibrationError("a pass in this recipe needs calibration data, but none was given; "
+                                   "pass calibration=data.calibration_batches(tokenizer)")
+        inserted = insert_observers(gm)
+        try:
+            run_calibration(gm, ctx.calibration, ctx.batch_size, ctx.progress)
+        finally:
+            stats = collect_statistics(gm, inserted)
+        n_tok = next(iter(stats.values())).n_tokens if stats else 0
+        return PassResult(gm, False, PassReport(self.name, matches=len(stats),
+                                                details={"observed_inputs": len(stats), "tokens": n_tok}))

@@ -1,0 +1,182 @@
+"""Pass configs (frozen, validated dataclasses), the config -> pass registry, and YAML recipes.
+
+A recipe is data:
+
+    name: wanda-2of4
+    calibration: {samples: 32, seqlen: 512, text: c4, batch_size: 4}
+    passes:
+      - method: wanda
+        pattern: "2:4"
+
+Each ``method`` names a registered config class. Built-in classes are found lazily, on first lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import yaml
+
+from .._cache import atomic_write_bytes
+from ..errors import RecipeError
+
+_CONFIGS: dict[str, type["PassConfig"]] = {}
+_PASSES: dict[type["PassConfig"], Callable[["PassConfig"], Any]] = {}
+# method -> module that registers it; imported on first lookup, not when sparsefx is imported.
+_BUILTIN_MODULES = {"magnitude": "sparsefx.passes.masks", "wanda": "sparsefx.passes.masks"}
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Base of pass configs. Subclasses set ``method`` and validate fields in ``validate``."""
+
+    method: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PassConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"method"})
+        if unknown:
+            raise RecipeError(f"{cls.method}: unknown field(s) {unknown}; allowed: {sorted(names)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "method"}
+        return cls(**kwargs)
+
+
+def register_pass(config_cls: type[PassConfig]):
+    """Class decorator: ``@register_pass(MyConfig) class MyPass(Pass)`` maps the config type to the pass."""
+
+    def deco(pass_cls):
+        if not config_cls.method:
+            raise TypeError(f"{config_cls.__name__} has no method name")
+        _CONFIGS[config_cls.method] = config_cls
+        _PASSES[config_cls] = pass_cls
+        return pass_cls
+
+    return deco
+
+
+def _lookup(method: str) -> type[PassConfig]:
+    if method not in _CONFIGS and method in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[method])
+    if method not in _CONFIGS:
+        known = sorted(set(_CONFIGS) | set(_BUILTIN_MODULES))
+        raise RecipeError(f"passes[].method: unknown method {method!r}; known methods: {known}")
+    return _CONFIGS[method]
+
+
+def config_from_dict(data: dict[str, Any]) -> PassConfig:
+    """Build the config named by ``data['method']``.
+
+    Example:
+        >>> config_from_dict({"method": "magnitude", "sparsity": 0.5}).sparsity
+        0.5
+    """
+    if not isinstance(data, dict) or "method" not in data:
+        raise RecipeError(f"each entry of passes must be a mapping with a 'method' field, got {data!r}")
+    return _lookup(str(data["method"])).from_dict(data)
+
+
+def build_pass(config: PassConfig):
+    """Instantiate the pass registered for ``type(config)``."""
+    _lookup(config.method)
+    return _PASSES[type(config)](config)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which text and how much of it calibration reads. Defaults: the protocol (c4, 32 x 512)."""
+
+    text: str = "c4"
+    samples: int = 32
+    seqlen: int = 512
+    batch_size: int = 4
+
+    def __post_init__(self):
+        from ..data import TEXTS
+
+        if self.text not in TEXTS:
+            raise RecipeError(f"calibration.text: unknown text {self.text!r}; choose one of {list(TEXTS)}")
+        for name in ("samples", "seqlen", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise RecipeError(f"calibration.{name} must be a positive integer, got {v!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered list of pass configs plus calibration settings.
+
+    Example:
+        >>> r = Recipe.from_yaml("passes: [{method: magnitude, sparsity: 0.5}]")
+        >>> r.passes[0].method
+        'magnitude'
+    """
+
+    passes: tuple[PassConfig, ...]
+    name: str = ""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a mapping with a 'passes' list, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"name", "passes", "calibration"})
+        if unknown:
+            raise RecipeError(f"recipe: unknown field(s) {unknown}; allowed: name, passes, calibration")
+        passes = data.get("passes")
+        if not isinstance(passes, list) or not passes:
+            raise RecipeError("recipe.passes must be a non-empty list of {method: ..., ...} mappings")
+        calib = data.get("calibration") or {}
+        if not isinstance(calib, dict):
+            raise RecipeError("recipe.calibration must be a mapping")
+        try:
+            calibration = CalibrationConfig(**calib)
+        except TypeError as exc:
+            raise RecipeError(f"recipe.calibration: {exc}") from None
+        return cls(tuple(config_from_dict(p) for p in passes), str(data.get("name", "")), calibration)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe is not valid YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return cls.from_yaml(path.read_text())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "calibration": dataclasses.asdict(self.calibration),
+                "passes": [p.to_dict() for p in self.passes]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(Path(path), self.to_yaml().encode())
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any("calibrated" in getattr(build_pass(p), "requires", ()) for p in self.passes)
