@@ -180,3 +180,28 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return any("calibrated" in getattr(build_pass(p), "requires", ()) for p in self.passes)
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Recipes shipped with sparsefx: ``{name: path}``."""
+    from importlib.resources import files
+
+    folder = files("sparsefx") / "recipes"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def resolve_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a recipe from a YAML file, or by the name of a built-in recipe (``wanda-50``, ``wanda-2of4``, ...).
+
+    Example:
+        >>> resolve_recipe("wanda-2of4").passes[0].pattern
+        '2:4'
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return Recipe.load(path)
+    builtin = builtin_recipes()
+    if str(name_or_path) in builtin:
+        return Recipe.load(builtin[str(name_or_path)])
+    raise RecipeError(f"recipe {name_or_path!s} is neither a YAML file nor a built-in recipe "
+                      f"({', '.join(sorted(builtin))})")

@@ -1,0 +1,62 @@
+"""Weight-mask sweep on the embedded SmolLM2 under the protocol of DEVELOPERS.md, all variants in one run.
+
+    python bench/masks_ppl.py            # full protocol: 16,384 eval tokens, c4 32x512 calibration
+    python bench/masks_ppl.py --quick    # 4,096 eval tokens, 8 calibration samples
+
+Writes bench/results/masks_<model>.csv and .json (rows + machine + command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparsefx._cache import atomic_write_bytes
+from sparsefx.data import PROTOCOL
+from sparsefx.experiments import print_table, sweep
+from sparsefx.passes.config import resolve_recipe
+
+RECIPES = ["dense", "magnitude-50", "wanda-50", "magnitude-2of4", "wanda-2of4", "wanda-4of8", "wanda-50-attn30"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--recipes", nargs="*", default=RECIPES)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    protocol = dataclasses.replace(PROTOCOL, eval_tokens=4096) if args.quick else PROTOCOL
+    t0 = time.time()
+    rows = sweep(args.model, [resolve_recipe(r) for r in args.recipes], protocol, speed=True, progress=False,
+                 calib_samples=8 if args.quick else None)
+    # The "dense" recipe (0% sparsity) runs the whole pipeline; its row is named dense-recipe to tell it apart.
+    for r in rows[1:]:
+        if r["variant"] == "dense":
+            r["variant"] = "dense-recipe(0%)"
+    print_table(rows, f"{args.model} weight masks")
+    meta = {"command": " ".join(["python", *sys.argv]), "protocol": dataclasses.asdict(protocol),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
+            platform.machine(), "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0, 1)}
+    out = Path(args.out)
+    stem = f"masks_{args.model}{'_quick' if args.quick else ''}"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(out / f"{stem}.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
+    print(f"wrote {out / stem}.csv/.json")
+
+
+if __name__ == "__main__":
+    main()

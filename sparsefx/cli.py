@@ -1,0 +1,164 @@
+"""Command line: ``sparsefx demo | eval | compress | recipes``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from .errors import SparsefxError
+
+DEMO_RECIPES = ("magnitude-50", "wanda-50", "wanda-2of4")
+
+
+def _protocol(args):
+    from .data import PROTOCOL
+
+    if getattr(args, "tokens", None):
+        return dataclasses.replace(PROTOCOL, eval_tokens=args.tokens)
+    return PROTOCOL
+
+
+def cmd_demo(args) -> int:
+    from .experiments import print_table, sweep
+    from .passes.config import resolve_recipe
+
+    protocol = _protocol(args)
+    calib = None
+    if args.quick:
+        protocol = dataclasses.replace(protocol, eval_tokens=4096)
+        calib = 8
+    recipes = [resolve_recipe(r) for r in DEMO_RECIPES]
+    rows = sweep(args.model, recipes, protocol, speed=not args.no_speed, progress=not args.no_progress,
+                 calib_samples=calib)
+    print_table(rows, f"{args.model}: wiki ppl over {protocol.eval_tokens} tokens "
+                      f"({protocol.window}-token windows), calibration c4 {calib or protocol.calib_samples}"
+                      f"x{protocol.calib_seqlen}")
+    if args.json:
+        _write_json(args.json, rows)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .artifact import is_artifact, load_artifact
+    from .eval import evaluate
+    from .models import load_model
+
+    if is_artifact(args.model):
+        art = load_artifact(args.model)
+        model, tok = art.model, art.tokenizer
+        if tok is None:
+            raise SparsefxError(f"{args.model} holds no tokenizer; re-run `sparsefx compress`")
+    else:
+        model, tok = load_model(args.model)
+    res = evaluate(model, tok, _protocol(args), speed=not args.no_speed, progress=not args.no_progress)
+    out = res.to_dict()
+    print(f"model            {args.model}")
+    print(f"perplexity       {res.ppl:.4f}  ({res.tokens} predicted tokens)")
+    if res.decode_tok_s:
+        print(f"decode tokens/s  {res.decode_tok_s:.2f}  (batch 1, greedy, KV cache)")
+    print(f"parameters       {res.params_total:,}  non-zero {res.params_nonzero:,}")
+    print(f"layer linears    {res.linear_params:,}  non-zero {res.linear_nonzero:,}  "
+          f"sparsity {res.linear_sparsity:.4f}")
+    if args.json:
+        _write_json(args.json, out)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .artifact import save_artifact
+    from .data import PROTOCOL, calibration_batches
+    from .models import load_model
+    from .passes.config import resolve_recipe
+    from .passes.calibrate import STATS
+    from .pipeline import compress
+
+    recipe = resolve_recipe(args.recipe)
+    model, tok = load_model(args.model)
+    calibration = None
+    if recipe.needs_calibration:
+        cal = recipe.calibration
+        p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
+        text = open(args.calib_file, encoding="utf-8").read() if args.calib_file else None
+        calibration = calibration_batches(tok, p, text=text)
+    result = compress(model, recipe, calibration=calibration, progress=not args.no_progress)
+    out = save_artifact(args.output, model, tok, recipe, result.report_dict(),
+                        stats=result.graph_module.meta.get(STATS), overwrite=args.overwrite)
+    for r in result.reports:
+        sp = r.details.get("sparsity")
+        print(f"{r.name:12s} matches={r.matches:<4d} {f'sparsity={sp:.4f} ' if sp is not None else ''}"
+              f"{r.seconds:.1f}s")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .passes.config import builtin_recipes
+
+    for name, path in sorted(builtin_recipes().items()):
+        print(f"{name:20s} {path}")
+    return 0
+
+
+def _write_json(path, data) -> None:
+    from pathlib import Path
+
+    from ._cache import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), json.dumps(data, indent=1).encode())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsefx", description="Compress Hugging Face causal LMs without retraining.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, tokens=True):
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if tokens:
+            sp.add_argument("--tokens", type=int, help="evaluation tokens (protocol: 16384)")
+
+    d = sub.add_parser("demo", help="compress the embedded SmolLM2 with magnitude/Wanda/2:4 and print a ppl table")
+    d.add_argument("--model", default="smollm2", help="embedded model name or local HF folder")
+    d.add_argument("--quick", action="store_true", help="4,096 eval tokens and 8 calibration samples")
+    d.add_argument("--no-speed", action="store_true", help="skip decode tokens/s")
+    d.add_argument("--json", help="also write the rows to this JSON file")
+    common(d)
+    d.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("eval", help="perplexity (protocol), decode tokens/s, parameter counts")
+    e.add_argument("model", help="embedded model name, local HF folder, or sparsefx artifact")
+    e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--json", help="also write the result to this JSON file")
+    common(e)
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("compress", help="apply a recipe and write an artifact")
+    c.add_argument("model", help="embedded model name or local HF folder")
+    c.add_argument("--recipe", "-r", required=True, help="recipe YAML file or built-in name (see `recipes`)")
+    c.add_argument("--output", "-o", required=True, help="artifact folder to write")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
+    c.add_argument("--calib-file", help="UTF-8 text file to calibrate on instead of the recipe's named text")
+    common(c, tokens=False)
+    c.set_defaults(fn=cmd_compress)
+
+    r = sub.add_parser("recipes", help="list built-in recipes")
+    r.set_defaults(fn=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.fn(args)
+    except (SparsefxError, FileExistsError) as exc:
+        print(f"sparsefx: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Evaluation: perplexity under the protocol, decode tokens/s, parameter and non-zero counts."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .data import PROTOCOL, Protocol, eval_windows
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    nll_sum: float
+    tokens: int
+    params_total: int
+    params_nonzero: int
+    linear_params: int          # weights of linears inside decoder layers (what the passes compress)
+    linear_nonzero: int
+    decode_tok_s: float | None = None
+    eval_seconds: float = 0.0
+
+    @property
+    def linear_sparsity(self) -> float:
+        return 1.0 - self.linear_nonzero / self.linear_params if self.linear_params else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "linear_sparsity": self.linear_sparsity}
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> tuple[float, float, int]:
+    """``(ppl, nll_sum, n_predicted)`` of ``model`` over token ``windows: [W, L]``, each window on its own.
+
+    Every window predicts its tokens 1..L-1 from the tokens before them (no context across windows).
+
+    Example:
+        >>> ppl, _, _ = perplexity(model, eval_windows(tok))  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    nll, n = 0.0, 0
+    for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+        ids = w[None].to(device)                                   # [1, L]
+        logits = model(input_ids=ids, use_cache=False).logits      # [1, L, V]
+        loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+        nll += loss.item()
+        n += ids.shape[1] - 1
+    return math.exp(nll / n), nll, n
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(model: nn.Module, prompt_len: int = 32, new_tokens: int = 64, repeats: int = 2) -> float:
+    """Greedy batch-1 decode speed of ``generate()`` with the KV cache, best of ``repeats`` after a warm-up."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, min(vocab, 1000), (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                  pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None
+                  else model.config.pad_token_id)
+    model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        dt = time.perf_counter() - t0
+        best = max(best, (out.shape[1] - prompt_len) / dt)
+    return best
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Total and non-zero parameters, and the same for decoder-layer linear weights.
+
+    Example:
+        >>> count_params(tiny_model())["linear_params"]  # doctest: +SKIP
+    """
+    total = nonzero = lin = lin_nz = 0
+    for p in model.parameters():  # shared (tied) tensors are counted once
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    for mod in (layers.modules() if layers is not None else ()):
+        if isinstance(mod, nn.Linear):
+            lin += mod.weight.numel()
+            lin_nz += int(torch.count_nonzero(mod.weight))
+    return {"params_total": total, "params_nonzero": nonzero, "linear_params": lin, "linear_nonzero": lin_nz}
+
+
+def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: bool = True,
+             progress: bool = True, windows: torch.Tensor | None = None) -> EvalResult:
+    """Perplexity under ``protocol`` plus counts and (optionally) decode speed.
+
+    Example:
+        >>> evaluate(model, tok).ppl  # doctest: +SKIP
+        19.74
+    """
+    t0 = time.perf_counter()
+    windows = eval_windows(tokenizer, protocol) if windows is None else windows
+    ppl, nll, n = perplexity(model, windows, progress)
+    tok_s = decode_tokens_per_s(model) if speed else None
+    return EvalResult(ppl=ppl, nll_sum=nll, tokens=n, decode_tok_s=tok_s, eval_seconds=time.perf_counter() - t0,
+                      **count_params(model))

@@ -1,0 +1,80 @@
+"""Sweeps that compress a model with several recipes and evaluate each under one protocol, in one run.
+
+Used by ``sparsefx demo`` and by the benchmarks in ``bench/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from .data import PROTOCOL, Protocol, calibration_batches, eval_windows
+from .eval import evaluate
+from .models import load_model
+from .passes.config import Recipe
+from .pipeline import compress
+
+
+def sweep(model_name: str, recipes: list[Recipe], protocol: Protocol = PROTOCOL, speed: bool = True,
+          progress: bool = True, calib_samples: int | None = None) -> list[dict]:
+    """Evaluate the dense model, then each recipe on a fresh copy; one row per variant.
+
+    ``calib_samples`` overrides the recipes' calibration sample count (for quick runs).
+
+    Example:
+        >>> rows = sweep("smollm2", [resolve_recipe("wanda-50")])  # doctest: +SKIP
+    """
+    model, tok = load_model(model_name)
+    windows = eval_windows(tok, protocol)
+    dense = evaluate(model, tok, protocol, speed=speed, progress=progress, windows=windows)
+    rows = [_row("dense", dense, dense, 0.0)]
+    del model
+    calib_cache: dict = {}
+    for recipe in recipes:
+        cal = recipe.calibration
+        if calib_samples is not None:
+            cal = dataclasses.replace(cal, samples=calib_samples)
+            recipe = dataclasses.replace(recipe, calibration=cal)
+        calibration = None
+        if recipe.needs_calibration:
+            key = (cal.text, cal.samples, cal.seqlen)
+            if key not in calib_cache:
+                p = dataclasses.replace(protocol, calib_text=cal.text, calib_samples=cal.samples,
+                                        calib_seqlen=cal.seqlen)
+                calib_cache[key] = calibration_batches(tok, p)
+            calibration = calib_cache[key]
+        model, _ = load_model(model_name)
+        t0 = time.perf_counter()
+        compress(model, recipe, calibration=calibration, progress=progress)
+        seconds = time.perf_counter() - t0
+        res = evaluate(model, tok, protocol, speed=speed, progress=progress, windows=windows)
+        rows.append(_row(recipe.name or recipe.passes[0].method, res, dense, seconds))
+        del model
+    return rows
+
+
+def _row(name, res, dense, compress_s) -> dict:
+    return {
+        "variant": name,
+        "ppl": round(res.ppl, 4),
+        "ppl_vs_dense": round(res.ppl / dense.ppl, 4),
+        "linear_sparsity": round(res.linear_sparsity, 4),
+        "params_nonzero": res.params_nonzero,
+        "decode_tok_s": round(res.decode_tok_s, 2) if res.decode_tok_s else None,
+        "decode_vs_dense": round(res.decode_tok_s / dense.decode_tok_s, 3) if res.decode_tok_s else None,
+        "eval_tokens": res.tokens,
+        "compress_s": round(compress_s, 1),
+    }
+
+
+def print_table(rows: list[dict], title: str = "") -> None:
+    """Print sweep rows as a table (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for col in rows[0]:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r.values()))
+    Console().print(table)
