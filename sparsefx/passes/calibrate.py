@@ -109,13 +109,19 @@ def insert_observers(gm: GraphModule) -> dict[str, str]:
     return inserted
 
 
+def _check_batches(batches) -> None:
+    if not isinstance(batches, torch.Tensor) or batches.dim() != 2 or batches.dtype != torch.long \
+            or batches.numel() == 0:
+        got = f"{tuple(batches.shape)} {batches.dtype}" if isinstance(batches, torch.Tensor) else type(batches).__name__
+        raise CalibrationError(f"calibration data must be non-empty token ids [N, S] of dtype long, got {got}; "
+                               "use data.calibration_batches(tokenizer)")
+
+
 def run_calibration(gm: GraphModule, batches: torch.Tensor, batch_size: int = 4, progress: bool = True) -> None:
     """Feed token ids ``batches: [N, S]`` through ``gm`` in chunks of ``batch_size``, with a progress bar."""
     from tqdm.auto import tqdm
 
-    if batches.dim() != 2 or batches.dtype != torch.long:
-        raise CalibrationError(f"calibration data must be token ids [N, S] of dtype long, got {tuple(batches.shape)} "
-                               f"{batches.dtype}")
+    _check_batches(batches)
     device = next(iter(gm.parameters())).device
     steps = math.ceil(batches.shape[0] / batch_size)
     with torch.no_grad():
@@ -123,8 +129,8 @@ def run_calibration(gm: GraphModule, batches: torch.Tensor, batch_size: int = 4,
             gm(batches[i * batch_size:(i + 1) * batch_size].to(device))
 
 
-def collect_statistics(gm: GraphModule, inserted: dict[str, str]) -> dict[str, ActStats]:
-    """Remove the observers, attach their statistics to the IR, and return them keyed by input node name."""
+def remove_observers(gm: GraphModule, inserted: dict[str, str]) -> dict[str, ActStats]:
+    """Take the observers out of the graph (restoring it exactly); return their statistics by input node name."""
     stats = {}
     for src_name, mod_name in inserted.items():
         obs_node = next(iter(gm.graph.find_nodes(op="call_module", target=mod_name)))
@@ -133,6 +139,12 @@ def collect_statistics(gm: GraphModule, inserted: dict[str, str]) -> dict[str, A
         gm.graph.erase_node(obs_node)
         gm.delete_submodule(mod_name)
     gm.recompile()
+    return stats
+
+
+def collect_statistics(gm: GraphModule, inserted: dict[str, str]) -> dict[str, ActStats]:
+    """Remove the observers, check and attach their statistics to the IR, and return them by input node name."""
+    stats = remove_observers(gm, inserted)
     bad = []
     for lin, info in annotated_linears(gm):
         s = stats.get(info.input_node)
@@ -162,11 +174,14 @@ class CalibratePass(Pass):
         if ctx.calibration is None:
             raise CalibrationError("a pass in this recipe needs calibration data, but none was given; "
                                    "pass calibration=data.calibration_batches(tokenizer)")
+        _check_batches(ctx.calibration)
         inserted = insert_observers(gm)
         try:
             run_calibration(gm, ctx.calibration, ctx.batch_size, ctx.progress)
-        finally:
-            stats = collect_statistics(gm, inserted)
+        except BaseException:
+            remove_observers(gm, inserted)  # leave the graph as it was
+            raise
+        stats = collect_statistics(gm, inserted)
         n_tok = next(iter(stats.values())).n_tokens if stats else 0
         return PassResult(gm, False, PassReport(self.name, matches=len(stats),
                                                 details={"observed_inputs": len(stats), "tokens": n_tok}))

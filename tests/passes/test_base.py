@@ -1,0 +1,47 @@
+import pytest
+
+from sparsefx.errors import RecipeError
+from sparsefx.passes.base import AnnotatePass, Pass, PassError, PassManager, PassReport, PassResult
+from sparsefx.passes.calibrate import CalibratePass
+from sparsefx.passes.masks import MagnitudeConfig, MagnitudePass, WandaConfig, WandaPass
+from sparsefx.ir import capture
+
+
+class _Breaker(Pass):
+    """Corrupts the IR on purpose: drops the shape metadata of the first linear."""
+
+    name = "breaker"
+    requires = ("annotated",)
+
+    def run(self, gm, ctx):
+        from sparsefx.ir import linear_nodes
+
+        del linear_nodes(gm)[0].meta["val"]
+        return PassResult(gm, True, PassReport(self.name))
+
+
+def test_order_is_checked():
+    with pytest.raises(RecipeError, match="'wanda' requires stage.*calibrated"):
+        PassManager([AnnotatePass(), WandaPass(WandaConfig(sparsity=0.5))]).check_order()
+    with pytest.raises(RecipeError, match="'magnitude' requires"):
+        PassManager([MagnitudePass(MagnitudeConfig(sparsity=0.5)), AnnotatePass()]).check_order()
+    PassManager([AnnotatePass(), CalibratePass(), WandaPass(WandaConfig(sparsity=0.5))]).check_order()
+
+
+def test_verification_names_the_pass_that_broke_the_graph(llama):
+    gm = capture(llama)
+    with pytest.raises(PassError, match="after pass 'breaker'"):
+        PassManager([AnnotatePass(), _Breaker()]).run(gm)
+
+
+def test_reports_and_stage_bookkeeping(llama):
+    gm = capture(llama)
+    gm, reports = PassManager([AnnotatePass(), MagnitudePass(MagnitudeConfig(sparsity=0.25))]).run(gm)
+    assert [r.name for r in reports] == ["annotate", "magnitude"]
+    assert reports[0].details["roles"]["q"] == 2 and not reports[0].modified
+    assert reports[1].matches == 14 and reports[1].modified
+    assert len(reports[1].params_changed) == 14
+    assert reports[1].nodes_added == [] and reports[1].nodes_removed == []
+    assert gm.meta["sparsefx.stages"] == ["annotated", "masked"]
+    # A second manager run on the same graph knows annotation already happened.
+    PassManager([MagnitudePass(MagnitudeConfig(sparsity=0.25))]).check_order(tuple(gm.meta["sparsefx.stages"]))
