@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="*", default=RECIPES)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     protocol = dataclasses.replace(PROTOCOL, eval_tokens=4096) if args.quick else PROTOCOL
     t0 = time.time()
     rows = sweep(args.model, [resolve_recipe(r) for r in args.recipes], protocol, speed=True, progress=False,

