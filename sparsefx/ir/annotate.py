@@ -87,34 +87,34 @@ def annotated_linears(gm: GraphModule, roles=None) -> list[tuple[Node, LinearInf
     return out
 
 
-def _producers(start: Node, stop: set[Node]) -> tuple[set[Node], set[Node]]:
-    """Walk inputs backwards from ``start`` up to nodes in ``stop``; return (stop nodes reached, nodes visited)."""
-    found, seen, todo = set(), set(), deque([start])
+def _walk(starts, step, stop: set[Node], allowed: set[Node] | None = None) -> tuple[set[Node], set[Node]]:
+    """Breadth-first walk from ``starts`` along ``step(node)``; stop at (and collect) nodes in ``stop``, never
+    leave ``allowed`` when given. Returns (stop nodes reached, nodes visited)."""
+    found, seen, todo = set(), set(), deque(starts)
     while todo:
         n = todo.popleft()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in stop:
-            found.add(n)
-            continue
-        todo.extend(a for a in n.all_input_nodes if a.op not in ("get_attr", "placeholder"))
-    return found, seen
-
-
-def _consumers(start: Node, stop: set[Node]) -> set[Node]:
-    """Walk users forwards from ``start``; return the first nodes in ``stop`` on each path."""
-    found, seen, todo = set(), set(), deque(start.users)
-    while todo:
-        n = todo.popleft()
-        if n in seen:
+        if n in seen or (allowed is not None and n not in allowed):
             continue
         seen.add(n)
         if n in stop:
             found.add(n)
         else:
-            todo.extend(n.users)
-    return found
+            todo.extend(step(n))
+    return found, seen
+
+
+def _inputs(n: Node):
+    return [a for a in n.all_input_nodes if a.op not in ("get_attr", "placeholder")]
+
+
+def _producers(start: Node, stop: set[Node]) -> tuple[set[Node], set[Node]]:
+    """Walk inputs backwards from ``start`` up to nodes in ``stop``; return (stop nodes reached, nodes visited)."""
+    return _walk([start], _inputs, stop)
+
+
+def _consumers(start: Node, stop: set[Node]) -> set[Node]:
+    """Walk users forwards from ``start``; return the first nodes in ``stop`` on each path."""
+    return _walk(start.users, lambda n: n.users, stop)[0]
 
 
 def _attention_cores(gm: GraphModule) -> list[tuple[Node, Node, Node, Node]]:
@@ -226,11 +226,4 @@ def annotate(gm: GraphModule) -> dict[int, LayerInfo]:
 
 def _consumers_within(start: Node, allowed: set[Node]) -> set[Node]:
     """Nodes reachable forwards from ``start`` while staying inside ``allowed``."""
-    seen, todo = set(), deque(u for u in start.users if u in allowed)
-    while todo:
-        n = todo.popleft()
-        if n in seen:
-            continue
-        seen.add(n)
-        todo.extend(u for u in n.users if u in allowed)
-    return seen
+    return _walk(start.users, lambda n: n.users, set(), allowed)[1]

@@ -13,6 +13,16 @@ def _groups(model):
     return gm, coupled_groups(gm)
 
 
+def _remove_unit(model, group, unit):
+    """Physically slice unit ``unit`` out of every member axis of ``group``."""
+    for (param, axis), sl in group.unit_slices(unit).items():
+        w = model.get_parameter(param)
+        keep = torch.ones(w.shape[axis], dtype=torch.bool)
+        keep[sl] = False
+        mod_name, _, attr = param.rpartition(".")
+        setattr(model.get_submodule(mod_name), attr, torch.nn.Parameter(w[keep] if axis == 0 else w[:, keep]))
+
+
 def test_group_geometry(arch):
     model = tiny_model(arch)
     gm, groups = _groups(model)
@@ -43,12 +53,7 @@ def test_removing_a_kv_group_equals_zeroing_its_output(arch_name):
     for (param, axis), sl in group.unit_slices(drop).items():
         if param.endswith("o_proj.weight"):
             zeroed.get_parameter(param)[:, sl] = 0
-    for (param, axis), sl in group.unit_slices(drop).items():
-        w = model.get_parameter(param)
-        keep = torch.ones(w.shape[axis], dtype=torch.bool)
-        keep[sl] = False
-        mod_name, _, attr = param.rpartition(".")
-        setattr(model.get_submodule(mod_name), attr, torch.nn.Parameter(w[keep] if axis == 0 else w[:, keep]))
+    _remove_unit(model, group, drop)
     ids = torch.randint(0, 256, (2, 9))
     torch.testing.assert_close(model(ids).logits, zeroed(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -60,12 +65,7 @@ def test_removing_an_mlp_channel_equals_zeroing_it(llama):
     ref = tiny_model("llama")
     down = "model.layers.1.mlp.down_proj.weight"
     ref.get_parameter(down)[:, 5] = 0
-    for (param, axis), sl in group.unit_slices(5).items():
-        w = llama.get_parameter(param)
-        keep = torch.ones(w.shape[axis], dtype=torch.bool)
-        keep[sl] = False
-        mod_name, _, attr = param.rpartition(".")
-        setattr(llama.get_submodule(mod_name), attr, torch.nn.Parameter(w[keep] if axis == 0 else w[:, keep]))
+    _remove_unit(llama, group, 5)
     ids = torch.randint(0, 256, (1, 11))
     torch.testing.assert_close(llama(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
 
