@@ -77,4 +77,4 @@ def print_table(rows: list[dict], title: str = "") -> None:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
         table.add_row(*("" if v is None else str(v) for v in r.values()))
-    Console().print(table)
+    Console(width=200).print(table)
