@@ -141,7 +141,8 @@ def _check_supported(gm: GraphModule) -> None:
             continue
         for a in n.all_input_nodes:
             name = param_name(gm, a)
-            if name is not None and get_param_or_none(gm, name) is not None and get_param(gm, name).dim() >= 2:
+            weight = _param_or_none(gm, name) if name is not None else None
+            if weight is not None and weight.dim() >= 2:
                 raise UnsupportedModelError(
                     f"unsupported op {n.target} at node {n.name!r} uses parameter {name!r} as a weight matrix; "
                     "sparsefx compresses aten.linear only (nn.Linear). Replace the module (e.g. HF Conv1D) with "
@@ -149,7 +150,7 @@ def _check_supported(gm: GraphModule) -> None:
                 )
 
 
-def get_param_or_none(gm: GraphModule, name: str):
+def _param_or_none(gm: GraphModule, name: str):
     try:
         return get_param(gm, name)
     except AttributeError:

@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..errors import UnsupportedModelError
-from .annotate import LAYERS, LINEAR, annotated_linears
+from .annotate import LAYERS, annotated_linears
 from .capture import get_param
 
 DEPGRAPH = "sparsefx.depgraph"
@@ -122,4 +122,4 @@ def unit_mask(gm: GraphModule, group: Group, keep: torch.Tensor) -> dict[tuple[s
     return {(p, ax): keep.repeat_interleave(b) for p, ax, b in group.members}
 
 
-__all__ = ["Group", "build_dependency_graph", "coupled_groups", "unit_mask", "LINEAR"]
+__all__ = ["Group", "build_dependency_graph", "coupled_groups", "unit_mask"]
