@@ -1,0 +1,90 @@
+"""Batch-1 activation-sparse GEMV on CPU vs the best dense fp32 path, cold weights, ratios from one run.
+
+    python bench/kernel_sparse_gemv.py            # shapes of DEVELOPERS.md, sparsity 0/40/50/60/75%
+
+"Cold": each call uses the next of several weight copies that together exceed the last-level cache, as in decode,
+where every layer's weights come from DRAM. Dense = the faster of torch.mv(W, x) and F.linear(x, W) (MKL/oneDNN).
+Shapes are [out x in] of the Linear (W: [out, in]); the sparse kernel stores W.T ([in, out]).
+Writes bench/results/kernel_sparse_gemv.csv and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sparsefx._cache import atomic_write_bytes
+from sparsefx.codegen.cpu.sparse_gemv import _extension, sparse_gemv, sparse_gemv_reference
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
+SPARSITIES = [0.0, 0.4, 0.5, 0.6, 0.75]
+COLD_BYTES = 512e6  # well past this machine's last-level cache
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    if _extension() is None:
+        raise SystemExit("the C++ kernel did not build; nothing to benchmark")
+    rows = []
+    for out_f, in_f in SHAPES:
+        copies = max(2, int(COLD_BYTES // (out_f * in_f * 4)))
+        gen = torch.Generator().manual_seed(0)
+        ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(copies)]
+        wts = [w.t().contiguous() for w in ws]
+        x = torch.randn(in_f, generator=gen)
+        state = {"i": 0}
+
+        def nxt():
+            state["i"] = (state["i"] + 1) % copies
+            return state["i"]
+
+        t_mv = _median_time(lambda: torch.mv(ws[nxt()], x), args.reps)
+        t_lin = _median_time(lambda: torch.nn.functional.linear(x, ws[nxt()]), args.reps)
+        dense = min(t_mv, t_lin)
+        for sp in SPARSITIES:
+            thr = float(x.abs().quantile(sp)) if sp > 0 else -1.0
+            kept = int((x.abs() > thr).sum())
+            torch.testing.assert_close(sparse_gemv(x, wts[0], thr), sparse_gemv_reference(x, wts[0], thr),
+                                       rtol=1e-4, atol=1e-3)
+            t_sp = _median_time(lambda: sparse_gemv(x, wts[nxt()], thr), args.reps)
+            rows.append({"out": out_f, "in": in_f, "sparsity": sp, "kept": kept,
+                         "dense_mv_ms": round(t_mv * 1e3, 4), "dense_linear_ms": round(t_lin * 1e3, 4),
+                         "sparse_ms": round(t_sp * 1e3, 4), "speedup_vs_best_dense": round(dense / t_sp, 3),
+                         "ideal_speedup": round(in_f / max(kept, 1), 3),
+                         "sparse_GBps": round(kept * out_f * 4 / t_sp / 1e9, 2),
+                         "dense_GBps": round(out_f * in_f * 4 / dense / 1e9, 2)})
+            print(rows[-1], flush=True)
+        del ws, wts
+    meta = {"command": "python bench/kernel_sparse_gemv.py", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "reps": args.reps}
+    out = Path(args.out)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(out / "kernel_sparse_gemv.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "kernel_sparse_gemv.json", json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The CPU activation-sparse GEMV against its torch reference on fresh random inputs, odd shapes included."""
+
+import pytest
+import torch
+
+from sparsefx.codegen.cpu.sparse_gemv import _extension, cpu_supports_avx2, sparse_gemv, sparse_gemv_reference
+
+needs_kernel = pytest.mark.skipif(not cpu_supports_avx2(), reason="the C++ kernel needs AVX2/FMA")
+
+
+@needs_kernel
+def test_kernel_builds():
+    assert _extension() is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (7, 13), (31, 9), (576, 1536), (1536, 576), (97, 4099),
+                                         (263, 2053)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_matches_reference(in_f, out_f, sparsity):
+    x, wt = torch.randn(in_f), torch.randn(in_f, out_f)
+    thr = float(x.abs().quantile(sparsity)) if sparsity > 0 else -1.0
+    if sparsity == 1.0:
+        thr = float(x.abs().max())  # nothing kept: y must be exactly zero
+    ref = sparse_gemv_reference(x, wt, thr)
+    got = sparse_gemv(x, wt, thr)
+    # fp32 sums in a different order: error grows like sqrt(kept) * |x| * |w| * eps
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))
+    if sparsity == 1.0:
+        assert torch.equal(got, torch.zeros(out_f))
+
+
+@needs_kernel
+def test_zero_threshold_keeps_every_nonzero_channel_and_equals_dense():
+    x, w = torch.randn(129), torch.randn(77, 129)
+    x[::3] = 0.0
+    torch.testing.assert_close(sparse_gemv(x, w.t().contiguous(), 0.0), w @ x, rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_for_other_dtypes_and_bad_shapes():
+    x, wt = torch.randn(16, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    torch.testing.assert_close(sparse_gemv(x, wt, 0.5), sparse_gemv_reference(x, wt, 0.5))
+    with pytest.raises(ValueError, match=r"x: \[in\] and wt: \[in, out\]"):
+        sparse_gemv(torch.randn(3), torch.randn(4, 5), 0.1)
