@@ -3,6 +3,7 @@
     OUT/
       model.safetensors, config.json, tokenizer files   the compressed model (loads with safetensors only)
       calibration.safetensors                           activation statistics, when the recipe calibrated
+      compressed.safetensors + compressed.json          state of compressed modules (e.g. DAWS tiers), if any
       recipe.yaml                                       the recipe that produced it
       report.json                                       per-pass reports
       sparsefx.json                                     manifest: format, version, sha256 of every file
@@ -64,6 +65,7 @@ def save_artifact(out: str | Path, model: nn.Module, tokenizer, recipe: Recipe, 
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _save_compressed_modules(model, tmp)
         if stats:
             tensors = {}
             for i, (name, s) in enumerate(sorted(stats.items())):
@@ -76,6 +78,36 @@ def save_artifact(out: str | Path, model: nn.Module, tokenizer, recipe: Recipe, 
         manifest = {"format": FORMAT, "version": VERSION, "sparsefx": __version__, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
+
+
+def _save_compressed_modules(model: nn.Module, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .codegen.eager import compressed_modules
+
+    plan, tensors = {}, {}
+    for name, module in compressed_modules(model).items():
+        attrs, state = module.export_state()
+        plan[name] = {"kind": module.kind, "attrs": attrs}
+        tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in state.items()})
+    if plan:
+        save_file(tensors, folder / "compressed.safetensors")
+        (folder / "compressed.json").write_text(json.dumps(plan, indent=1))
+
+
+def _restore_compressed_modules(model: nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    from .codegen.eager import EAGER_KINDS, replace_module
+
+    if not (folder / "compressed.json").is_file():
+        return
+    plan = json.loads((folder / "compressed.json").read_text())
+    tensors = load_file(folder / "compressed.safetensors")
+    for name, entry in plan.items():
+        cls = EAGER_KINDS[entry["kind"]]
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        replace_module(model, name, cls.restore(model.get_submodule(name), entry["attrs"], state))
 
 
 def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: bool = True) -> Artifact:
@@ -115,6 +147,11 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
             else None
     except (OSError, ValueError, SafetensorError) as exc:
         raise ArtifactError(f"{path}: the model files do not load ({exc}); re-run `sparsefx compress`") from exc
+    try:
+        _restore_compressed_modules(model, path)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: compressed module state does not fit the model ({exc}); "
+                            "re-run `sparsefx compress`") from exc
     stats: dict[str, ActStats] = {}
     cal = path / "calibration.safetensors"
     if cal.is_file():

@@ -77,3 +77,14 @@ def test_wrong_format_version(artifact):
     (out / "sparsefx.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="v99"):
         load_artifact(out)
+
+
+def test_daws_artifact_restores_tiers(tmp_path, tokens):
+    recipe = Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5}]\ncalibration: {samples: 4, seqlen: 16}")
+    model = tiny_model("llama")
+    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
+    out = save_artifact(tmp_path / "daws", model, None, recipe, result.report_dict())
+    loaded = load(out)
+    assert type(loaded.model.layers[1].mlp.up_proj).__name__ == "TieredLinear"
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)

@@ -72,8 +72,14 @@ class LayerInfo:
     head_dim: int | None = None
 
 
+def register_linear_op(target) -> None:
+    """Declare a compressed op linear-like (``args[0]`` = x, ``args[1]`` = dense weight ``[out, in]``), so
+    ``linear_nodes`` (and with it verification and later passes) sees the nodes a pass rewrote into it."""
+    _LINEAR_OPS.add(target)
+
+
 def linear_nodes(gm: GraphModule) -> list[Node]:
-    """Every ``aten.linear`` node of ``gm`` in graph order."""
+    """Every ``aten.linear`` node, and every node of a registered linear-like op, of ``gm`` in graph order."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _LINEAR_OPS]
 
 
@@ -166,7 +172,7 @@ def annotate(gm: GraphModule) -> dict[int, LayerInfo]:
         ['down', 'gate', 'k', 'o', 'q', 'up', 'v']
     """
     _check_supported(gm)
-    linears = linear_nodes(gm)
+    linears = [n for n in linear_nodes(gm) if n.target == aten.linear.default]
     if not linears:
         raise UnsupportedModelError("the captured graph has no aten.linear node; nothing for sparsefx to compress")
     infos: dict[Node, LinearInfo] = {}

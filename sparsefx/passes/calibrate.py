@@ -52,6 +52,15 @@ class ActStats:
         width = (HIST_HI - HIST_LO) / HIST_BINS
         return 10 ** (HIST_LO + (idx + 1) * width)
 
+    def fraction_below(self, t: float) -> float:
+        """Approximate fraction of |x| values (all channels) below ``t``, from the histogram."""
+        if t <= 0:
+            return 0.0
+        width = (HIST_HI - HIST_LO) / HIST_BINS
+        edge = int(round((math.log10(t) - HIST_LO) / width))  # bins [0, edge) lie below t
+        edge = min(max(edge, 0), HIST_BINS)
+        return float(self.hist[:edge].sum() / self.hist.sum())
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.sq_sum": self.sq_sum, f"{prefix}.abs_sum": self.abs_sum, f"{prefix}.abs_max": self.abs_max,
                 f"{prefix}.hist": self.hist, f"{prefix}.n_tokens": torch.tensor([self.n_tokens])}

@@ -27,7 +27,8 @@ from ..errors import RecipeError
 _CONFIGS: dict[str, type["PassConfig"]] = {}
 _PASSES: dict[type["PassConfig"], Callable[["PassConfig"], Any]] = {}
 # method -> module that registers it; imported on first lookup, not when sparsefx is imported.
-_BUILTIN_MODULES = {"magnitude": "sparsefx.passes.masks", "wanda": "sparsefx.passes.masks"}
+_BUILTIN_MODULES = {"magnitude": "sparsefx.passes.masks", "wanda": "sparsefx.passes.masks",
+                    "daws": "sparsefx.passes.daws"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,62 @@
+"""Compressed ops of the IR, registered with torch.library: semantics, a fake (meta) implementation, and the
+pure-torch reference that every kernel is checked against.
+
+Each op here is *linear-like*: ``args[0]`` is the input ``x: [..., in]``, ``args[1]`` the dense weight
+``[out, in]``, and the output is ``[..., out]``. ``ir.linear_nodes`` finds them beside ``aten.linear`` so
+annotation, verification and later passes treat them alike.
+
+Importing this module registers the ops (it is imported by the passes that create them, never by ``sparsefx``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .annotate import register_linear_op
+
+
+@torch.library.custom_op("sparsefx::tiered_linear", mutates_args=())
+def tiered_linear(x: torch.Tensor, weight: torch.Tensor, weight_medium: torch.Tensor, bias: torch.Tensor | None,
+                  t_high: float, t_low: float) -> torch.Tensor:
+    """DAWS three-tier linear. Per element of ``x: [..., in]``:
+
+    |x_i| >= t_high          -> high tier, multiplied by the full weights ``weight[:, i]``
+    t_low <= |x_i| < t_high  -> medium tier, multiplied by the magnitude-pruned ``weight_medium[:, i]``
+    |x_i| < t_low            -> dropped
+
+    With ``t_high = t_low = 0`` every channel is high and the result is exactly ``F.linear(x, weight, bias)``.
+
+    Example:
+        >>> w = torch.eye(3); x = torch.tensor([[3., 1., 0.1]])
+        >>> torch.ops.sparsefx.tiered_linear(x, w, w * 0, None, 2.0, 0.5)
+        tensor([[3., 0., 0.]])
+    """
+    a = x.abs()
+    high = a >= t_high
+    y = F.linear(torch.where(high, x, 0.0), weight)
+    medium = (a >= t_low) & ~high
+    if t_low < t_high:
+        y = y + F.linear(torch.where(medium, x, 0.0), weight_medium)
+    return y if bias is None else y + bias
+
+
+@tiered_linear.register_fake
+def _(x, weight, weight_medium, bias, t_high, t_low):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "tiered_linear: x and weight disagree on in_features")
+    torch._check(weight_medium.shape == weight.shape, lambda: "tiered_linear: weight_medium must match weight")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def tiered_linear_reference(x, weight, weight_medium, bias, t_high, t_low):
+    """The op's semantics as plain torch (what kernels are checked against)."""
+    a = x.abs()
+    high = (a >= t_high).to(x.dtype)
+    medium = ((a >= t_low) & (a < t_high)).to(x.dtype)
+    y = (x * high) @ weight.T + (x * medium) @ weight_medium.T
+    return y if bias is None else y + bias
+
+
+LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default,)
+for _op in LINEAR_LIKE_OPS:
+    register_linear_op(_op)

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from sparsefx.errors import RecipeError
+from sparsefx.ir import annotated_linears, linear_nodes, verify
+from sparsefx.ir.ops import tiered_linear_reference
+from sparsefx.models import tiny_model
+from sparsefx.passes.calibrate import Observer
+from sparsefx.passes.config import Recipe, config_from_dict
+from sparsefx.passes.daws import TIERS, solve_tiers
+from sparsefx.pipeline import compress
+
+tiered = torch.ops.sparsefx.tiered_linear
+
+
+@pytest.mark.parametrize("shape, out_f", [((1, 1, 7), 5), ((3, 13, 31), 17), ((2, 64), 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_op_matches_reference(shape, out_f, bias):
+    x = torch.randn(shape)
+    w, wm = torch.randn(out_f, shape[-1]), torch.randn(out_f, shape[-1])
+    b = torch.randn(out_f) if bias else None
+    for t_high, t_low in [(1.0, 0.3), (0.5, 0.5), (2.0, 0.0), (10.0, 5.0)]:
+        torch.testing.assert_close(tiered(x, w, wm, b, t_high, t_low),
+                                   tiered_linear_reference(x, w, wm, b, t_high, t_low), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_thresholds_are_exactly_dense():
+    x, w = torch.randn(3, 11, 29), torch.randn(19, 29)
+    b = torch.randn(19)
+    assert torch.equal(tiered(x, w, torch.zeros_like(w), b, 0.0, 0.0), torch.nn.functional.linear(x, w, b))
+
+
+def test_op_registration_checks():
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    torch.library.opcheck(tiered, (x, w, w * 0.5, None, 0.8, 0.2))
+
+
+def test_op_under_torch_compile():
+    x, w, wm = torch.randn(2, 5, 8), torch.randn(4, 8), torch.randn(4, 8)
+    fn = torch.compile(lambda x: tiered(x, w, wm, None, 0.8, 0.2), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(x), tiered_linear_reference(x, w, wm, None, 0.8, 0.2))
+
+
+def test_solve_tiers_hits_target_effective_sparsity():
+    obs = Observer(64)
+    obs(torch.randn(4096, 64) * torch.linspace(0.1, 3, 64))
+    stats = obs.stats()
+    for e, m, s in [(0.5, 0.2, 0.5), (0.4, 0.3, 0.5), (0.6, 0.0, 0.5), (0.1, 0.5, 0.5)]:
+        tiers = solve_tiers(stats, e, m, s)
+        assert tiers.t_low <= tiers.t_high
+        assert tiers.effective_sparsity(s) == pytest.approx(e, abs=0.02)
+    zero = solve_tiers(stats, 0.0, 0.2, 0.5)
+    assert zero.t_high == zero.t_low == 0.0
+
+
+@pytest.mark.parametrize("entry, field", [
+    ({"method": "daws", "sparsity": 1.0}, "daws.sparsity"),
+    ({"method": "daws", "medium_fraction": 1.5}, "daws.medium_fraction"),
+    ({"method": "daws", "medium_weight_sparsity": -0.1}, "daws.medium_weight_sparsity"),
+    ({"method": "daws", "roles": ["lm_head"]}, "daws.roles"),
+])
+def test_invalid_daws_values(entry, field):
+    with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
+        config_from_dict(entry)
+
+
+def test_pass_rewrites_lowers_and_generates(arch, tokens):
+    model = tiny_model(arch)
+    calib = torch.randint(0, 256, (8, 32))
+    result = compress(model, Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5, roles: [q, k, v, o, gate, "
+                                              "up, down]}]"), calibration=calib, progress=False)
+    gm = result.graph_module
+    report = result.reports[-1]
+    assert report.matches == 7 * model.config.num_hidden_layers
+    assert report.details["effective_sparsity"] == pytest.approx(0.5, abs=0.03)
+    rewritten = [n for n in linear_nodes(gm) if n.target == tiered.default]
+    assert len(rewritten) == report.matches and all(TIERS in n.meta for n in rewritten)
+    assert len(annotated_linears(gm)) == report.matches + 1  # still annotated, lm_head untouched
+    verify(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(tokens), model(tokens).logits, rtol=0, atol=0)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "TieredLinear"
+    out = model.generate(tokens[:1, :5], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_measured_effective_sparsity_on_the_calibration_data():
+    # The predicted tier fractions must match what the op actually does on the calibration tokens.
+    model = tiny_model("llama")
+    calib = torch.randint(0, 256, (8, 32))
+    result = compress(model, Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5, roles: [down]}]"),
+                      calibration=calib, progress=False)
+    seen = []
+    mod = model.model.layers[1].mlp.down_proj
+    h = mod.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().abs()))
+    with torch.no_grad():
+        model(calib)
+    h.remove()
+    a = torch.cat([s.flatten() for s in seen])
+    p_low = (a < mod.t_low).float().mean().item()
+    p_med = ((a >= mod.t_low) & (a < mod.t_high)).float().mean().item()
+    node = next(n for n in linear_nodes(result.graph_module) if n.meta.get(TIERS) and
+                n.meta["sparsefx.linear"].param == "model.layers.1.mlp.down_proj.weight")
+    assert p_low == pytest.approx(node.meta[TIERS]["p_low"], abs=0.02)
+    assert p_med == pytest.approx(node.meta[TIERS]["p_medium"], abs=0.02)
