@@ -14,6 +14,7 @@ Each ``method`` names a registered config class. Built-in classes are found lazi
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class PassConfig:
         out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
+            out[f.name] = dict(v) if f.name == "overrides" else list(v) if isinstance(v, tuple) else v
         return out
 
     @classmethod
@@ -58,6 +59,29 @@ class PassConfig:
             raise RecipeError(f"{cls.method}: unknown field(s) {unknown}; allowed: {sorted(names)}")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "method"}
         return cls(**kwargs)
+
+
+def normalize_overrides(config: PassConfig, check: Callable[[Any, str], Any]) -> None:
+    """Validate ``config.overrides`` (a mapping or pairs of glob -> value) and store it as a tuple of pairs.
+
+    ``check(value, field)`` raises ``RecipeError`` for a bad value. Call from ``validate`` of configs that have
+    per-parameter overrides."""
+    overrides = config.overrides
+    if isinstance(overrides, dict):
+        overrides = tuple(overrides.items())
+    for item in overrides:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise RecipeError(f"{config.method}.overrides: expected a mapping of glob -> value, got {item!r}")
+        check(item[1], f"{config.method}.overrides[{item[0]!r}]")
+    object.__setattr__(config, "overrides", tuple(tuple(i) for i in overrides))
+
+
+def override_for(config: PassConfig, param: str, default: Any) -> Any:
+    """The value of the first override whose glob matches parameter name ``param``, else ``default``."""
+    for glob, value in config.overrides:
+        if fnmatch.fnmatchcase(param, glob):
+            return value
+    return default
 
 
 def register_pass(config_cls: type[PassConfig]):

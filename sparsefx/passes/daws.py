@@ -14,7 +14,6 @@ reads the thresholds off the |x| histogram of each linear's input. Each linear n
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ from ..ir.annotate import ROLES, annotated_linears
 from ..ir.capture import get_param
 from .base import Pass, PassReport, PassResult
 from .calibrate import STATS, ActStats
-from .config import PassConfig, register_pass
+from .config import PassConfig, normalize_overrides, override_for, register_pass
 from .masks import compute_mask
 
 TIERS = "sparsefx.tiers"  # node.meta key -> dict of thresholds and predicted tier fractions
@@ -60,23 +59,10 @@ class DawsConfig(PassConfig):
         bad = [r for r in self.roles if r not in ROLES]
         if bad or not self.roles:
             raise RecipeError(f"daws.roles: unknown role(s) {bad or '(empty)'}; choose from {list(ROLES)}")
-        overrides = tuple(self.overrides.items()) if isinstance(self.overrides, dict) else self.overrides
-        for item in overrides:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
-                raise RecipeError(f"daws.overrides: expected a mapping of glob -> sparsity, got {item!r}")
-            _fraction(item[1], f"daws.overrides[{item[0]!r}]")
-        object.__setattr__(self, "overrides", tuple(tuple(i) for i in overrides))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["overrides"] = dict(self.overrides)
-        return out
+        normalize_overrides(self, _fraction)
 
     def target_for(self, param: str) -> float:
-        for glob, value in self.overrides:
-            if fnmatch.fnmatchcase(param, glob):
-                return float(value)
-        return float(self.sparsity)
+        return float(override_for(self, param, self.sparsity))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ Masked weights are zeroed in place; the compressed model stays an ordinary HF mo
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from ..ir.annotate import ROLES, annotated_linears
 from ..ir.capture import get_param
 from .base import Pass, PassReport, PassResult
 from .calibrate import STATS
-from .config import PassConfig, register_pass
+from .config import PassConfig, normalize_overrides, override_for, register_pass
 
 MASK = "sparsefx.mask"  # node.meta key -> dict describing the mask applied
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -99,27 +98,12 @@ class MaskConfig(PassConfig):
         bad = [r for r in self.roles if r not in known]
         if bad or not self.roles:
             raise RecipeError(f"{self.method}.roles: unknown role(s) {bad or '(empty)'}; choose from {sorted(known)}")
-        overrides = self.overrides
-        if isinstance(overrides, dict):
-            overrides = tuple(overrides.items())
-            object.__setattr__(self, "overrides", overrides)
-        for item in overrides:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
-                raise RecipeError(f"{self.method}.overrides: expected a mapping of glob -> sparsity, got {item!r}")
-            _check_target(item[1], f"{self.method}.overrides[{item[0]!r}]")
-        object.__setattr__(self, "overrides", tuple(tuple(i) for i in overrides))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["overrides"] = dict(self.overrides)
-        return out
+        normalize_overrides(self, _check_target)
 
     def target_for(self, param: str) -> float | tuple[int, int]:
         """The sparsity or (N, M) that applies to parameter ``param``."""
-        for glob, value in self.overrides:
-            if fnmatch.fnmatchcase(param, glob):
-                return _check_target(value, "overrides")
-        return parse_nm(self.pattern) if self.pattern is not None else float(self.sparsity)
+        default = self.pattern if self.pattern is not None else self.sparsity
+        return _check_target(override_for(self, param, default), f"{self.method} target for {param}")
 
 
 @dataclass(frozen=True)
