@@ -43,24 +43,29 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     protocol = dataclasses.replace(PROTOCOL, eval_tokens=4096) if args.quick else PROTOCOL
     t0 = time.time()
-    rows = sweep(args.model, [resolve_recipe(r) for r in args.recipes], protocol, speed=not args.no_speed, progress=False,
-                 calib_samples=8 if args.quick else None)
-    # The "dense" recipe (0% sparsity) runs the whole pipeline; its row is named dense-recipe to tell it apart.
-    for r in rows[1:]:
-        if r["variant"] == "dense":
-            r["variant"] = "dense-recipe(0%)"
-    print_table(rows, f"{args.model} {args.tag}")
-    meta = {"command": " ".join(["python", *sys.argv]), "protocol": dataclasses.asdict(protocol),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
-            platform.machine(), "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0, 1)}
     out = Path(args.out)
     stem = f"{args.tag}_{args.model}{'_quick' if args.quick else ''}"
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(out / f"{stem}.csv", buf.getvalue().encode())
-    atomic_write_bytes(out / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
+
+    def save(rows: list[dict], final: bool = False) -> None:
+        # The "dense" recipe (0% sparsity) runs the whole pipeline; its row is named dense-recipe to tell it apart.
+        for r in rows[1:]:
+            if r["variant"] == "dense":
+                r["variant"] = "dense-recipe(0%)"
+        meta = {"command": " ".join(["python", *sys.argv]), "protocol": dataclasses.asdict(protocol),
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
+                platform.machine(), "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0, 1),
+                "complete": final}
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_bytes(out / f"{stem}.csv", buf.getvalue().encode())
+        atomic_write_bytes(out / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
+
+    rows = sweep(args.model, [resolve_recipe(r) for r in args.recipes], protocol, speed=not args.no_speed, progress=False,
+                 calib_samples=8 if args.quick else None, on_row=save)
+    save(rows, final=True)
+    print_table(rows, f"{args.model} {args.tag}")
     print(f"wrote {out / stem}.csv/.json")
 
 

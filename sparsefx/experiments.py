@@ -16,10 +16,11 @@ from .pipeline import compress
 
 
 def sweep(model_name: str, recipes: list[Recipe], protocol: Protocol = PROTOCOL, speed: bool = True,
-          progress: bool = True, calib_samples: int | None = None) -> list[dict]:
+          progress: bool = True, calib_samples: int | None = None, on_row=None) -> list[dict]:
     """Evaluate the dense model, then each recipe on a fresh copy; one row per variant.
 
-    ``calib_samples`` overrides the recipes' calibration sample count (for quick runs).
+    ``calib_samples`` overrides the recipes' calibration sample count (for quick runs); ``on_row(rows)`` is called
+    after each row (to save partial results of long sweeps).
 
     Example:
         >>> rows = sweep("smollm2", [resolve_recipe("wanda-50")])  # doctest: +SKIP
@@ -27,7 +28,9 @@ def sweep(model_name: str, recipes: list[Recipe], protocol: Protocol = PROTOCOL,
     model, tok = load_model(model_name)
     windows = eval_windows(tok, protocol)
     dense = evaluate(model, tok, protocol, speed=speed, progress=progress, windows=windows)
-    rows = [_row("dense", dense, dense, 0.0)]
+    rows = [_row("dense", dense, dense, 0.0, None)]
+    if on_row:
+        on_row(rows)
     del model
     calib_cache: dict = {}
     for recipe in recipes:
@@ -45,20 +48,26 @@ def sweep(model_name: str, recipes: list[Recipe], protocol: Protocol = PROTOCOL,
             calibration = calib_cache[key]
         model, _ = load_model(model_name)
         t0 = time.perf_counter()
-        compress(model, recipe, calibration=calibration, progress=progress)
+        result = compress(model, recipe, calibration=calibration, progress=progress)
         seconds = time.perf_counter() - t0
         res = evaluate(model, tok, protocol, speed=speed, progress=progress, windows=windows)
-        rows.append(_row(recipe.name or recipe.passes[0].method, res, dense, seconds))
+        # activation-sparsity passes report the fraction of linear multiply-adds skipped per token
+        effective = next((r.details["effective_sparsity"] for r in reversed(result.reports)
+                          if "effective_sparsity" in r.details), None)
+        rows.append(_row(recipe.name or recipe.passes[0].method, res, dense, seconds, effective))
+        if on_row:
+            on_row(rows)
         del model
     return rows
 
 
-def _row(name, res, dense, compress_s) -> dict:
+def _row(name, res, dense, compress_s, effective) -> dict:
     return {
         "variant": name,
         "ppl": round(res.ppl, 4),
         "ppl_vs_dense": round(res.ppl / dense.ppl, 4),
         "linear_sparsity": round(res.linear_sparsity, 4),
+        "effective_sparsity": None if effective is None else round(effective, 4),
         "params_nonzero": res.params_nonzero,
         "decode_tok_s": round(res.decode_tok_s, 2) if res.decode_tok_s else None,
         "decode_vs_dense": round(res.decode_tok_s / dense.decode_tok_s, 3) if res.decode_tok_s else None,

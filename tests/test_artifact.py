@@ -79,12 +79,18 @@ def test_wrong_format_version(artifact):
         load_artifact(out)
 
 
-def test_daws_artifact_restores_tiers(tmp_path, tokens):
-    recipe = Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5}]\ncalibration: {samples: 4, seqlen: 16}")
+@pytest.mark.parametrize("entry, module, kind", [
+    ("{method: daws, sparsity: 0.5}", "mlp.up_proj", "TieredLinear"),
+    ("{method: daws, sparsity: 0.5, allocation: greedy}", "self_attn.k_proj", "TieredLinear"),
+    ("{method: rsparse, sparsity: 0.5}", "mlp.down_proj", "SparseLowRankLinear"),
+    ("{method: cats, sparsity: 0.5}", "mlp.act_fn", "ThresholdedAct"),
+])
+def test_activation_sparsity_artifacts_restore_exactly(tmp_path, tokens, entry, module, kind):
+    recipe = Recipe.from_yaml(f"passes: [{entry}]\ncalibration: {{samples: 4, seqlen: 16}}")
     model = tiny_model("llama")
     result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
-    out = save_artifact(tmp_path / "daws", model, None, recipe, result.report_dict())
+    out = save_artifact(tmp_path / "act", model, None, recipe, result.report_dict())
     loaded = load(out)
-    assert type(loaded.model.layers[1].mlp.up_proj).__name__ == "TieredLinear"
+    assert type(loaded.model.layers[1].get_submodule(module)).__name__ == kind
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)

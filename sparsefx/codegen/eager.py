@@ -3,8 +3,9 @@
 Two things are written back by name:
   * parameters — weight-mask passes edit them in place; a capture through ``torch.export`` shares them with the
     HF model, so usually nothing is copied, but copies (or resized tensors) are written back here;
-  * compressed ops — each linear-like node whose op is not ``aten.linear`` replaces its ``nn.Linear`` in the HF
-    model by an eager module that calls the same registered op (``EAGER_MODULES`` maps op -> module factory).
+  * compressed ops — each ``sparsefx::*`` node replaces an HF module (its ``nn.Linear``, or for a node that is not
+    linear-like the module named by ``node.meta[MODULE]``) by an eager module that calls the same registered op
+    (``_eager_lowerings`` maps op -> lowering).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..ir.annotate import LINEAR, linear_nodes
+from ..ir.annotate import LINEAR
 
 
 class TieredLinear(nn.Module):
@@ -50,8 +51,64 @@ class TieredLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, t_high={self.t_high:.4g}, t_low={self.t_low:.4g}"
 
 
+class SparseLowRankLinear(nn.Module):
+    """Eager twin of ``sparsefx::sparse_lowrank_linear`` (R-Sparse): channels with ``|x_i| >= t`` use the full
+    weights, the others the rank-r factors ``u: [out, r]``, ``v: [r, in]``."""
+
+    kind = "sparse_lowrank_linear"
+
+    def __init__(self, weight: nn.Parameter, u: torch.Tensor, v: torch.Tensor, bias, t: float):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.register_buffer("u", u, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.t = float(t)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        return torch.ops.sparsefx.sparse_lowrank_linear(x, self.weight, self.u, self.v, self.bias, self.t)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"t": self.t}, {"u": self.u, "v": self.v}
+
+    @classmethod
+    def restore(cls, linear: nn.Linear, attrs: dict, tensors: dict[str, torch.Tensor]) -> "SparseLowRankLinear":
+        u, v = tensors["u"], tensors["v"]
+        out_f, in_f = linear.weight.shape
+        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != out_f or v.shape[1] != in_f or u.shape[1] != v.shape[0]:
+            raise ValueError(f"low-rank factors {tuple(u.shape)} x {tuple(v.shape)} do not fit a {out_f}x{in_f} linear")
+        return cls(linear.weight, u.to(linear.weight), v.to(linear.weight), linear.bias, attrs["t"])
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.u.shape[1]}, t={self.t:.4g}"
+
+
+class ThresholdedAct(nn.Module):
+    """An activation followed by ``sparsefx::threshold`` (CATS): outputs with ``|a| < t`` become zero."""
+
+    kind = "thresholded_act"
+
+    def __init__(self, act: nn.Module, t: float):
+        super().__init__()
+        self.act, self.t = act, float(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sparsefx.threshold(self.act(x), self.t)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"t": self.t}, {}
+
+    @classmethod
+    def restore(cls, act: nn.Module, attrs: dict, tensors: dict[str, torch.Tensor]) -> "ThresholdedAct":
+        return cls(act, attrs["t"])
+
+    def extra_repr(self) -> str:
+        return f"t={self.t:.4g}"
+
+
 # Eager modules that carry compressed state, by kind (used to restore artifacts).
-EAGER_KINDS: dict[str, type[nn.Module]] = {TieredLinear.kind: TieredLinear}
+EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, SparseLowRankLinear, ThresholdedAct)}
+MODULE = "sparsefx.module"  # node.meta key: HF module a non-linear compressed node replaces (e.g. an act_fn)
 
 
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -64,15 +121,42 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def _tiered(gm: GraphModule, node, current: nn.Module) -> nn.Module:
+# Each lowering maps a compressed node to (HF module name, eager module replacing it).
+def _tiered(gm: GraphModule, node, model: nn.Module):
     _, _, wm_node, _, t_high, t_low = node.args
-    return TieredLinear(current.weight, gm.get_buffer(str(wm_node.target)), current.bias, t_high, t_low)
+    name = node.meta[LINEAR].module
+    current = model.get_submodule(name)
+    return name, TieredLinear(current.weight, gm.get_buffer(str(wm_node.target)), current.bias, t_high, t_low)
 
 
-def _eager_modules():
+def _sparse_lowrank(gm: GraphModule, node, model: nn.Module):
+    _, _, u_node, v_node, _, t = node.args
+    name = node.meta[LINEAR].module
+    current = model.get_submodule(name)
+    return name, SparseLowRankLinear(current.weight, gm.get_buffer(str(u_node.target)),
+                                     gm.get_buffer(str(v_node.target)), current.bias, t)
+
+
+def _threshold(gm: GraphModule, node, model: nn.Module):
+    name = node.meta.get(MODULE)
+    if name is None:
+        raise NotImplementedError(f"threshold node {node.name!r} has no HF module to replace (the activation is "
+                                  "a function call, not a module); sparsefx cannot lower it to the eager model")
+    current = model.get_submodule(name)
+    if isinstance(current, ThresholdedAct):
+        return name, current
+    if any(True for _ in current.parameters()):  # the activation is a call inside a bigger module (e.g. the MLP)
+        raise NotImplementedError(f"threshold node {node.name!r}: the activation is computed inside {name!r}, not by "
+                                  "a module of its own; sparsefx cannot lower it to the eager model")
+    return name, ThresholdedAct(current, node.args[1])
+
+
+def _eager_lowerings():
     from ..ir import ops  # noqa: F401  (registers the ops)
 
-    return {torch.ops.sparsefx.tiered_linear.default: _tiered}
+    sf = torch.ops.sparsefx
+    return {sf.tiered_linear.default: _tiered, sf.sparse_lowrank_linear.default: _sparse_lowrank,
+            sf.threshold.default: _threshold}
 
 
 @torch.no_grad()
@@ -99,14 +183,14 @@ def lower_to_eager(gm: GraphModule, model: nn.Module) -> list[str]:
         else:
             setattr(module, attr, nn.Parameter(param.detach().clone(), requires_grad=current.requires_grad))
         written.append(name)
-    factories = None
-    for node in linear_nodes(gm):
-        info = node.meta.get(LINEAR)
-        if info is None or node.target == torch.ops.aten.linear.default:
+    lowerings = None
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith("sparsefx."):
             continue
-        factories = factories or _eager_modules()
-        if node.target not in factories:
+        lowerings = lowerings or _eager_lowerings()
+        if node.target not in lowerings:
             raise NotImplementedError(f"no eager lowering for {node.target} at node {node.name!r}")
-        replace_module(model, info.module, factories[node.target](gm, node, model.get_submodule(info.module)))
-        written.append(info.module)
+        name, module = lowerings[node.target](gm, node, model)
+        replace_module(model, name, module)
+        written.append(name)
     return written

@@ -35,7 +35,7 @@ _LINEAR_OPS = {aten.linear.default}
 _SDPA_OPS = {aten.scaled_dot_product_attention.default}
 _SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default}
 _MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
-_ACTIVATIONS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
+ACTIVATIONS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
                 aten.silu_.default, aten.gelu_.default, aten.relu_.default}
 # Ops that use a 2-D parameter as a weight matrix but are not aten.linear: sparsefx cannot rewrite them yet.
 _UNSUPPORTED_WEIGHT_OPS = {aten.mm.default, aten.addmm.default, aten.matmul.default, aten.bmm.default,
@@ -218,7 +218,7 @@ def annotate(gm: GraphModule) -> dict[int, LayerInfo]:
         info.role = "down"
         for p in prods:
             on_path = _consumers_within(p, visited)
-            gated = len(prods) > 1 and any(m.target in _ACTIVATIONS for m in on_path)
+            gated = len(prods) > 1 and any(m.target in ACTIVATIONS for m in on_path)
             infos[p].role = "gate" if gated else "up"
 
     for n, info in infos.items():

@@ -57,6 +57,55 @@ def tiered_linear_reference(x, weight, weight_medium, bias, t_high, t_low):
     return y if bias is None else y + bias
 
 
-LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default,)
+@torch.library.custom_op("sparsefx::sparse_lowrank_linear", mutates_args=())
+def sparse_lowrank_linear(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                          bias: torch.Tensor | None, t: float) -> torch.Tensor:
+    """R-Sparse linear: channels with ``|x_i| >= t`` use the full weights, the rest the rank-r factors ``u @ v``.
+
+    x: [..., in], weight: [out, in], u: [out, r], v: [r, in]. With ``t = 0`` the result is ``F.linear(x, W, b)``.
+
+    Example:
+        >>> w = torch.eye(2); u, v = torch.ones(2, 1), torch.ones(1, 2)
+        >>> torch.ops.sparsefx.sparse_lowrank_linear(torch.tensor([[3., 0.5]]), w, u, v, None, 1.0)
+        tensor([[3.5000, 0.5000]])
+    """
+    keep = x.abs() >= t
+    y = F.linear(torch.where(keep, x, 0.0), weight)
+    if t > 0:
+        y = y + F.linear(F.linear(torch.where(keep, 0.0, x), v), u)
+    return y if bias is None else y + bias
+
+
+@sparse_lowrank_linear.register_fake
+def _(x, weight, u, v, bias, t):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_lowrank_linear: x and weight disagree on in_features")
+    torch._check(u.shape[0] == weight.shape[0] and v.shape[1] == weight.shape[1] and u.shape[1] == v.shape[0],
+                 lambda: "sparse_lowrank_linear: u must be [out, r] and v [r, in]")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def sparse_lowrank_linear_reference(x, weight, u, v, bias, t):
+    keep = (x.abs() >= t).to(x.dtype)
+    y = (x * keep) @ weight.T + ((x * (1 - keep)) @ v.T) @ u.T
+    return y if bias is None else y + bias
+
+
+@torch.library.custom_op("sparsefx::threshold", mutates_args=())
+def threshold(x: torch.Tensor, t: float) -> torch.Tensor:
+    """Zero the elements with ``|x| < t`` (CATS's thresholded MLP activation); ``t = 0`` is the identity.
+
+    Example:
+        >>> torch.ops.sparsefx.threshold(torch.tensor([-2., 0.1, 1.]), 0.5)
+        tensor([-2.,  0.,  1.])
+    """
+    return torch.where(x.abs() >= t, x, 0.0)
+
+
+@threshold.register_fake
+def _(x, t):
+    return torch.empty_like(x)
+
+
+LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default, torch.ops.sparsefx.sparse_lowrank_linear.default)
 for _op in LINEAR_LIKE_OPS:
     register_linear_op(_op)

@@ -99,23 +99,45 @@ class Observer(nn.Module):
         return ActStats(self.n_tokens, self.sq_sum.clone(), self.abs_sum.clone(), self.abs_max.clone(), self.hist.clone())
 
 
-def insert_observers(gm: GraphModule) -> dict[str, str]:
-    """Insert one observer per distinct linear input; return ``{input node name: observer module name}``."""
+def insert_observers(gm: GraphModule, sources: list[torch.fx.Node] | None = None) -> dict[str, str]:
+    """Insert an observer after each node of ``sources`` (default: every distinct linear input) and rewire its
+    consumers through it; return ``{source node name: observer module name}``."""
+    if sources is None:
+        by_name = {n.name: n for n in gm.graph.nodes}
+        sources = list({info.input_node: by_name[info.input_node] for _, info in annotated_linears(gm)}.values())
     inserted: dict[str, str] = {}
-    observers: dict[str, torch.fx.Node] = {}
-    by_name = {n.name: n for n in gm.graph.nodes}
-    for lin, info in annotated_linears(gm):
-        src = by_name[info.input_node]
-        if src.name not in observers:
-            mod_name = f"{_OBS_PREFIX}{len(inserted)}"
-            gm.add_submodule(mod_name, Observer(info.in_features))
-            with gm.graph.inserting_after(src):
-                obs = gm.graph.call_module(mod_name, (src,))
-            obs.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta")})
-            inserted[src.name], observers[src.name] = mod_name, obs
-        lin.replace_input_with(src, observers[src.name])
+    for src in sources:
+        if src.name in inserted:
+            continue
+        mod_name = f"{_OBS_PREFIX}{len(inserted)}"
+        gm.add_submodule(mod_name, Observer(int(src.meta["val"].shape[-1])))
+        with gm.graph.inserting_after(src):
+            obs = gm.graph.call_module(mod_name, (src,))
+        obs.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta")})
+        src.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
+        inserted[src.name] = mod_name
     gm.recompile()
     return inserted
+
+
+def observe(gm: GraphModule, sources: list[torch.fx.Node], ctx: PassContext) -> dict[str, ActStats]:
+    """Statistics of the outputs of ``sources`` on ``ctx.calibration``; the graph is left as it was.
+
+    For passes that need statistics of values other than linear inputs (e.g. an MLP's activation output).
+
+    Example:
+        >>> stats = observe(gm, [act_node], ctx)  # doctest: +SKIP
+    """
+    if ctx.calibration is None:
+        raise CalibrationError("this pass needs calibration data, but none was given; "
+                               "pass calibration=data.calibration_batches(tokenizer)")
+    inserted = insert_observers(gm, sources)
+    try:
+        run_calibration(gm, ctx.calibration, ctx.batch_size, ctx.progress)
+    finally:
+        stats = remove_observers(gm, inserted)
+    _check_finite(stats)
+    return stats
 
 
 def _check_batches(batches) -> None:
@@ -151,23 +173,26 @@ def remove_observers(gm: GraphModule, inserted: dict[str, str]) -> dict[str, Act
     return stats
 
 
+def _check_finite(stats: dict[str, ActStats]) -> None:
+    for name, s in stats.items():
+        if s.n_tokens == 0:
+            raise CalibrationError(f"no calibration tokens reached {name}; run_calibration saw no batches")
+    bad = [name for name, s in stats.items()
+           if not (torch.isfinite(s.sq_sum).all() and torch.isfinite(s.abs_max).all())]
+    if bad:
+        raise CalibrationError(f"non-finite activation statistics (NaN/inf) at {bad[:5]}"
+                               f"{' ...' if len(bad) > 5 else ''}; the model overflows on the calibration text — "
+                               "run it in float32 and check the weights for NaN")
+
+
 def collect_statistics(gm: GraphModule, inserted: dict[str, str]) -> dict[str, ActStats]:
     """Remove the observers, check and attach their statistics to the IR, and return them by input node name."""
     stats = remove_observers(gm, inserted)
-    bad = []
+    # Name the linears (not the anonymous input nodes) in errors.
+    _check_finite({info.param: stats[info.input_node] for _, info in annotated_linears(gm) if info.input_node in stats})
     for lin, info in annotated_linears(gm):
-        s = stats.get(info.input_node)
-        if s is None:
-            continue
-        if s.n_tokens == 0:
-            raise CalibrationError(f"no calibration tokens reached {info.param}; run_calibration saw no batches")
-        if not (torch.isfinite(s.sq_sum).all() and torch.isfinite(s.abs_max).all()):
-            bad.append(info.param)
-        lin.meta[STATS] = s
-    if bad:
-        raise CalibrationError(f"non-finite activation statistics (NaN/inf) at the inputs of {bad[:5]}"
-                               f"{' ...' if len(bad) > 5 else ''}; the model overflows on the calibration text — "
-                               "run it in float32 and check the weights for NaN")
+        if info.input_node in stats:
+            lin.meta[STATS] = stats[info.input_node]
     gm.meta[STATS] = stats
     return stats
 

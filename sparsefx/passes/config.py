@@ -29,7 +29,8 @@ _CONFIGS: dict[str, type["PassConfig"]] = {}
 _PASSES: dict[type["PassConfig"], Callable[["PassConfig"], Any]] = {}
 # method -> module that registers it; imported on first lookup, not when sparsefx is imported.
 _BUILTIN_MODULES = {"magnitude": "sparsefx.passes.masks", "wanda": "sparsefx.passes.masks",
-                    "daws": "sparsefx.passes.daws"}
+                    "daws": "sparsefx.passes.daws", "cats": "sparsefx.passes.cats",
+                    "rsparse": "sparsefx.passes.rsparse"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ class PassConfig:
             raise RecipeError(f"{cls.method}: unknown field(s) {unknown}; allowed: {sorted(names)}")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "method"}
         return cls(**kwargs)
+
+
+def check_fraction(value: Any, field: str, upper_open: bool = True) -> float:
+    """``value`` as a float in [0, 1) (or [0, 1] with ``upper_open=False``); else ``RecipeError`` naming ``field``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value and (
+        value < 1.0 if upper_open else value <= 1.0)
+    if not ok:
+        raise RecipeError(f"{field}: expected a number in [0, {'1)' if upper_open else '1]'}, got {value!r}")
+    return float(value)
 
 
 def normalize_overrides(config: PassConfig, check: Callable[[Any, str], Any]) -> None:
@@ -204,7 +214,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any("calibrated" in getattr(build_pass(p), "requires", ()) for p in self.passes)
+        return any("calibrated" in getattr(ps, "requires", ()) or getattr(ps, "uses_calibration", False)
+                   for ps in map(build_pass, self.passes))
 
 
 def builtin_recipes() -> dict[str, Path]:

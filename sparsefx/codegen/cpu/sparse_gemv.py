@@ -5,11 +5,13 @@ channels below a threshold can be dropped; the cost of a GEMV is reading W, so t
 weights of kept channels. Storing ``Wt = W.T`` (``[in, out]``, row-contiguous) makes each kept channel one
 contiguous row, so the kernel streams ``n_kept * out`` floats:
 
-    y[o] = sum_{i : |x_i| > t} x_i * Wt[i, o]
+    y[o] = sum_{i : |x_i| >= t_high} x_i * Wt[i, o]  +  sum_{i : t_low <= |x_i| < t_high} x_i * Wmt[i, o]
 
 The C++ kernel (AVX2/FMA through GCC vector code, OpenMP-free ``at::parallel_for``) splits the outputs into
-column blocks, one per thread; each thread walks the kept rows and accumulates its block of y in L1.
-``sparse_gemv_reference`` is the pure-torch reference and fallback.
+column blocks, one per thread; each thread walks the kept rows of both tiers and accumulates its block of y in
+L1. The medium tier (DAWS) reads rows of ``Wmt = W_medium.T`` stored dense: its pruned weights are zeros in the
+row, so a medium row costs as much bandwidth as a high one (a compressed medium layout is future work).
+``tiered_gemv_reference`` is the pure-torch reference and fallback.
 """
 
 from __future__ import annotations
@@ -56,23 +58,43 @@ static inline void accumulate(float* yb, const float* wp, int64_t out, int64_t o
   }
 }
 
-// y[o] = sum_{i: |x_i| > t} x_i * wt[i, o];  x: [in] fp32, wt: [in, out] fp32 row-major, y: [out]
-torch::Tensor sparse_gemv(torch::Tensor x, torch::Tensor wt, double threshold) {
+// Kept rows of one tier: indices into its weight rows and the matching x values.
+struct Tier {
+  const float* w;
+  std::vector<int32_t> idx;
+  std::vector<float> val;
+};
+
+static inline void run_tiers(float* yb, const Tier* tiers, int ntiers, int64_t out, int64_t o0, int64_t n,
+                             int64_t part, int64_t nparts) {
+  for (int t = 0; t < ntiers; ++t) {
+    const int64_t nk = (int64_t)tiers[t].idx.size(), chunk = (nk + nparts - 1) / nparts;
+    const int64_t k0 = std::min(nk, part * chunk), k1 = std::min(nk, k0 + chunk);
+    if (k0 < k1) accumulate(yb, tiers[t].w, out, o0, n, tiers[t].idx.data(), tiers[t].val.data(), k0, k1);
+  }
+}
+
+// DAWS tiers for one token: y[o] = sum_{|x_i| >= t_high} x_i wt[i, o] + sum_{t_low <= |x_i| < t_high} x_i wmt[i, o]
+// x: [in] fp32; wt, wmt: [in, out] fp32 row-major (W.T and W_medium.T); y: [out]. One tier: pass t_low = t_high.
+torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, double t_high, double t_low) {
   TORCH_CHECK(x.dim() == 1 && wt.dim() == 2 && x.size(0) == wt.size(0), "x must be [in], wt [in, out]");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && wt.scalar_type() == torch::kFloat, "fp32 only");
-  TORCH_CHECK(x.is_contiguous() && wt.is_contiguous(), "x and wt must be contiguous");
+  TORCH_CHECK(wmt.sizes() == wt.sizes(), "wmt must have wt's shape");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && wt.scalar_type() == torch::kFloat &&
+              wmt.scalar_type() == torch::kFloat, "fp32 only");
+  TORCH_CHECK(x.is_contiguous() && wt.is_contiguous() && wmt.is_contiguous(), "x, wt and wmt must be contiguous");
   const int64_t in = wt.size(0), out = wt.size(1);
   const float* xp = x.data_ptr<float>();
-  const float* wp = wt.data_ptr<float>();
-  const float t = (float)threshold;
-  std::vector<int32_t> idx; idx.reserve(in);
-  std::vector<float> val; val.reserve(in);
+  const float th = (float)t_high, tl = (float)t_low;
+  Tier tiers[2];
+  tiers[0].w = wt.data_ptr<float>();
+  tiers[1].w = wmt.data_ptr<float>();
   for (int64_t i = 0; i < in; ++i) {
-    if (std::fabs(xp[i]) > t) { idx.push_back((int32_t)i); val.push_back(xp[i]); }
+    const float a = std::fabs(xp[i]);
+    Tier& tier = tiers[a >= th ? 0 : 1];
+    if (a >= tl) { tier.idx.push_back((int32_t)i); tier.val.push_back(xp[i]); }
   }
   auto y = torch::zeros({out}, x.options());
   float* yp = y.data_ptr<float>();
-  const int64_t nk = (int64_t)idx.size();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (out >= 1024 * threads) {
     // Wide outputs: one column block per thread. Long contiguous runs of each kept row keep the hardware
@@ -82,18 +104,14 @@ torch::Tensor sparse_gemv(torch::Tensor x, torch::Tensor wt, double threshold) {
     at::parallel_for(0, (out + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o0 = b * block;
-        accumulate(yp + o0, wp, out, o0, std::min(out, o0 + block) - o0, idx.data(), val.data(), 0, nk);
+        run_tiers(yp + o0, tiers, 2, out, o0, std::min(out, o0 + block) - o0, 0, 1);
       }
     });
   } else {
     // Narrow outputs (e.g. 576): split the kept rows between threads, each with a private y, then reduce.
     std::vector<float> partial((size_t)(threads * out), 0.0f);
-    const int64_t chunk = (nk + threads - 1) / threads;
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t k0 = t * chunk, k1 = std::min(nk, k0 + chunk);
-        if (k0 < k1) accumulate(partial.data() + t * out, wp, out, 0, out, idx.data(), val.data(), k0, k1);
-      }
+      for (int64_t t = t0; t < t1; ++t) run_tiers(partial.data() + t * out, tiers, 2, out, 0, out, t, threads);
     });
     for (int64_t t = 0; t < threads; ++t)
       for (int64_t o = 0; o < out; ++o) yp[o] += partial[t * out + o];
@@ -103,15 +121,31 @@ torch::Tensor sparse_gemv(torch::Tensor x, torch::Tensor wt, double threshold) {
 """
 
 
+def tiered_gemv_reference(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_high: float,
+                          t_low: float) -> torch.Tensor:
+    """Pure-torch reference: ``x: [in]``, ``wt``/``wmt: [in, out]`` -> ``y: [out]`` (tiers as ``tiered_linear``).
+
+    Example:
+        >>> tiered_gemv_reference(torch.tensor([2., 0.6, 0.1]), torch.eye(3), torch.eye(3) * 0.5, 1.0, 0.5)
+        tensor([2.0000, 0.3000, 0.0000])
+    """
+    a = x.abs()
+    high = a >= t_high
+    y = x[high] @ wt[high]
+    if wmt is not None and t_low < t_high:
+        medium = (a >= t_low) & ~high
+        y = y + x[medium] @ wmt[medium]
+    return y
+
+
 def sparse_gemv_reference(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Pure-torch reference: ``x: [in]``, ``wt: [in, out]`` -> ``y: [out]`` over channels with ``|x| > threshold``.
+    """One tier: ``y = sum over |x_i| >= threshold of x_i * wt[i]``.
 
     Example:
         >>> sparse_gemv_reference(torch.tensor([1., 0.1]), torch.eye(2), 0.5)
         tensor([1., 0.])
     """
-    keep = x.abs() > threshold
-    return x[keep] @ wt[keep]
+    return tiered_gemv_reference(x, wt, None, threshold, threshold)
 
 
 @functools.cache
@@ -120,7 +154,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="sparsefx_sparse_gemv_v3", cpp_sources=[_CPP], functions=["sparse_gemv"],
+        return load_inline(name="sparsefx_tiered_gemv_v4", cpp_sources=[_CPP], functions=["tiered_gemv"],
                            extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
         log.warning("sparse_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
@@ -137,16 +171,38 @@ def cpu_supports_avx2() -> bool:
         return False
 
 
-def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Activation-sparse GEMV; the C++ kernel for contiguous fp32 CPU tensors, the reference otherwise.
+def kernel_available(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ kernel takes these tensors (fp32 on an AVX2 CPU, and it compiled)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and cpu_supports_avx2()
+            and _extension() is not None)
+
+
+def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_high: float,
+                t_low: float) -> torch.Tensor:
+    """Batch-1 DAWS GEMV reading only the kept rows of ``wt = W.T`` (high tier) and ``wmt = W_medium.T`` (medium).
+
+    The C++ kernel for fp32 CPU tensors on AVX2, the reference otherwise.
 
     Example:
-        >>> wt = torch.randn(576, 1536)                       # W.T of a 1536 x 576 Linear
-        >>> y = sparse_gemv(torch.randn(576), wt, 0.5)         # reads ~38% of wt's rows
+        >>> wt = torch.randn(576, 1536)                          # W.T of a 1536 x 576 Linear
+        >>> y = tiered_gemv(torch.randn(576), wt, None, 0.7, 0.7)  # reads ~48% of wt's rows
+    """
+    if x.dim() != 1 or wt.dim() != 2 or x.shape[0] != wt.shape[0] or (wmt is not None and wmt.shape != wt.shape):
+        raise ValueError(f"tiered_gemv expects x: [in] and wt, wmt: [in, out], got {tuple(x.shape)}, "
+                         f"{tuple(wt.shape)} and {None if wmt is None else tuple(wmt.shape)}")
+    if wmt is None:
+        wmt, t_low = wt, t_high
+    if not kernel_available(x, wt, wmt):
+        return tiered_gemv_reference(x, wt, wmt, t_high, t_low)
+    return _extension().tiered_gemv(x.contiguous(), wt.contiguous(), wmt.contiguous(), float(t_high), float(t_low))
+
+
+def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Activation-sparse GEMV, one tier: channels with ``|x_i| >= threshold`` (see ``tiered_gemv``).
+
+    Example:
+        >>> y = sparse_gemv(torch.randn(576), torch.randn(576, 1536), 0.5)
     """
     if x.dim() != 1 or wt.dim() != 2 or x.shape[0] != wt.shape[0]:
         raise ValueError(f"sparse_gemv expects x: [in] and wt: [in, out], got {tuple(x.shape)} and {tuple(wt.shape)}")
-    ext = _extension() if (x.device.type == "cpu" and cpu_supports_avx2()) else None
-    if ext is None or x.dtype != torch.float32 or wt.dtype != torch.float32:
-        return sparse_gemv_reference(x, wt, threshold)
-    return ext.sparse_gemv(x.contiguous(), wt.contiguous(), float(threshold))
+    return tiered_gemv(x, wt, None, threshold, threshold)
