@@ -11,16 +11,13 @@ Writes bench/results/kernel_sparse_gemv.csv and .json.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from sparsefx._cache import atomic_write_bytes
+from sparsefx.experiments import write_results
 from sparsefx.codegen.cpu.sparse_gemv import _extension, sparse_gemv, sparse_gemv_reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
@@ -62,8 +59,8 @@ def main() -> None:
         t_lin = _median_time(lambda: torch.nn.functional.linear(x, ws[nxt()]), args.reps)
         dense = min(t_mv, t_lin)
         for sp in SPARSITIES:
-            thr = float(x.abs().quantile(sp)) if sp > 0 else -1.0
-            kept = int((x.abs() > thr).sum())
+            thr = float(x.abs().quantile(sp)) if sp > 0 else 0.0
+            kept = int((x.abs() >= thr).sum())
             torch.testing.assert_close(sparse_gemv(x, wts[0], thr), sparse_gemv_reference(x, wts[0], thr),
                                        rtol=1e-4, atol=1e-3)
             t_sp = _median_time(lambda: sparse_gemv(x, wts[nxt()], thr), args.reps)
@@ -77,13 +74,7 @@ def main() -> None:
         del ws, wts
     meta = {"command": "python bench/kernel_sparse_gemv.py", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "reps": args.reps}
-    out = Path(args.out)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(out / "kernel_sparse_gemv.csv", buf.getvalue().encode())
-    atomic_write_bytes(out / "kernel_sparse_gemv.json", json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
+    write_results(args.out, "kernel_sparse_gemv", rows, meta)
 
 
 if __name__ == "__main__":

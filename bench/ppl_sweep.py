@@ -10,10 +10,7 @@ Writes bench/results/<tag>_<model>.csv and .json (rows + machine + command). The
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
-import json
 import platform
 import sys
 import time
@@ -21,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from sparsefx._cache import atomic_write_bytes
 from sparsefx.data import PROTOCOL
-from sparsefx.experiments import print_table, sweep
+from sparsefx.experiments import print_table, sweep, write_results
 from sparsefx.passes.config import resolve_recipe
 
 MASK_RECIPES = ["dense", "magnitude-50", "wanda-50", "magnitude-2of4", "wanda-2of4", "wanda-4of8", "wanda-50-attn30"]
@@ -55,12 +51,7 @@ def main() -> None:
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
                 platform.machine(), "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0, 1),
                 "complete": final}
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_bytes(out / f"{stem}.csv", buf.getvalue().encode())
-        atomic_write_bytes(out / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
+        write_results(out, stem, rows, meta)
 
     rows = sweep(args.model, [resolve_recipe(r) for r in args.recipes], protocol, speed=not args.no_speed, progress=False,
                  calib_samples=8 if args.quick else None, on_row=save)

@@ -76,6 +76,27 @@ def _row(name, res, dense, compress_s, effective) -> dict:
     }
 
 
+def write_results(out_dir, stem: str, rows: list[dict], meta: dict) -> None:
+    """Write ``rows`` to ``<out_dir>/<stem>.csv`` and, with ``meta``, to ``<stem>.json`` (each atomically).
+
+    Example:
+        >>> write_results("bench/results", "masks_smollm2", rows, {"command": "..."})  # doctest: +SKIP
+    """
+    import csv
+    import io
+    import json
+    from pathlib import Path
+
+    from ._cache import atomic_write_bytes
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(Path(out_dir) / f"{stem}.csv", buf.getvalue().encode())
+    atomic_write_bytes(Path(out_dir) / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
+
+
 def print_table(rows: list[dict], title: str = "") -> None:
     """Print sweep rows as a table (rich)."""
     from rich.console import Console

@@ -32,6 +32,12 @@ def tiered_linear(x: torch.Tensor, weight: torch.Tensor, weight_medium: torch.Te
         >>> torch.ops.sparsefx.tiered_linear(x, w, w * 0, None, 2.0, 0.5)
         tensor([[3., 0., 0.]])
     """
+    return tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low)
+
+
+def tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low):
+    """The op's default implementation: two masked GEMMs (any device, any batch). Kernels registered per device
+    (``codegen.cpu.enable_cpu_kernels``) fall back to it for the cases they do not handle."""
     a = x.abs()
     high = a >= t_high
     y = F.linear(torch.where(high, x, 0.0), weight)

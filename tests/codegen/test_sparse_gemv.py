@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import _extension, cpu_supports_avx2, sparse_gemv, sparse_gemv_reference
+from sparsefx.codegen.cpu.sparse_gemv import (_extension, cpu_supports_avx2, sparse_gemv, sparse_gemv_reference,
+                                              tiered_gemv, tiered_gemv_reference)
 
 needs_kernel = pytest.mark.skipif(not cpu_supports_avx2(), reason="the C++ kernel needs AVX2/FMA")
 
@@ -19,15 +20,28 @@ def test_kernel_builds():
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 def test_matches_reference(in_f, out_f, sparsity):
     x, wt = torch.randn(in_f), torch.randn(in_f, out_f)
-    thr = float(x.abs().quantile(sparsity)) if sparsity > 0 else -1.0
+    thr = float(x.abs().quantile(sparsity)) if sparsity > 0 else 0.0
     if sparsity == 1.0:
-        thr = float(x.abs().max())  # nothing kept: y must be exactly zero
+        thr = float(x.abs().max()) * 1.01  # nothing kept: y must be exactly zero
     ref = sparse_gemv_reference(x, wt, thr)
     got = sparse_gemv(x, wt, thr)
     # fp32 sums in a different order: error grows like sqrt(kept) * |x| * |w| * eps
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))
     if sparsity == 1.0:
         assert torch.equal(got, torch.zeros(out_f))
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (31, 9), (576, 1536), (1536, 576), (263, 2053)])
+@pytest.mark.parametrize("q_low, q_high", [(0.3, 0.5), (0.0, 0.8), (0.5, 0.5), (0.9, 1.0)])
+def test_two_tiers_match_reference(in_f, out_f, q_low, q_high):
+    x, wt, wmt = torch.randn(in_f), torch.randn(in_f, out_f), torch.randn(in_f, out_f)
+    a = x.abs()
+    t_low = float(a.quantile(q_low)) if q_low > 0 else 0.0
+    t_high = float(a.quantile(q_high)) if q_high < 1 else float(a.max()) * 1.01
+    got = tiered_gemv(x, wt, wmt, t_high, t_low)
+    ref = tiered_gemv_reference(x, wt, wmt, t_high, t_low)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))  # summation order only
 
 
 @needs_kernel
