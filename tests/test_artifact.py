@@ -94,3 +94,21 @@ def test_activation_sparsity_artifacts_restore_exactly(tmp_path, tokens, entry, 
     assert type(loaded.model.layers[1].get_submodule(module)).__name__ == kind
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_teal_artifact_stores_no_medium_weights(tmp_path, tokens):
+    from safetensors import safe_open
+
+    recipe = Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5, medium_fraction: 0}]\n"
+                              "calibration: {samples: 4, seqlen: 16}")
+    model = tiny_model("llama")
+    compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
+    up = model.model.layers[0].mlp.up_proj
+    assert up.weight_medium.data_ptr() == up.weight.data_ptr()  # no copy of the weights for an empty tier
+    out = save_artifact(tmp_path / "teal", model, None, recipe, {})
+    if (out / "compressed.safetensors").exists():
+        with safe_open(out / "compressed.safetensors", "pt") as f:
+            assert not [k for k in f.keys() if k.endswith("weight_medium")]
+    loaded = load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)

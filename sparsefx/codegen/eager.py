@@ -44,11 +44,14 @@ class TieredLinear(nn.Module):
         return torch.ops.sparsefx.tiered_linear(x, self.weight, self.weight_medium, self.bias, self.t_high, self.t_low)
 
     def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        return {"t_high": self.t_high, "t_low": self.t_low}, {"weight_medium": self.weight_medium}
+        attrs = {"t_high": self.t_high, "t_low": self.t_low}
+        if self.weight_medium is self.weight or self.weight_medium.data_ptr() == self.weight.data_ptr():
+            return attrs, {}  # no medium tier: nothing to store
+        return attrs, {"weight_medium": self.weight_medium}
 
     @classmethod
     def restore(cls, linear: nn.Linear, attrs: dict, tensors: dict[str, torch.Tensor]) -> "TieredLinear":
-        wm = tensors["weight_medium"]
+        wm = tensors.get("weight_medium", linear.weight.data)  # absent: no medium tier
         if wm.shape != linear.weight.shape:
             raise ValueError(f"weight_medium has shape {tuple(wm.shape)}, the linear {tuple(linear.weight.shape)}")
         return cls(linear.weight, wm.to(linear.weight), linear.bias, attrs["t_high"], attrs["t_low"])
@@ -129,10 +132,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 # Each lowering maps a compressed node to (HF module name, eager module replacing it).
 def _tiered(gm: GraphModule, node, model: nn.Module):
-    _, _, wm_node, _, t_high, t_low = node.args
+    _, w_node, wm_node, _, t_high, t_low = node.args
     name = node.meta[LINEAR].module
     current = model.get_submodule(name)
-    return name, TieredLinear(current.weight, gm.get_buffer(str(wm_node.target)), current.bias, t_high, t_low)
+    # no medium tier: the weight stands in for the medium weights (never read), so nothing is copied
+    wm = current.weight.data if wm_node is w_node else gm.get_buffer(str(wm_node.target))
+    return name, TieredLinear(current.weight, wm, current.bias, t_high, t_low)
 
 
 def _sparse_lowrank(gm: GraphModule, node, model: nn.Module):

@@ -141,15 +141,17 @@ class DawsPass(Pass):
             stats = node.meta.get(STATS)
             if stats is None:
                 raise RecipeError(f"daws needs activation statistics for {info.param}; run the calibrate pass first")
-            w = get_param(gm, info.param)
-            w_medium = w * compute_mask(w.abs(), s_w).to(w.dtype)
-            module = gm.get_submodule(prefix + info.module)
-            module.register_buffer("weight_medium", w_medium)
             weight_node = node.args[1]
             bias_node = node.args[2] if len(node.args) > 2 else None
-            with gm.graph.inserting_before(node):
-                wm_node = gm.graph.get_attr(prefix + info.module + ".weight_medium")
+            wm_node = weight_node  # no medium tier (TEAL-style): t_low == t_high, the medium weights are never read
+            if self.config.medium_fraction > 0:
+                w = get_param(gm, info.param)
+                module = gm.get_submodule(prefix + info.module)
+                module.register_buffer("weight_medium", w * compute_mask(w.abs(), s_w).to(w.dtype))
+                with gm.graph.inserting_before(node):
+                    wm_node = gm.graph.get_attr(prefix + info.module + ".weight_medium")
                 wm_node.meta.update({k: v for k, v in weight_node.meta.items() if k in ("val", "tensor_meta")})
+            with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(op, (node.args[0], weight_node, wm_node, bias_node, 0.0, 0.0))
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)

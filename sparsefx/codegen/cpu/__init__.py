@@ -60,9 +60,10 @@ def prepare_cpu_decode(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, TieredLinear):
+            shared = module.weight_medium.data_ptr() == module.weight.data_ptr()  # no medium tier
             module.weight = nn.Parameter(_transposed_storage(module.weight.data),
                                          requires_grad=module.weight.requires_grad)
-            module.weight_medium = _transposed_storage(module.weight_medium)
+            module.weight_medium = module.weight.data if shared else _transposed_storage(module.weight_medium)
             if kernel_available(module.weight, module.weight_medium):
                 module.decode_kernel = _extension().tiered_gemv
             count += 1
