@@ -74,7 +74,8 @@ def main() -> None:
     rows = []
     for name, (_, info) in variants.items():
         med = statistics.median(speeds[name])
-        rows.append({"variant": name, "effective_sparsity": None if info is None else round(info["effective_sparsity"], 4),
+        effective = None if info is None else round(info["effective_sparsity"], 4)
+        rows.append({"variant": name, "effective_sparsity": effective,
                      "decode_tok_s": round(med, 2), "vs_dense": round(med / base, 3),
                      "min_tok_s": round(min(speeds[name]), 2), "max_tok_s": round(max(speeds[name]), 2)})
     print_table(rows, f"{args.model} decode, batch 1, prompt {args.prompt}, {args.new_tokens} new tokens, "

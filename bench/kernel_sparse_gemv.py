@@ -4,6 +4,8 @@
 
 "Cold": each call uses the next of several weight copies that together exceed the last-level cache, as in decode,
 where every layer's weights come from DRAM. Dense = the faster of torch.mv(W, x) and F.linear(x, W) (MKL/oneDNN).
+Variants are timed interleaved (round after round, a burst of calls each), so drift in the machine's memory
+bandwidth hits dense and sparse alike; each time is the median over all calls.
 Shapes are [out x in] of the Linear (W: [out, in]); the sparse kernel stores W.T ([in, out]).
 Writes bench/results/kernel_sparse_gemv.csv and .json.
 """
@@ -25,19 +27,23 @@ SPARSITIES = [0.0, 0.4, 0.5, 0.6, 0.75]
 COLD_BYTES = 512e6  # well past this machine's last-level cache
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def _interleaved_medians(fns: dict, reps: int, rounds: int = 5) -> dict:
+    """Median seconds per call of each function, timed in ``rounds`` interleaved bursts of ``reps // rounds``."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(max(1, reps // rounds)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=100, help="calls per variant, in 5 interleaved rounds")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if _extension() is None:
@@ -55,17 +61,18 @@ def main() -> None:
             state["i"] = (state["i"] + 1) % copies
             return state["i"]
 
-        t_mv = _median_time(lambda: torch.mv(ws[nxt()], x), args.reps)
-        t_lin = _median_time(lambda: torch.nn.functional.linear(x, ws[nxt()]), args.reps)
-        dense = min(t_mv, t_lin)
-        for sp in SPARSITIES:
-            thr = float(x.abs().quantile(sp)) if sp > 0 else 0.0
-            kept = int((x.abs() >= thr).sum())
+        thresholds = {sp: float(x.abs().quantile(sp)) if sp > 0 else 0.0 for sp in SPARSITIES}
+        for thr in thresholds.values():
             torch.testing.assert_close(sparse_gemv(x, wts[0], thr), sparse_gemv_reference(x, wts[0], thr),
                                        rtol=1e-4, atol=1e-3)
-            t_sp = _median_time(lambda: sparse_gemv(x, wts[nxt()], thr), args.reps)
+        fns = {"mv": lambda: torch.mv(ws[nxt()], x), "linear": lambda: torch.nn.functional.linear(x, ws[nxt()])}
+        fns.update({sp: (lambda thr=thr: sparse_gemv(x, wts[nxt()], thr)) for sp, thr in thresholds.items()})
+        t = _interleaved_medians(fns, args.reps)
+        dense = min(t["mv"], t["linear"])
+        for sp, thr in thresholds.items():
+            kept, t_sp = int((x.abs() >= thr).sum()), t[sp]
             rows.append({"out": out_f, "in": in_f, "sparsity": sp, "kept": kept,
-                         "dense_mv_ms": round(t_mv * 1e3, 4), "dense_linear_ms": round(t_lin * 1e3, 4),
+                         "dense_mv_ms": round(t["mv"] * 1e3, 4), "dense_linear_ms": round(t["linear"] * 1e3, 4),
                          "sparse_ms": round(t_sp * 1e3, 4), "speedup_vs_best_dense": round(dense / t_sp, 3),
                          "ideal_speedup": round(in_f / max(kept, 1), 3),
                          "sparse_GBps": round(kept * out_f * 4 / t_sp / 1e9, 2),

@@ -53,7 +53,8 @@ def main() -> None:
                 "complete": final}
         write_results(out, stem, rows, meta)
 
-    rows = sweep(args.model, [resolve_recipe(r) for r in args.recipes], protocol, speed=not args.no_speed, progress=False,
+    recipes = [resolve_recipe(r) for r in args.recipes]
+    rows = sweep(args.model, recipes, protocol, speed=not args.no_speed, progress=False,
                  calib_samples=8 if args.quick else None, on_row=save)
     save(rows, final=True)
     print_table(rows, f"{args.model} {args.tag}")

@@ -16,7 +16,7 @@ def test_kernel_builds():
 
 @needs_kernel
 @pytest.mark.parametrize("in_f, out_f", [(1, 1), (7, 13), (31, 9), (576, 1536), (1536, 576), (97, 4099),
-                                         (263, 2053)])
+                                         (263, 2053), (29, 16387)])  # > 16384 outputs: column-block path
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 def test_matches_reference(in_f, out_f, sparsity):
     x, wt = torch.randn(in_f), torch.randn(in_f, out_f)
@@ -32,7 +32,7 @@ def test_matches_reference(in_f, out_f, sparsity):
 
 
 @needs_kernel
-@pytest.mark.parametrize("in_f, out_f", [(1, 1), (31, 9), (576, 1536), (1536, 576), (263, 2053)])
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (31, 9), (576, 1536), (1536, 576), (263, 2053), (13, 16411)])
 @pytest.mark.parametrize("q_low, q_high", [(0.3, 0.5), (0.0, 0.8), (0.5, 0.5), (0.9, 1.0)])
 def test_two_tiers_match_reference(in_f, out_f, q_low, q_high):
     x, wt, wmt = torch.randn(in_f), torch.randn(in_f, out_f), torch.randn(in_f, out_f)

@@ -7,9 +7,9 @@ contiguous row, so the kernel streams ``n_kept * out`` floats:
 
     y[o] = sum_{i : |x_i| >= t_high} x_i * Wt[i, o]  +  sum_{i : t_low <= |x_i| < t_high} x_i * Wmt[i, o]
 
-The C++ kernel (AVX2/FMA through GCC vector code, OpenMP-free ``at::parallel_for``) splits the outputs into
-column blocks, one per thread; each thread walks the kept rows of both tiers and accumulates its block of y in
-L1. The medium tier (DAWS) reads rows of ``Wmt = W_medium.T`` stored dense: its pruned weights are zeros in the
+The C++ kernel (AVX2/FMA intrinsics, ``at::parallel_for``) splits the kept rows of both tiers between threads,
+each accumulating a private y in cache (reduced at the end); very wide outputs split into column blocks instead.
+The medium tier (DAWS) reads rows of ``Wmt = W_medium.T`` stored dense: its pruned weights are zeros in the
 row, so a medium row costs as much bandwidth as a high one (a compressed medium layout is future work).
 ``tiered_gemv_reference`` is the pure-torch reference and fallback.
 """
@@ -96,9 +96,9 @@ torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, 
   auto y = torch::zeros({out}, x.options());
   float* yp = y.data_ptr<float>();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  if (out >= 1024 * threads) {
-    // Wide outputs: one column block per thread. Long contiguous runs of each kept row keep the hardware
-    // prefetcher streaming (2 KiB runs measured at half the bandwidth); y's block (<= 32 KiB) stays in cache.
+  if (out > 16384) {
+    // Very wide outputs (e.g. an LM head): one column block per thread. Long contiguous runs of each kept row
+    // keep the hardware prefetcher streaming (2 KiB runs measured at half the bandwidth); y's block stays in cache.
     int64_t block = (out + threads - 1) / threads;
     block = std::min<int64_t>(8192, (block + 63) & ~int64_t(63));
     at::parallel_for(0, (out + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
@@ -108,7 +108,8 @@ torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, 
       }
     });
   } else {
-    // Narrow outputs (e.g. 576): split the kept rows between threads, each with a private y, then reduce.
+    // Up to 16384 outputs: split the kept rows between threads, each streaming whole rows into a private y
+    // (<= 64 KiB, cache-resident), then reduce. Measured ~10% faster than column blocks at 4096 x 11008.
     std::vector<float> partial((size_t)(threads * out), 0.0f);
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) run_tiers(partial.data() + t * out, tiers, 2, out, 0, out, t, threads);
@@ -154,7 +155,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="sparsefx_tiered_gemv_v4", cpp_sources=[_CPP], functions=["tiered_gemv"],
+        return load_inline(name="sparsefx_tiered_gemv_v5", cpp_sources=[_CPP], functions=["tiered_gemv"],
                            extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
         log.warning("sparse_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
