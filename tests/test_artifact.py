@@ -82,6 +82,7 @@ def test_wrong_format_version(artifact):
 @pytest.mark.parametrize("entry, module, kind", [
     ("{method: daws, sparsity: 0.5}", "mlp.up_proj", "TieredLinear"),
     ("{method: daws, sparsity: 0.5, allocation: greedy}", "self_attn.k_proj", "TieredLinear"),
+    ("{method: daws, sparsity: 0.5, medium_dtype: float16}", "mlp.down_proj", "TieredLinear"),
     ("{method: rsparse, sparsity: 0.5}", "mlp.down_proj", "SparseLowRankLinear"),
     ("{method: cats, sparsity: 0.5}", "mlp.act_fn", "ThresholdedAct"),
 ])
@@ -91,7 +92,10 @@ def test_activation_sparsity_artifacts_restore_exactly(tmp_path, tokens, entry, 
     result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
     out = save_artifact(tmp_path / "act", model, None, recipe, result.report_dict())
     loaded = load(out)
-    assert type(loaded.model.layers[1].get_submodule(module)).__name__ == kind
+    restored = loaded.model.layers[1].get_submodule(module)
+    assert type(restored).__name__ == kind
+    if hasattr(restored, "weight_medium"):  # the medium tier's storage dtype survives the round trip
+        assert restored.weight_medium.dtype == model.model.layers[1].get_submodule(module).weight_medium.dtype
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 

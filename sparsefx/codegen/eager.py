@@ -54,7 +54,9 @@ class TieredLinear(nn.Module):
         wm = tensors.get("weight_medium", linear.weight.data)  # absent: no medium tier
         if wm.shape != linear.weight.shape:
             raise ValueError(f"weight_medium has shape {tuple(wm.shape)}, the linear {tuple(linear.weight.shape)}")
-        return cls(linear.weight, wm.to(linear.weight), linear.bias, attrs["t_high"], attrs["t_low"])
+        # a reduced-precision medium tier (daws.medium_dtype) keeps its dtype; otherwise it follows the weight's
+        dtype = wm.dtype if wm.dtype.itemsize < linear.weight.dtype.itemsize else linear.weight.dtype
+        return cls(linear.weight, wm.to(linear.weight.device, dtype), linear.bias, attrs["t_high"], attrs["t_low"])
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, t_high={self.t_high:.4g}, t_low={self.t_low:.4g}"

@@ -26,6 +26,8 @@ def tiered_linear(x: torch.Tensor, weight: torch.Tensor, weight_medium: torch.Te
     |x_i| < t_low            -> dropped
 
     With ``t_high = t_low = 0`` every channel is high and the result is exactly ``F.linear(x, weight, bias)``.
+    ``weight_medium`` may be stored in lower precision (e.g. fp16 beside fp32 weights); it is upcast to ``x``'s dtype
+    for the math.
 
     Example:
         >>> w = torch.eye(3); x = torch.tensor([[3., 1., 0.1]])
@@ -43,7 +45,7 @@ def tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low):
     y = F.linear(torch.where(high, x, 0.0), weight)
     medium = (a >= t_low) & ~high
     if t_low < t_high:
-        y = y + F.linear(torch.where(medium, x, 0.0), weight_medium)
+        y = y + F.linear(torch.where(medium, x, 0.0), weight_medium.to(x.dtype))
     return y if bias is None else y + bias
 
 
@@ -59,7 +61,7 @@ def tiered_linear_reference(x, weight, weight_medium, bias, t_high, t_low):
     a = x.abs()
     high = (a >= t_high).to(x.dtype)
     medium = ((a >= t_low) & (a < t_high)).to(x.dtype)
-    y = (x * high) @ weight.T + (x * medium) @ weight_medium.T
+    y = (x * high) @ weight.T + (x * medium) @ weight_medium.to(x.dtype).T
     return y if bias is None else y + bias
 
 

@@ -34,8 +34,9 @@ def test_matches_reference(in_f, out_f, sparsity):
 @needs_kernel
 @pytest.mark.parametrize("in_f, out_f", [(1, 1), (31, 9), (576, 1536), (1536, 576), (263, 2053), (13, 16411)])
 @pytest.mark.parametrize("q_low, q_high", [(0.3, 0.5), (0.0, 0.8), (0.5, 0.5), (0.9, 1.0)])
-def test_two_tiers_match_reference(in_f, out_f, q_low, q_high):
-    x, wt, wmt = torch.randn(in_f), torch.randn(in_f, out_f), torch.randn(in_f, out_f)
+@pytest.mark.parametrize("medium_dtype", [torch.float32, torch.float16])
+def test_two_tiers_match_reference(in_f, out_f, q_low, q_high, medium_dtype):
+    x, wt, wmt = torch.randn(in_f), torch.randn(in_f, out_f), torch.randn(in_f, out_f, dtype=medium_dtype)
     a = x.abs()
     t_low = float(a.quantile(q_low)) if q_low > 0 else 0.0
     t_high = float(a.quantile(q_high)) if q_high < 1 else float(a.max()) * 1.01
@@ -56,3 +57,12 @@ def test_fallback_for_other_dtypes_and_bad_shapes():
     torch.testing.assert_close(sparse_gemv(x, wt, 0.5), sparse_gemv_reference(x, wt, 0.5))
     with pytest.raises(ValueError, match=r"x: \[in\] and wt: \[in, out\]"):
         sparse_gemv(torch.randn(3), torch.randn(4, 5), 0.1)
+
+
+@needs_kernel
+def test_fp16_medium_rows_are_read_as_stored():
+    # the medium tier alone (t_high above every |x|): the kernel must use the fp16 values as they are, not a copy
+    # rounded differently; compare with fp64 math on the same fp16 weights
+    x, wmt = torch.randn(301), torch.randn(301, 1031).half()
+    got = tiered_gemv(x, torch.randn(301, 1031), wmt, float(x.abs().max()) * 2, 0.0)
+    torch.testing.assert_close(got.double(), x.double() @ wmt.double(), rtol=1e-5, atol=1e-4)

@@ -58,6 +58,7 @@ def test_solve_tiers_hits_target_effective_sparsity():
     ({"method": "daws", "medium_fraction": 1.5}, "daws.medium_fraction"),
     ({"method": "daws", "medium_weight_sparsity": -0.1}, "daws.medium_weight_sparsity"),
     ({"method": "daws", "roles": ["lm_head"]}, "daws.roles"),
+    ({"method": "daws", "medium_dtype": "int8"}, "daws.medium_dtype"),
 ])
 def test_invalid_daws_values(entry, field):
     with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
@@ -164,3 +165,20 @@ def test_greedy_allocation_meets_each_block_budget_and_beats_uniform():
         out = split(calib[:2])
         out = out[0] if isinstance(out, tuple) else out
         torch.testing.assert_close(out, greedy.graph_module(calib[:2]), rtol=0, atol=0)
+
+
+def test_fp16_medium_tier_is_stored_half_and_matches_the_reference(tokens):
+    model = tiny_model("llama")
+    calib = torch.randint(0, 256, (8, 32))
+    recipe = Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5, medium_fraction: 0.4, medium_dtype: float16}]")
+    gm = compress(model, recipe, calibration=calib, progress=False).graph_module
+    verify(gm)
+    up = model.model.layers[0].mlp.up_proj
+    assert up.weight_medium.dtype == torch.float16 and up.weight.dtype == torch.float32
+    x = torch.randn(3, 5, up.in_features)
+    with torch.no_grad():
+        want = tiered_linear_reference(x.double(), up.weight.double(), up.weight_medium.double(), None,
+                                       up.t_high, up.t_low)
+        torch.testing.assert_close(up(x).double(), want, rtol=1e-5, atol=1e-5)
+        # the graph and the lowered HF model agree
+        torch.testing.assert_close(gm(tokens), model(tokens).logits, rtol=0, atol=0)

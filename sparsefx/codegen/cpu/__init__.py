@@ -64,7 +64,8 @@ def prepare_cpu_decode(model: nn.Module) -> int:
             module.weight = nn.Parameter(_transposed_storage(module.weight.data),
                                          requires_grad=module.weight.requires_grad)
             module.weight_medium = module.weight.data if shared else _transposed_storage(module.weight_medium)
-            if kernel_available(module.weight, module.weight_medium):
+            x_like = module.weight.new_empty(module.in_features)  # decode inputs share the weight's dtype
+            if kernel_available(x_like, module.weight, module.weight_medium):
                 module.decode_kernel = _extension().tiered_gemv
             count += 1
     return count

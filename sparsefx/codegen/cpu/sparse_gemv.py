@@ -9,8 +9,10 @@ contiguous row, so the kernel streams ``n_kept * out`` floats:
 
 The C++ kernel (AVX2/FMA intrinsics, ``at::parallel_for``) splits the kept rows of both tiers between threads,
 each accumulating a private y in cache (reduced at the end); very wide outputs split into column blocks instead.
-The medium tier (DAWS) reads rows of ``Wmt = W_medium.T`` stored dense: its pruned weights are zeros in the
-row, so a medium row costs as much bandwidth as a high one (a compressed medium layout is future work).
+The medium tier (DAWS) reads rows of ``Wmt = W_medium.T`` stored dense — its pruned weights are zeros in the row —
+in fp32 or fp16 (``daws.medium_dtype: float16``: half the bytes per medium row, converted to fp32 with F16C; at the
+default medium weight sparsity of 50 % that is the byte count of the kept weights). A sparse medium layout is
+future work.
 ``tiered_gemv_reference`` is the pure-torch reference and fallback.
 """
 
@@ -28,39 +30,48 @@ _CPP = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+// Eight weights as fp32 lanes: fp32 rows load directly, fp16 rows (a reduced-precision medium tier) convert (F16C).
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // yb[0:n] += sum over kept rows k in [k0, k1) of val[k] * wt[idx[k], o0 : o0 + n]
-static inline void accumulate(float* yb, const float* wp, int64_t out, int64_t o0, int64_t n,
+template <typename T>
+static inline void accumulate(float* yb, const T* wp, int64_t out, int64_t o0, int64_t n,
                               const int32_t* idx, const float* val, int64_t k0, int64_t k1) {
   const int64_t nv = n & ~int64_t(7);
   int64_t k = k0;
   // four kept rows per sweep: a quarter of the y loads/stores of one-row-at-a-time
   for (; k + 3 < k1; k += 4) {
-    const float* w0 = wp + (int64_t)idx[k] * out + o0;
-    const float* w1 = wp + (int64_t)idx[k + 1] * out + o0;
-    const float* w2 = wp + (int64_t)idx[k + 2] * out + o0;
-    const float* w3 = wp + (int64_t)idx[k + 3] * out + o0;
+    const T* w0 = wp + (int64_t)idx[k] * out + o0;
+    const T* w1 = wp + (int64_t)idx[k + 1] * out + o0;
+    const T* w2 = wp + (int64_t)idx[k + 2] * out + o0;
+    const T* w3 = wp + (int64_t)idx[k + 3] * out + o0;
     const __m256 a0 = _mm256_set1_ps(val[k]), a1 = _mm256_set1_ps(val[k + 1]);
     const __m256 a2 = _mm256_set1_ps(val[k + 2]), a3 = _mm256_set1_ps(val[k + 3]);
     int64_t o = 0;
     for (; o < nv; o += 8) {
       __m256 acc = _mm256_loadu_ps(yb + o);
-      acc = _mm256_fmadd_ps(a0, _mm256_loadu_ps(w0 + o), acc);
-      acc = _mm256_fmadd_ps(a1, _mm256_loadu_ps(w1 + o), acc);
-      acc = _mm256_fmadd_ps(a2, _mm256_loadu_ps(w2 + o), acc);
-      acc = _mm256_fmadd_ps(a3, _mm256_loadu_ps(w3 + o), acc);
+      acc = _mm256_fmadd_ps(a0, load8(w0 + o), acc);
+      acc = _mm256_fmadd_ps(a1, load8(w1 + o), acc);
+      acc = _mm256_fmadd_ps(a2, load8(w2 + o), acc);
+      acc = _mm256_fmadd_ps(a3, load8(w3 + o), acc);
       _mm256_storeu_ps(yb + o, acc);
     }
-    for (; o < n; ++o) yb[o] += val[k] * w0[o] + val[k + 1] * w1[o] + val[k + 2] * w2[o] + val[k + 3] * w3[o];
+    for (; o < n; ++o)
+      yb[o] += val[k] * (float)w0[o] + val[k + 1] * (float)w1[o] + val[k + 2] * (float)w2[o] + val[k + 3] * (float)w3[o];
   }
   for (; k < k1; ++k) {
-    const float* w0 = wp + (int64_t)idx[k] * out + o0;
-    for (int64_t o = 0; o < n; ++o) yb[o] += val[k] * w0[o];
+    const T* w0 = wp + (int64_t)idx[k] * out + o0;
+    for (int64_t o = 0; o < n; ++o) yb[o] += val[k] * (float)w0[o];
   }
 }
 
-// Kept rows of one tier: indices into its weight rows and the matching x values.
+// Kept rows of one tier: indices into its weight rows (fp32, or fp16 when half) and the matching x values.
 struct Tier {
-  const float* w;
+  const void* w;
+  bool half;
   std::vector<int32_t> idx;
   std::vector<float> val;
 };
@@ -70,24 +81,34 @@ static inline void run_tiers(float* yb, const Tier* tiers, int ntiers, int64_t o
   for (int t = 0; t < ntiers; ++t) {
     const int64_t nk = (int64_t)tiers[t].idx.size(), chunk = (nk + nparts - 1) / nparts;
     const int64_t k0 = std::min(nk, part * chunk), k1 = std::min(nk, k0 + chunk);
-    if (k0 < k1) accumulate(yb, tiers[t].w, out, o0, n, tiers[t].idx.data(), tiers[t].val.data(), k0, k1);
+    if (k0 >= k1) continue;
+    if (tiers[t].half)
+      accumulate(yb, static_cast<const at::Half*>(tiers[t].w), out, o0, n, tiers[t].idx.data(), tiers[t].val.data(),
+                 k0, k1);
+    else
+      accumulate(yb, static_cast<const float*>(tiers[t].w), out, o0, n, tiers[t].idx.data(), tiers[t].val.data(),
+                 k0, k1);
   }
 }
 
 // DAWS tiers for one token: y[o] = sum_{|x_i| >= t_high} x_i wt[i, o] + sum_{t_low <= |x_i| < t_high} x_i wmt[i, o]
-// x: [in] fp32; wt, wmt: [in, out] fp32 row-major (W.T and W_medium.T); y: [out]. One tier: pass t_low = t_high.
+// x: [in] fp32; wt, wmt: [in, out] row-major (W.T and W_medium.T), wt fp32, wmt fp32 or fp16; y: [out] fp32.
+// One tier: pass t_low = t_high.
 torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, double t_high, double t_low) {
   TORCH_CHECK(x.dim() == 1 && wt.dim() == 2 && x.size(0) == wt.size(0), "x must be [in], wt [in, out]");
   TORCH_CHECK(wmt.sizes() == wt.sizes(), "wmt must have wt's shape");
   TORCH_CHECK(x.scalar_type() == torch::kFloat && wt.scalar_type() == torch::kFloat &&
-              wmt.scalar_type() == torch::kFloat, "fp32 only");
+              (wmt.scalar_type() == torch::kFloat || wmt.scalar_type() == torch::kHalf),
+              "x and wt must be fp32, wmt fp32 or fp16");
   TORCH_CHECK(x.is_contiguous() && wt.is_contiguous() && wmt.is_contiguous(), "x, wt and wmt must be contiguous");
   const int64_t in = wt.size(0), out = wt.size(1);
   const float* xp = x.data_ptr<float>();
   const float th = (float)t_high, tl = (float)t_low;
   Tier tiers[2];
-  tiers[0].w = wt.data_ptr<float>();
-  tiers[1].w = wmt.data_ptr<float>();
+  tiers[0].w = wt.data_ptr();
+  tiers[0].half = false;
+  tiers[1].w = wmt.data_ptr();
+  tiers[1].half = wmt.scalar_type() == torch::kHalf;
   for (int64_t i = 0; i < in; ++i) {
     const float a = std::fabs(xp[i]);
     Tier& tier = tiers[a >= th ? 0 : 1];
@@ -135,7 +156,7 @@ def tiered_gemv_reference(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor |
     y = x[high] @ wt[high]
     if wmt is not None and t_low < t_high:
         medium = (a >= t_low) & ~high
-        y = y + x[medium] @ wmt[medium]
+        y = y + x[medium] @ wmt[medium].to(x.dtype)
     return y
 
 
@@ -155,8 +176,8 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="sparsefx_tiered_gemv_v5", cpp_sources=[_CPP], functions=["tiered_gemv"],
-                           extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+        return load_inline(name="sparsefx_tiered_gemv_v6", cpp_sources=[_CPP], functions=["tiered_gemv"],
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
         log.warning("sparse_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
         return None
@@ -167,14 +188,17 @@ def cpu_supports_avx2() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
-        return " avx2" in flags and " fma" in flags
+        return " avx2" in flags and " fma" in flags and " f16c" in flags
     except OSError:
         return False
 
 
-def kernel_available(*tensors: torch.Tensor) -> bool:
-    """Whether the C++ kernel takes these tensors (fp32 on an AVX2 CPU, and it compiled)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and cpu_supports_avx2()
+def kernel_available(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None = None) -> bool:
+    """Whether the C++ kernel takes these tensors (x and wt fp32, wmt fp32 or fp16, CPU with AVX2/FMA/F16C, and
+    the extension compiled)."""
+    dtypes_ok = (x.dtype == wt.dtype == torch.float32
+                 and (wmt is None or wmt.dtype in (torch.float32, torch.float16)))
+    return (dtypes_ok and all(t.device.type == "cpu" for t in (x, wt, wmt) if t is not None) and cpu_supports_avx2()
             and _extension() is not None)
 
 
