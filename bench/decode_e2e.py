@@ -1,6 +1,6 @@
 """End-to-end batch-1 decode tokens/s on SmolLM2 (CPU, fp32): dense vs activation-sparse variants, one run.
 
-    python bench/decode_e2e.py                      # dense, teal-50, daws-50 (+ teal-40, daws-40, teal-60)
+    python bench/decode_e2e.py                      # dense, TEAL and DAWS at 40/50/60%, DAWS fp16 medium tier
     python bench/decode_e2e.py --recipes teal-50 --rounds 3
 
 Each variant is compressed (calibration: c4, --calib-samples x 512 tokens), prepared for the CPU decode kernel
@@ -43,7 +43,8 @@ def decode_tok_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--recipes", nargs="*", default=["teal-40", "daws-40", "teal-50", "daws-50", "teal-60"])
+    ap.add_argument("--recipes", nargs="*", default=["teal-40", "daws-40", "teal-50", "daws-50", "daws-50-m40",
+                                                     "daws-50-m40-f16", "teal-60"])
     ap.add_argument("--calib-samples", type=int, default=8, help="thresholds only; 8 x 512 tokens suffice for speed")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
