@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tag", default="", help="results file suffix: decode_e2e[_TAG]_<model>")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
@@ -86,7 +87,7 @@ def main() -> None:
                 for k, v in vars(args).items() if k != "out"),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
-    write_results(args.out, f"decode_e2e_{args.model}", rows, meta)
+    write_results(args.out, f"decode_e2e{'_' + args.tag if args.tag else ''}_{args.model}", rows, meta)
 
 
 if __name__ == "__main__":
