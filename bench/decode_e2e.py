@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from sparsefx.codegen.cpu import prepare_cpu_decode
 from sparsefx.data import PROTOCOL, calibration_batches
-from sparsefx.experiments import print_table, write_results
+from sparsefx.experiments import print_table, run_meta, write_results
 from sparsefx.models import load_model
 from sparsefx.passes.config import resolve_recipe
 from sparsefx.pipeline import compress
@@ -61,10 +60,10 @@ def main() -> None:
     for name in args.recipes:
         model, _ = load_model(args.model)
         result = compress(model, resolve_recipe(name), calibration=calib, progress=False)
-        prepared = prepare_cpu_decode(model)
+        prepare_cpu_decode(model)
         effective = next((r.details["effective_sparsity"] for r in reversed(result.reports)
                           if "effective_sparsity" in r.details), None)
-        variants[name] = (model, {"effective_sparsity": effective, "prepared_linears": prepared})
+        variants[name] = (model, effective)
     prompt = torch.randint(100, 10000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     speeds: dict[str, list[float]] = {name: [] for name in variants}
     for name, (model, _) in variants.items():  # warm-up (kernel build, allocator)
@@ -74,19 +73,14 @@ def main() -> None:
             speeds[name].append(decode_tok_s(model, prompt, args.new_tokens))
     base = statistics.median(speeds["dense"])
     rows = []
-    for name, (_, info) in variants.items():
+    for name, (_, effective) in variants.items():
         med = statistics.median(speeds[name])
-        effective = None if info is None else round(info["effective_sparsity"], 4)
-        rows.append({"variant": name, "effective_sparsity": effective,
+        rows.append({"variant": name, "effective_sparsity": None if effective is None else round(effective, 4),
                      "decode_tok_s": round(med, 2), "vs_dense": round(med / base, 3),
                      "min_tok_s": round(min(speeds[name]), 2), "max_tok_s": round(max(speeds[name]), 2)})
     print_table(rows, f"{args.model} decode, batch 1, prompt {args.prompt}, {args.new_tokens} new tokens, "
                       f"{torch.get_num_threads()} threads")
-    meta = {"command": "python bench/decode_e2e.py " + " ".join(
-                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in vars(args).items() if k != "out"),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    meta = run_meta(**{k: v for k, v in vars(args).items() if k != "out"})  # defaults too, not only what was typed
     write_results(args.out, f"decode_e2e{'_' + args.tag if args.tag else ''}_{args.model}", rows, meta)
 
 

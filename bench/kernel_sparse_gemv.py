@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.experiments import write_results
+from sparsefx.experiments import run_meta, write_results
 from sparsefx.codegen.cpu.sparse_gemv import _extension, sparse_gemv, sparse_gemv_reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
@@ -79,9 +79,7 @@ def main() -> None:
                          "dense_GBps": round(out_f * in_f * 4 / dense / 1e9, 2)})
             print(rows[-1], flush=True)
         del ws, wts
-    meta = {"command": "python bench/kernel_sparse_gemv.py", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "reps": args.reps}
-    write_results(args.out, "kernel_sparse_gemv", rows, meta)
+    write_results(args.out, "kernel_sparse_gemv", rows, run_meta(reps=args.reps))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
-import sys
 import time
 from pathlib import Path
 
-import torch
-
 from sparsefx.data import PROTOCOL
-from sparsefx.experiments import print_table, sweep, write_results
+from sparsefx.experiments import print_table, run_meta, sweep, write_results
 from sparsefx.passes.config import resolve_recipe
 
 MASK_RECIPES = ["dense", "magnitude-50", "wanda-50", "magnitude-2of4", "wanda-2of4", "wanda-4of8", "wanda-50-attn30"]
@@ -47,10 +43,7 @@ def main() -> None:
         for r in rows[1:]:
             if r["variant"] == "dense":
                 r["variant"] = "dense-recipe(0%)"
-        meta = {"command": " ".join(["python", *sys.argv]), "protocol": dataclasses.asdict(protocol),
-                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
-                platform.machine(), "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0, 1),
-                "complete": final}
+        meta = run_meta(protocol=dataclasses.asdict(protocol), wall_s=round(time.time() - t0, 1), complete=final)
         write_results(out, stem, rows, meta)
 
     recipes = [resolve_recipe(r) for r in args.recipes]

@@ -76,6 +76,18 @@ def _row(name, res, dense, compress_s, effective) -> dict:
     }
 
 
+def run_meta(**extra) -> dict:
+    """What a results file records about its run: the command line, torch, threads, machine, date, plus ``extra``."""
+    import platform
+    import sys
+
+    import torch
+
+    return {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d"), **extra}
+
+
 def write_results(out_dir, stem: str, rows: list[dict], meta: dict) -> None:
     """Write ``rows`` to ``<out_dir>/<stem>.csv`` and, with ``meta``, to ``<stem>.json`` (each atomically).
 

@@ -43,10 +43,15 @@ class TieredLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         return torch.ops.sparsefx.tiered_linear(x, self.weight, self.weight_medium, self.bias, self.t_high, self.t_low)
 
+    @property
+    def has_medium_weights(self) -> bool:
+        """False when the medium tier is empty (TEAL-style) and ``weight_medium`` is the weight's own storage."""
+        return self.weight_medium.data_ptr() != self.weight.data_ptr()
+
     def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         attrs = {"t_high": self.t_high, "t_low": self.t_low}
-        if self.weight_medium is self.weight or self.weight_medium.data_ptr() == self.weight.data_ptr():
-            return attrs, {}  # no medium tier: nothing to store
+        if not self.has_medium_weights:
+            return attrs, {}  # nothing to store
         return attrs, {"weight_medium": self.weight_medium}
 
     @classmethod

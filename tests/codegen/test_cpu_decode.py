@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from sparsefx.codegen.cpu import enable_cpu_kernels, prepare_cpu_decode
-from sparsefx.codegen.cpu.sparse_gemv import cpu_supports_avx2
+from sparsefx.codegen.cpu.sparse_gemv import cpu_supports_kernel
 from sparsefx.codegen.eager import TieredLinear
 from sparsefx.ir.ops import tiered_linear_math, tiered_linear_reference
 from sparsefx.models import tiny_model
 from sparsefx.passes.config import Recipe
 from sparsefx.pipeline import compress
 
-needs_kernel = pytest.mark.skipif(not cpu_supports_avx2(), reason="the C++ kernel needs AVX2/FMA")
+needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
 
 
 def _compressed(recipe="{method: daws, sparsity: 0.5}"):
@@ -22,7 +22,8 @@ def _compressed(recipe="{method: daws, sparsity: 0.5}"):
 
 
 @needs_kernel
-@pytest.mark.parametrize("recipe", ["{method: daws, sparsity: 0.5}", "{method: daws, sparsity: 0.6, medium_fraction: 0}"])
+@pytest.mark.parametrize("recipe", ["{method: daws, sparsity: 0.5}",
+                                    "{method: daws, sparsity: 0.6, medium_fraction: 0}"])
 def test_prepared_model_decodes_through_the_kernel_with_the_same_outputs(recipe):
     model = _compressed(recipe)
     prompt = torch.randint(0, 256, (1, 7))

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import (_extension, cpu_supports_avx2, sparse_gemv, sparse_gemv_reference,
+from sparsefx.codegen.cpu.sparse_gemv import (_extension, cpu_supports_kernel, sparse_gemv, sparse_gemv_reference,
                                               tiered_gemv, tiered_gemv_reference)
 
-needs_kernel = pytest.mark.skipif(not cpu_supports_avx2(), reason="the C++ kernel needs AVX2/FMA")
+needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
 
 
 @needs_kernel

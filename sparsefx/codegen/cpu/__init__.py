@@ -60,10 +60,10 @@ def prepare_cpu_decode(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, TieredLinear):
-            shared = module.weight_medium.data_ptr() == module.weight.data_ptr()  # no medium tier
+            own_medium = module.has_medium_weights
             module.weight = nn.Parameter(_transposed_storage(module.weight.data),
                                          requires_grad=module.weight.requires_grad)
-            module.weight_medium = module.weight.data if shared else _transposed_storage(module.weight_medium)
+            module.weight_medium = _transposed_storage(module.weight_medium) if own_medium else module.weight.data
             x_like = module.weight.new_empty(module.in_features)  # decode inputs share the weight's dtype
             if kernel_available(x_like, module.weight, module.weight_medium):
                 module.decode_kernel = _extension().tiered_gemv

@@ -60,7 +60,8 @@ static inline void accumulate(float* yb, const T* wp, int64_t out, int64_t o0, i
       _mm256_storeu_ps(yb + o, acc);
     }
     for (; o < n; ++o)
-      yb[o] += val[k] * (float)w0[o] + val[k + 1] * (float)w1[o] + val[k + 2] * (float)w2[o] + val[k + 3] * (float)w3[o];
+      yb[o] += val[k] * (float)w0[o] + val[k + 1] * (float)w1[o] + val[k + 2] * (float)w2[o] +
+               val[k + 3] * (float)w3[o];
   }
   for (; k < k1; ++k) {
     const T* w0 = wp + (int64_t)idx[k] * out + o0;
@@ -184,7 +185,8 @@ def _extension():
 
 
 @functools.cache
-def cpu_supports_avx2() -> bool:
+def cpu_supports_kernel() -> bool:
+    """Whether this CPU has the instructions the C++ kernel is built for (AVX2, FMA, F16C)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -198,7 +200,7 @@ def kernel_available(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None
     the extension compiled)."""
     dtypes_ok = (x.dtype == wt.dtype == torch.float32
                  and (wmt is None or wmt.dtype in (torch.float32, torch.float16)))
-    return (dtypes_ok and all(t.device.type == "cpu" for t in (x, wt, wmt) if t is not None) and cpu_supports_avx2()
+    return (dtypes_ok and all(t.device.type == "cpu" for t in (x, wt, wmt) if t is not None) and cpu_supports_kernel()
             and _extension() is not None)
 
 
