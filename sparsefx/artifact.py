@@ -4,11 +4,16 @@
       model.safetensors, config.json, tokenizer files   the compressed model (loads with safetensors only)
       calibration.safetensors                           activation statistics, when the recipe calibrated
       compressed.safetensors + compressed.json          state of compressed modules (e.g. DAWS tiers), if any
+      structure.json                                    structured removal (GISP): the ranking of heads and
+                                                        channels and how much of it the stored weights have lost
       recipe.yaml                                       the recipe that produced it
       report.json                                       per-pass reports
       sparsefx.json                                     manifest: format, version, sha256 of every file
 
 The folder is written to a temporary sibling and renamed into place, so it is either complete or absent.
+A structurally pruned model stores smaller tensors than its (dense) ``config.json`` describes: it is rebuilt from the
+config, shrunk by ``structure.json`` and then filled from ``model.safetensors``; ``load_artifact(level=...)``
+removes further units of the ranking (nested subnetworks) without recalibration.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ._cache import atomic_dir
 from .errors import ArtifactError
 from .passes.calibrate import ActStats
 from .passes.config import Recipe
+from .passes.structured import STRUCTURE_ATTR
 
 FORMAT, VERSION = "sparsefx-artifact", 1
 MANIFEST = "sparsefx.json"
@@ -66,6 +72,9 @@ def save_artifact(out: str | Path, model: nn.Module, tokenizer, recipe: Recipe, 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _save_compressed_modules(model, tmp)
+        plan = getattr(model, STRUCTURE_ATTR, None)
+        if plan is not None:
+            (tmp / "structure.json").write_text(plan.to_json())
         if stats:
             tensors = {}
             for i, (name, s) in enumerate(sorted(stats.items())):
@@ -110,8 +119,40 @@ def _restore_compressed_modules(model: nn.Module, folder: Path) -> None:
         replace_module(model, name, cls.restore(model.get_submodule(name), entry["attrs"], state))
 
 
-def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: bool = True) -> Artifact:
+def _load_structured(path: Path, dtype: torch.dtype) -> nn.Module:
+    """Rebuild a structurally pruned model: dense skeleton from config.json, shrunk per structure.json, then the
+    stored (smaller) tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .passes.structured import StructurePlan, shrink_to
+
+    plan = StructurePlan.from_json((path / "structure.json").read_text())
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    stored, plan.applied = plan.applied, 0
+    shrink_to(model, plan, stored)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"stored tensors do not fit the pruned model: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    setattr(model, STRUCTURE_ATTR, plan)
+    return model
+
+
+def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: bool = True,
+                  level: float | None = None) -> Artifact:
     """Load an artifact written by ``save_artifact``; verify checksums first (``check=False`` skips that).
+
+    ``level`` (structurally pruned artifacts): remove more of the ranking, up to that fraction of the prunable
+    parameters — any level from the stored one up to the recipe's ``sparsity`` — without recalibration.
 
     Example:
         >>> art = load_artifact("out/wanda50")  # doctest: +SKIP
@@ -141,12 +182,28 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing; re-run `sparsefx compress`")
         if check and _sha256(f) != digest:
             raise ArtifactError(f"{path}: file {name} is corrupt (checksum mismatch); re-run `sparsefx compress`")
+    structured = (path / "structure.json").is_file()
+    if level is not None and not structured:
+        raise ArtifactError(f"{path} was not pruned structurally (no structure.json), so it has no levels; "
+                            "drop --level or compress with a gisp / structured_* recipe")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+        if structured:
+            model = _load_structured(path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                         use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True) if (path / "tokenizer_config.json").exists() \
             else None
     except (OSError, ValueError, SafetensorError) as exc:
         raise ArtifactError(f"{path}: the model files do not load ({exc}); re-run `sparsefx compress`") from exc
+    if level is not None:
+        from .passes.structured import shrink_model
+
+        plan = getattr(model, STRUCTURE_ATTR)
+        try:
+            shrink_model(model, plan, level)
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: cannot load level {level}: {exc}") from None
     try:
         _restore_compressed_modules(model, path)
     except (KeyError, ValueError, TypeError) as exc:
@@ -166,13 +223,14 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
     return Artifact(model.eval(), tok, recipe, report, stats, manifest)
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load(path: str | Path, dtype: torch.dtype = torch.float32, level: float | None = None) -> nn.Module:
     """The compressed HF model of an artifact, ready for ``generate()``; no recalibration.
 
     Example:
         >>> model = sparsefx.load("out/wanda50")  # doctest: +SKIP
+        >>> small = sparsefx.load("out/gisp", level=0.3)  # doctest: +SKIP
     """
-    return load_artifact(path, dtype).model
+    return load_artifact(path, dtype, level=level).model
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -1,4 +1,4 @@
-"""Command line: ``sparsefx demo | eval | compress | recipes``."""
+"""Command line: ``sparsefx demo | eval | compress | export | recipes``."""
 
 from __future__ import annotations
 
@@ -46,8 +46,11 @@ def cmd_eval(args) -> int:
     from .eval import evaluate
     from .models import load_model
 
+    if args.level is not None and not is_artifact(args.model):
+        raise SparsefxError("--level applies to structurally pruned artifacts (gisp, structured_*); "
+                            f"{args.model} is not an artifact")
     if is_artifact(args.model):
-        art = load_artifact(args.model)
+        art = load_artifact(args.model, level=args.level)
         model, tok = art.model, art.tokenizer
         if tok is None:
             raise SparsefxError(f"{args.model} holds no tokenizer; re-run `sparsefx compress`")
@@ -69,7 +72,7 @@ def cmd_eval(args) -> int:
 
 def cmd_compress(args) -> int:
     from .artifact import save_artifact
-    from .data import PROTOCOL, calibration_batches
+    from .data import PROTOCOL, calibration_batches, load_pairs
     from .models import load_model
     from .passes.config import resolve_recipe
     from .passes.calibrate import STATS
@@ -83,7 +86,8 @@ def cmd_compress(args) -> int:
         p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
         text = open(args.calib_file, encoding="utf-8").read() if args.calib_file else None
         calibration = calibration_batches(tok, p, text=text)
-    result = compress(model, recipe, calibration=calibration, progress=not args.no_progress)
+    pairs = load_pairs(args.pairs, tok) if args.pairs else None
+    result = compress(model, recipe, calibration=calibration, progress=not args.no_progress, pairs=pairs)
     out = save_artifact(args.output, model, tok, recipe, result.report_dict(),
                         stats=result.graph_module.meta.get(STATS), overwrite=args.overwrite)
     for r in result.reports:
@@ -91,6 +95,19 @@ def cmd_compress(args) -> int:
         print(f"{r.name:12s} matches={r.matches:<4d} {f'sparsity={sp:.4f} ' if sp is not None else ''}"
               f"{r.seconds:.1f}s")
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .artifact import load_artifact, save_artifact
+    from .eval import count_params
+
+    art = load_artifact(args.artifact, level=args.level)
+    report = {**art.report, "export": {"source": str(args.artifact), "level": args.level}}
+    out = save_artifact(args.output, art.model, art.tokenizer, art.recipe, report, stats=art.stats,
+                        overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"wrote {out}: {count_params(art.model)['params_total']:,} parameters, {size:.1f} MiB")
     return 0
 
 
@@ -130,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity (protocol), decode tokens/s, parameter counts")
     e.add_argument("model", help="embedded model name, local HF folder, or sparsefx artifact")
     e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--level", type=float, help="structured artifacts: fraction of prunable parameters to remove "
+                                                "(any level the artifact's ranking covers)")
     e.add_argument("--json", help="also write the result to this JSON file")
     common(e)
     e.set_defaults(fn=cmd_eval)
@@ -140,8 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", "-o", required=True, help="artifact folder to write")
     c.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
     c.add_argument("--calib-file", help="UTF-8 text file to calibrate on instead of the recipe's named text")
+    c.add_argument("--pairs", help="JSONL of {prompt, correct, incorrect} for gisp's margin objective")
     common(c, tokens=False)
     c.set_defaults(fn=cmd_compress)
+
+    x = sub.add_parser("export", help="write a structured artifact at one level (smaller files, for deployment)")
+    x.add_argument("artifact", help="artifact written by `compress` with a gisp / structured_* recipe")
+    x.add_argument("--level", type=float, required=True, help="fraction of prunable parameters to remove")
+    x.add_argument("--output", "-o", required=True, help="artifact folder to write")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(fn=cmd_recipes)

@@ -102,3 +102,38 @@ def calibration_batches(tokenizer, protocol: Protocol = PROTOCOL, text: str | No
             f"= {need} are needed; supply more text or lower calib_samples/calib_seqlen"
         )
     return ids.view(protocol.calib_samples, protocol.calib_seqlen)
+
+
+def load_pairs(path, tokenizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Read decision-style examples for a margin objective: a JSONL file, one ``{"prompt", "correct",
+    "incorrect"}`` object per line; return token ids ``(prompt, correct, incorrect)`` per line (no special tokens).
+
+    Example:
+        >>> pairs = load_pairs("mcq.jsonl", tok)  # doctest: +SKIP
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pairs file {path} does not exist; give a JSONL file of "
+                        '{"prompt": ..., "correct": ..., "incorrect": ...} lines')
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n} is not JSON ({exc.msg}); each line must be one object") from None
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row.get(k)
+                                            for k in ("prompt", "correct", "incorrect")):
+            raise DataError(f"{path}:{n}: expected non-empty string fields prompt, correct and incorrect")
+        ids = [torch.tensor(tokenizer.encode(row[k], add_special_tokens=False), dtype=torch.long)
+               for k in ("prompt", "correct", "incorrect")]
+        if any(t.numel() == 0 for t in ids):
+            raise DataError(f"{path}:{n}: a field tokenises to nothing")
+        pairs.append(tuple(ids))
+    if not pairs:
+        raise DataError(f"{path} holds no examples")
+    return pairs

@@ -3,6 +3,8 @@
 Two things are written back by name:
   * parameters — weight-mask passes edit them in place; a capture through ``torch.export`` shares them with the
     HF model, so usually nothing is copied, but copies (or resized tensors) are written back here;
+  * a structure plan (GISP and other structured removal, ``gm.meta[PLAN]``) — the HF model is physically shrunk
+    to the plan's target level and keeps the plan as ``model.sparsefx_structure`` (saved with artifacts);
   * compressed ops — each ``sparsefx::*`` node replaces an HF module (its ``nn.Linear``, or for a node that is not
     linear-like the module named by ``node.meta[MODULE]``) by an eager module that calls the same registered op
     (``_eager_lowerings`` maps op -> lowering).
@@ -177,6 +179,18 @@ def _eager_lowerings():
             sf.threshold.default: _threshold}
 
 
+def _apply_structure(gm: GraphModule, model: nn.Module) -> list[str]:
+    from ..passes.structured import PLAN, STRUCTURE_ATTR, shrink_model
+
+    plan = gm.meta.get(PLAN)
+    if plan is None:
+        return []
+    before = {n: p.shape for n, p in model.named_parameters()}
+    shrink_model(model, plan, plan.target)
+    setattr(model, STRUCTURE_ATTR, plan)
+    return sorted(n for n, p in model.named_parameters() if before.get(n) != p.shape)
+
+
 @torch.no_grad()
 def lower_to_eager(gm: GraphModule, model: nn.Module) -> list[str]:
     """Write ``gm``'s parameters and compressed ops back into ``model``; return the names written or replaced.
@@ -201,6 +215,7 @@ def lower_to_eager(gm: GraphModule, model: nn.Module) -> list[str]:
         else:
             setattr(module, attr, nn.Parameter(param.detach().clone(), requires_grad=current.requires_grad))
         written.append(name)
+    written += _apply_structure(gm, model)
     lowerings = None
     for node in gm.graph.nodes:
         if node.op != "call_function" or not str(node.target).startswith("sparsefx."):

@@ -48,11 +48,13 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """Inputs passes may need beyond the graph. ``calibration``: token ids ``[N, S]``."""
+    """Inputs passes may need beyond the graph. ``calibration``: token ids ``[N, S]``; ``pairs``: token ids
+    ``(prompt, correct, incorrect)`` for margin objectives (``data.load_pairs``)."""
 
     calibration: torch.Tensor | None = None
     batch_size: int = 4
     progress: bool = True
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 class Pass:
@@ -68,6 +70,9 @@ class Pass:
     name: ClassVar[str] = "pass"
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
+    # True for passes whose result changes parameter shapes (structured removal): the pipeline lowers it onto the
+    # model and captures again before the next pass
+    restructures: ClassVar[bool] = False
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -30,7 +30,8 @@ _PASSES: dict[type["PassConfig"], Callable[["PassConfig"], Any]] = {}
 # method -> module that registers it; imported on first lookup, not when sparsefx is imported.
 _BUILTIN_MODULES = {"magnitude": "sparsefx.passes.masks", "wanda": "sparsefx.passes.masks",
                     "daws": "sparsefx.passes.daws", "cats": "sparsefx.passes.cats",
-                    "rsparse": "sparsefx.passes.rsparse"}
+                    "rsparse": "sparsefx.passes.rsparse", "gisp": "sparsefx.passes.gisp",
+                    "structured_magnitude": "sparsefx.passes.gisp", "structured_wanda": "sparsefx.passes.gisp"}
 
 
 @dataclass(frozen=True)
