@@ -116,3 +116,53 @@ def test_teal_artifact_stores_no_medium_weights(tmp_path, tokens):
     loaded = load(out)
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+GISP = Recipe.from_yaml("passes: [{method: gisp, sparsity: 0.4, steps: 2, level: 0.0}]\n"
+                        "calibration: {samples: 8, seqlen: 24}")
+
+
+@pytest.fixture
+def structured(tmp_path):
+    model = tiny_model("qwen2", layers=3)
+    result = compress(model, GISP, calibration=torch.randint(0, 256, (8, 24)), progress=False)
+    return model, save_artifact(tmp_path / "gisp", model, None, GISP, result.report_dict())
+
+
+def test_structured_artifact_loads_any_level_without_recalibration(structured, tokens, tmp_path):
+    import copy
+
+    from sparsefx.passes.structured import shrink_model
+
+    model, out = structured
+    dense = load_artifact(out)
+    with torch.no_grad():
+        assert torch.equal(dense.model(tokens).logits, model(tokens).logits)
+    for level in (0.2, 0.4):
+        expect = copy.deepcopy(model)
+        shrink_model(expect, expect.sparsefx_structure, level)
+        got = load_artifact(out, level=level).model
+        assert sum(p.numel() for p in got.parameters()) == sum(p.numel() for p in expect.parameters())
+        with torch.no_grad():
+            assert torch.equal(got(tokens).logits, expect(tokens).logits)
+    # saved at 0.2: smaller files, loads as it was saved, can still go further but not back
+    small = load_artifact(out, level=0.2).model
+    out2 = save_artifact(tmp_path / "gisp20", small, None, GISP, {})
+    assert (out2 / "model.safetensors").stat().st_size < (out / "model.safetensors").stat().st_size
+    with torch.no_grad():
+        assert torch.equal(load_artifact(out2).model(tokens).logits, small(tokens).logits)
+    assert load_artifact(out2, level=0.3).model.generate(tokens[:1, :4], max_new_tokens=3).shape == (1, 7)
+    with pytest.raises(ArtifactError, match="cannot come back"):
+        load_artifact(out2, level=0.1)
+
+
+def test_structured_artifact_errors(structured, artifact):
+    _, out = structured
+    _, plain = artifact
+    with pytest.raises(ArtifactError, match="no levels"):
+        load_artifact(plain, level=0.2)
+    with pytest.raises(ArtifactError, match="beyond this plan"):
+        load_artifact(out, level=0.99)
+    (out / "structure.json").write_text('{"groups": 3}')
+    with pytest.raises(ArtifactError, match="malformed"):
+        load_artifact(out, check=False)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from sparsefx.cli import main
 
@@ -30,3 +31,41 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     bad.write_text("passes: [{method: wanda, pattern: '4:2'}]")
     assert main(["compress", "smollm2", "-r", str(bad), "-o", str(tmp_path / "o")]) == 2
     assert "wanda.pattern" in capsys.readouterr().err
+
+
+def test_gisp_compress_eval_at_levels_and_export(tmp_path, smollm2):
+    recipe = tmp_path / "gisp.yaml"
+    recipe.write_text("calibration: {samples: 2, seqlen: 64}\n"
+                      "passes: [{method: gisp, sparsity: 0.2, steps: 2, level: 0.0}]\n")
+    out = tmp_path / "gisp"
+    assert main(["compress", "smollm2", "-r", str(recipe), "-o", str(out), "--no-progress"]) == 0
+    res = {}
+    for level in ("0.0", "0.2"):
+        path = tmp_path / f"eval{level}.json"
+        assert main(["eval", str(out), "--level", level, "--tokens", "1024", "--no-speed", "--no-progress",
+                     "--json", str(path)]) == 0
+        res[level] = json.loads(path.read_text())
+    # a fifth of the attention/MLP parameters are gone (embeddings and norms stay)
+    assert res["0.2"]["linear_params"] == pytest.approx(0.8 * res["0.0"]["linear_params"], rel=0.01)
+    assert res["0.0"]["ppl"] < res["0.2"]["ppl"] < 10 * res["0.0"]["ppl"]
+    small = tmp_path / "gisp20"
+    assert main(["export", str(out), "--level", "0.2", "-o", str(small)]) == 0
+    assert (small / "model.safetensors").stat().st_size < 0.9 * (out / "model.safetensors").stat().st_size
+
+
+def test_margin_pairs_file(tmp_path, capsys, smollm2):
+    from sparsefx.data import load_pairs
+
+    good = tmp_path / "pairs.jsonl"
+    good.write_text('{"prompt": "The capital of France is", "correct": " Paris", "incorrect": " Rome"}\n\n'
+                    '{"prompt": "2 + 2 =", "correct": " 4", "incorrect": " 5"}\n')
+    pairs = load_pairs(good, smollm2[1])
+    assert len(pairs) == 2 and all(t.dtype == torch.long and t.numel() > 0 for p in pairs for t in p)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "correct": "y"}\n')
+    recipe = tmp_path / "margin.yaml"
+    recipe.write_text("passes: [{method: gisp, sparsity: 0.1, steps: 1, objective: margin}]\n")
+    assert main(["compress", "smollm2", "-r", str(recipe), "-o", str(tmp_path / "m"), "--pairs", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert main(["eval", "smollm2", "--level", "0.1"]) == 2
+    assert "--level applies to structurally pruned artifacts" in capsys.readouterr().err
