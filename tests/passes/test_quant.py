@@ -1,0 +1,78 @@
+"""Group-wise quantization: packing, RTN bounds, GPTQ against RTN, storage accounting."""
+
+import pytest
+import torch
+
+from sparsefx.errors import RecipeError
+from sparsefx.passes.quant import QuantizedWeight, QuantSpec, pack, quantize_gptq, quantize_rtn, unpack
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_round_trip_and_density(bits):
+    codes = torch.randint(0, 2 ** bits, (7, 96), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (7, 96 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed, bits, 96), codes)
+
+
+def test_int4_is_two_codes_per_byte_low_nibble_first():
+    assert pack(torch.tensor([[3, 10]], dtype=torch.uint8), 4).tolist() == [[3 | (10 << 4)]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group", [32, 64])
+def test_rtn_error_is_within_a_step(bits, symmetric, group):
+    w = torch.randn(13, 128) * torch.rand(13, 1) * 3            # odd row count, rows of different scale
+    spec = QuantSpec(bits, group, symmetric)
+    qw = quantize_rtn(w, spec)
+    scale = qw.scales.float().repeat_interleave(group, 1)
+    err = (qw.dequantize() - w).abs()
+    # inside the grid an error is at most half a step; at a group's extremes the integer zero point (asymmetric)
+    # or the grid's missing top code (symmetric) can add up to half a step more
+    assert (err <= scale + 1e-6).all()
+    assert (err <= scale * 0.5 + 1e-6).float().mean() > 0.95
+    assert qw.nbytes * 8 / w.numel() == pytest.approx(spec.bits_per_weight)
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3 + torch.randn(1024, 128,
+                                                                                                    generator=g)
+    w = torch.randn(48, 128, generator=g)
+    for bits in (2, 3, 4):
+        spec = QuantSpec(bits, 32)
+        err = {name: ((x @ (q.dequantize() - w).T) ** 2).mean() for name, q in
+               (("rtn", quantize_rtn(w, spec)), ("gptq", quantize_gptq(w, x.T @ x, spec)))}
+        assert err["gptq"] < 0.8 * err["rtn"], (bits, err)
+
+
+def test_gptq_with_identity_hessian_is_rtn():
+    # with H = I no error can be compensated (H^-1 is diagonal): every column rounds to nearest
+    w = torch.randn(9, 64)
+    spec = QuantSpec(3, 32)
+    assert torch.equal(quantize_gptq(w, torch.eye(64), spec, damp=0.0).codes(), quantize_rtn(w, spec).codes())
+
+
+def test_gptq_dead_inputs_quantize_to_zero():
+    x = torch.randn(256, 64)
+    x[:, 5] = 0
+    qw = quantize_gptq(torch.randn(8, 64), x.T @ x, QuantSpec(4, 32))
+    assert (qw.dequantize()[:, 5].abs() <= qw.scales.float()[:, 0] * 0.5 + 1e-6).all()
+
+
+def test_restore_checks_shapes():
+    qw = quantize_rtn(torch.randn(4, 64), QuantSpec(4, 32))
+    again = QuantizedWeight.restore(qw.attrs(), qw.tensors())
+    assert torch.equal(again.dequantize(), qw.dequantize())
+    with pytest.raises(ValueError, match="do not fit"):
+        QuantizedWeight.restore({**qw.attrs(), "shape": [4, 96]}, qw.tensors())
+
+
+@pytest.mark.parametrize("kwargs, match", [({"bits": 5}, "bits"), ({"group_size": 48}, "group_size"),
+                                           ({"symmetric": "yes"}, "symmetric")])
+def test_bad_specs_name_the_field(kwargs, match):
+    with pytest.raises(RecipeError, match=match):
+        QuantSpec(**kwargs)
+    with pytest.raises(RecipeError, match="multiple of group_size"):
+        quantize_rtn(torch.randn(4, 40), QuantSpec(4, 32))
