@@ -18,6 +18,7 @@ removes further units of the ranking (nested subnetworks) without recalibration.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -119,6 +120,25 @@ def _restore_compressed_modules(model: nn.Module, folder: Path) -> None:
         replace_module(model, name, cls.restore(model.get_submodule(name), entry["attrs"], state))
 
 
+@contextlib.contextmanager
+def _quiet_missing_weights(path: Path):
+    """Quantized linears store no dense weight: HF reports those weights missing (and initialises them) before
+    ``_restore_compressed_modules`` replaces the linears. Silence that report for such artifacts only."""
+    from transformers.utils import logging as hf_logging
+
+    plan = path / "compressed.json"
+    quantized = plan.is_file() and any(e.get("kind") == "quant_linear" for e in json.loads(plan.read_text()).values())
+    if not quantized:
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _load_structured(path: Path, dtype: torch.dtype) -> nn.Module:
     """Rebuild a structurally pruned model: dense skeleton from config.json, shrunk per structure.json, then the
     stored (smaller) tensors."""
@@ -190,8 +210,9 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
         if structured:
             model = _load_structured(path, dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                         use_safetensors=True)
+            with _quiet_missing_weights(path):
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                             use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True) if (path / "tokenizer_config.json").exists() \
             else None
     except (OSError, ValueError, SafetensorError) as exc:

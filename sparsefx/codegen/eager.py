@@ -124,8 +124,53 @@ class ThresholdedAct(nn.Module):
         return f"t={self.t:.4g}"
 
 
+class QuantLinear(nn.Module):
+    """Eager twin of ``sparsefx::quant_linear``: a linear whose weight is stored packed (``ir/qformat.py``). It holds
+    no dense weight, so the model shrinks in memory and in its artifact."""
+
+    kind = "quant_linear"
+
+    def __init__(self, qweight, bias: nn.Parameter | None):
+        super().__init__()
+        self.bias = bias
+        self.spec, self.in_features, self.out_features = qweight.spec, qweight.shape[1], qweight.shape[0]
+        for key, t in (("qweight_packed", qweight.packed), ("qweight_scales", qweight.scales),
+                       ("qweight_zeros", qweight.zeros)):
+            self.register_buffer(key, t, persistent=False)
+
+    @property
+    def qweight(self):
+        from ..ir.qformat import QuantizedWeight
+
+        return QuantizedWeight(self.qweight_packed, self.qweight_scales, self.qweight_zeros, self.spec,
+                               (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        return torch.ops.sparsefx.quant_linear(x, self.qweight_packed, self.qweight_scales, self.qweight_zeros,
+                                               self.bias, self.spec.bits, self.spec.group_size)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        qw = self.qweight
+        return qw.attrs(), qw.tensors()
+
+    @classmethod
+    def restore(cls, linear: nn.Module, attrs: dict, tensors: dict[str, torch.Tensor]) -> "QuantLinear":
+        from ..ir.qformat import QuantizedWeight
+
+        qw = QuantizedWeight.restore(attrs, tensors)
+        if qw.shape != (linear.out_features, linear.in_features):
+            raise ValueError(f"quantized weight {qw.shape} does not fit a {linear.out_features}x{linear.in_features} "
+                             "linear")
+        return cls(qw, linear.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, "
+                f"group_size={self.spec.group_size}, symmetric={self.spec.symmetric}")
+
+
 # Eager modules that carry compressed state, by kind (used to restore artifacts).
-EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, SparseLowRankLinear, ThresholdedAct)}
+EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, SparseLowRankLinear, ThresholdedAct,
+                                                               QuantLinear)}
 MODULE = "sparsefx.module"  # node.meta key: HF module a non-linear compressed node replaces (e.g. an act_fn)
 
 
@@ -157,6 +202,19 @@ def _sparse_lowrank(gm: GraphModule, node, model: nn.Module):
                                      gm.get_buffer(str(v_node.target)), current.bias, t)
 
 
+def _quant(gm: GraphModule, node, model: nn.Module):
+    from ..ir.qformat import QuantizedWeight, QuantSpec
+
+    _, packed, scales, zeros, _, bits, group = node.args
+    name = node.meta[LINEAR].module
+    current = model.get_submodule(name)
+    spec = QuantSpec(bits, group, zeros is None)
+    qw = QuantizedWeight(gm.get_buffer(str(packed.target)), gm.get_buffer(str(scales.target)),
+                         None if zeros is None else gm.get_buffer(str(zeros.target)), spec,
+                         (current.out_features, current.in_features))
+    return name, QuantLinear(qw, current.bias)
+
+
 def _threshold(gm: GraphModule, node, model: nn.Module):
     name = node.meta.get(MODULE)
     if name is None:
@@ -176,7 +234,7 @@ def _eager_lowerings():
 
     sf = torch.ops.sparsefx
     return {sf.tiered_linear.default: _tiered, sf.sparse_lowrank_linear.default: _sparse_lowrank,
-            sf.threshold.default: _threshold}
+            sf.threshold.default: _threshold, sf.quant_linear.default: _quant}
 
 
 def _apply_structure(gm: GraphModule, model: nn.Module) -> list[str]:

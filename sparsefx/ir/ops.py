@@ -1,8 +1,9 @@
 """Compressed ops of the IR, registered with torch.library: semantics, a fake (meta) implementation, and the
 pure-torch reference that every kernel is checked against.
 
-Each op here is *linear-like*: ``args[0]`` is the input ``x: [..., in]``, ``args[1]`` the dense weight
-``[out, in]``, and the output is ``[..., out]``. ``ir.linear_nodes`` finds them beside ``aten.linear`` so
+Each op here but ``threshold`` is *linear-like*: ``args[0]`` is the input ``x: [..., in]``, ``args[1]`` the
+weight operand — the dense weight ``[out, in]``, or its packed form for ``quant_linear`` — and the output is
+``[..., out]``. ``ir.linear_nodes`` finds them beside ``aten.linear`` so
 annotation, verification and later passes treat them alike.
 
 Importing this module registers the ops (it is imported by the passes that create them, never by ``sparsefx``).
@@ -114,6 +115,34 @@ def _(x, t):
     return torch.empty_like(x)
 
 
-LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default, torch.ops.sparsefx.sparse_lowrank_linear.default)
+@torch.library.custom_op("sparsefx::quant_linear", mutates_args=())
+def quant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """Linear with a group-quantized weight in the packed format of ``ir/qformat.py``.
+
+    x: [..., in], packed: uint8 [out, in * bits / 8], scales: fp16 [out, in / group_size], zeros: uint8 (same
+    shape; None = symmetric). Reference implementation: dequantize, then ``F.linear`` in ``x``'s dtype.
+
+    Example:
+        >>> from sparsefx.ir.qformat import QuantSpec
+        >>> from sparsefx.passes.quant import quantize_rtn
+        >>> qw = quantize_rtn(torch.eye(32), QuantSpec(4, 32))
+        >>> torch.ops.sparsefx.quant_linear(torch.ones(1, 32), qw.packed, qw.scales, qw.zeros, None, 4, 32).sum()
+        tensor(32.)
+    """
+    from .qformat import dequantize_packed
+
+    return F.linear(x, dequantize_packed(packed, scales, zeros, bits, group_size, x.dtype), bias)
+
+
+@quant_linear.register_fake
+def _(x, packed, scales, zeros, bias, bits, group_size):
+    torch._check(packed.shape[1] * 8 == x.shape[-1] * bits, lambda: "quant_linear: x and packed weight disagree")
+    torch._check(scales.shape[1] * group_size == x.shape[-1], lambda: "quant_linear: scales do not fit the groups")
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default, torch.ops.sparsefx.sparse_lowrank_linear.default,
+                   torch.ops.sparsefx.quant_linear.default)
 for _op in LINEAR_LIKE_OPS:
     register_linear_op(_op)

@@ -99,9 +99,12 @@ class Observer(nn.Module):
         return ActStats(self.n_tokens, self.sq_sum.clone(), self.abs_sum.clone(), self.abs_max.clone(), self.hist.clone())
 
 
-def insert_observers(gm: GraphModule, sources: list[torch.fx.Node] | None = None) -> dict[str, str]:
+def insert_observers(gm: GraphModule, sources: list[torch.fx.Node] | None = None,
+                     factory=None) -> dict[str, str]:
     """Insert an observer after each node of ``sources`` (default: every distinct linear input) and rewire its
-    consumers through it; return ``{source node name: observer module name}``."""
+    consumers through it; return ``{source node name: observer module name}``. ``factory(channels)`` builds the
+    observer (default ``Observer``; anything with ``stats()`` works)."""
+    factory = factory or Observer
     if sources is None:
         by_name = {n.name: n for n in gm.graph.nodes}
         sources = list({info.input_node: by_name[info.input_node] for _, info in annotated_linears(gm)}.values())
@@ -110,7 +113,7 @@ def insert_observers(gm: GraphModule, sources: list[torch.fx.Node] | None = None
         if src.name in inserted:
             continue
         mod_name = f"{_OBS_PREFIX}{len(inserted)}"
-        gm.add_submodule(mod_name, Observer(int(src.meta["val"].shape[-1])))
+        gm.add_submodule(mod_name, factory(int(src.meta["val"].shape[-1])))
         with gm.graph.inserting_after(src):
             obs = gm.graph.call_module(mod_name, (src,))
         obs.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta")})
@@ -160,8 +163,8 @@ def run_calibration(gm: GraphModule, batches: torch.Tensor, batch_size: int = 4,
             gm(batches[i * batch_size:(i + 1) * batch_size].to(device))
 
 
-def remove_observers(gm: GraphModule, inserted: dict[str, str]) -> dict[str, ActStats]:
-    """Take the observers out of the graph (restoring it exactly); return their statistics by input node name."""
+def remove_observers(gm: GraphModule, inserted: dict[str, str]) -> dict:
+    """Take the observers out of the graph (restoring it exactly); return their ``stats()`` by input node name."""
     stats = {}
     for src_name, mod_name in inserted.items():
         obs_node = next(iter(gm.graph.find_nodes(op="call_module", target=mod_name)))

@@ -31,7 +31,8 @@ _PASSES: dict[type["PassConfig"], Callable[["PassConfig"], Any]] = {}
 _BUILTIN_MODULES = {"magnitude": "sparsefx.passes.masks", "wanda": "sparsefx.passes.masks",
                     "daws": "sparsefx.passes.daws", "cats": "sparsefx.passes.cats",
                     "rsparse": "sparsefx.passes.rsparse", "gisp": "sparsefx.passes.gisp",
-                    "structured_magnitude": "sparsefx.passes.gisp", "structured_wanda": "sparsefx.passes.gisp"}
+                    "structured_magnitude": "sparsefx.passes.gisp", "structured_wanda": "sparsefx.passes.gisp",
+                    "rtn": "sparsefx.passes.quantize", "gptq": "sparsefx.passes.quantize"}
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sparsefx.errors import RecipeError
-from sparsefx.passes.quant import QuantizedWeight, QuantSpec, pack, quantize_gptq, quantize_rtn, unpack
+from sparsefx.ir.qformat import QuantizedWeight, QuantSpec, pack, unpack
+from sparsefx.passes.quant import quantize_gptq, quantize_rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

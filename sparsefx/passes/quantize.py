@@ -1,0 +1,203 @@
+"""Weight quantization passes: ``rtn`` and ``gptq`` rewrite each selected linear into ``sparsefx::quant_linear``.
+
+    passes:
+      - method: gptq          # or rtn
+        bits: 3               # 2, 3, 4, 8
+        group_size: 128       # 32, 64, 128
+        symmetric: false
+
+GPTQ needs each linear input's Gram matrix ``X^T X`` on calibration tokens; they are collected in one pass over the
+dense model (every layer sees full-precision inputs, not the outputs of already-quantized layers). The report
+gives stored bytes and bits per weight per linear and in total (codes, fp16 scales, uint8 zeros).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from ..errors import CalibrationError, RecipeError
+from ..ir.annotate import ROLES, annotated_linears
+from ..ir.capture import get_param
+from ..ir.qformat import QuantizedWeight, QuantSpec
+from .base import Pass, PassContext, PassReport, PassResult
+from .calibrate import insert_observers, remove_observers, run_calibration
+from .config import PassConfig, register_pass
+from .quant import quantize_gptq, quantize_rtn
+
+QUANT = "sparsefx.quant"  # node.meta key -> {"bits", "group_size", "symmetric", "bytes"}
+
+
+@dataclass(frozen=True)
+class QuantConfig(PassConfig):
+    """bits, group_size, symmetric: the format (``ir/qformat.py``); roles: which linears (lm_head stays dense unless
+    named)."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    roles: tuple[str, ...] = ROLES
+
+    def validate(self) -> None:
+        try:
+            self.spec
+        except RecipeError as exc:
+            raise RecipeError(f"{self.method}.{exc}") from None
+        known = set(ROLES) | {"lm_head", "other"}
+        bad = [r for r in self.roles if r not in known]
+        if bad or not self.roles:
+            raise RecipeError(f"{self.method}.roles: unknown role(s) {bad or '(empty)'}; choose from {sorted(known)}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class RtnConfig(QuantConfig):
+    method = "rtn"
+
+
+@dataclass(frozen=True)
+class GptqConfig(QuantConfig):
+    """Extra fields: ``damp`` (fraction of the mean Hessian diagonal added to it), ``block`` (lazy-update width)."""
+
+    method = "gptq"
+    damp: float = 0.01
+    block: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise RecipeError(f"gptq.damp must be a number in [0, 1), got {self.damp!r}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise RecipeError(f"gptq.block must be a positive integer, got {self.block!r}")
+
+
+class GramObserver(nn.Module):
+    """Identity module accumulating ``X^T X`` (float64) and the token count of what flows through it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.n_tokens = 0
+        self.gram = torch.zeros(channels, channels, dtype=torch.float64)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C]
+        flat = x.detach().reshape(-1, self.channels).float()
+        self.gram += (flat.T @ flat).double().cpu()
+        self.n_tokens += flat.shape[0]
+        return x
+
+    def stats(self) -> torch.Tensor:
+        return self.gram
+
+
+def input_grams(gm: GraphModule, ctx: PassContext, nodes: list[str]) -> dict[str, torch.Tensor]:
+    """``{input node name: X^T X}`` for the inputs named in ``nodes``, over ``ctx.calibration``."""
+    if ctx.calibration is None:
+        raise CalibrationError("gptq needs calibration data, but none was given; pass "
+                               "calibration=data.calibration_batches(tokenizer)")
+    by_name = {n.name: n for n in gm.graph.nodes}
+    inserted = insert_observers(gm, [by_name[n] for n in dict.fromkeys(nodes)], factory=GramObserver)
+    try:
+        run_calibration(gm, ctx.calibration, ctx.batch_size, ctx.progress)
+    finally:
+        grams = remove_observers(gm, inserted)
+    bad = [n for n, g in grams.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise CalibrationError(f"non-finite input statistics at {bad[:3]}; run the model in float32")
+    return grams
+
+
+class _QuantPass(Pass):
+    requires = ("annotated",)
+    provides = ("quantized",)
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def grams(self, gm, ctx, linears) -> dict[str, torch.Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def run(self, gm, ctx):
+        from ..ir import ops  # noqa: F401  (registers sparsefx::quant_linear)
+
+        op = torch.ops.sparsefx.quant_linear.default
+        spec = self.config.spec
+        prefix = gm.meta.get("sparsefx.prefix", "")
+        linears = [(n, i) for n, i in annotated_linears(gm, self.config.roles) if n.target == torch.ops.aten.linear.default]
+        for _, info in linears:
+            try:
+                spec.check_shape((info.out_features, info.in_features), info.param)
+            except RecipeError as exc:
+                raise RecipeError(f"{self.config.method}: {exc}") from None
+        grams = self.grams(gm, ctx, linears)
+        report = PassReport(self.name)
+        per_param, stored, weights = {}, 0, 0
+        for node, info in linears:
+            qw = self.quantize(get_param(gm, info.param), grams.get(info.input_node))
+            module = gm.get_submodule(prefix + info.module)
+            args = [node.args[0]]
+            for key, t in (("qweight_packed", qw.packed), ("qweight_scales", qw.scales), ("qweight_zeros", qw.zeros)):
+                if t is None:
+                    args.append(None)
+                    continue
+                module.register_buffer(key, t)
+                with gm.graph.inserting_before(node):
+                    attr = gm.graph.get_attr(f"{prefix}{info.module}.{key}")
+                attr.meta["val"] = torch.empty_like(t, device="meta")
+                args.append(attr)
+            bias = node.args[2] if len(node.args) > 2 else None
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(op, (*args, bias, spec.bits, spec.group_size))
+            new.meta.update(node.meta)
+            new.meta[QUANT] = {**qw.attrs(), "bytes": qw.nbytes}
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            per_param[info.param] = {"bytes": qw.nbytes, "bits_per_weight": round(qw.nbytes * 8 / qw.dequantize().numel(), 4)}
+            stored += qw.nbytes
+            weights += info.in_features * info.out_features
+            report.params_changed.append(info.param)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        report.matches = len(per_param)
+        report.details = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+                          "bytes": stored, "dense_fp16_bytes": 2 * weights,
+                          "bits_per_weight": stored * 8 / weights if weights else 0.0, "per_param": per_param}
+        return PassResult(gm, bool(per_param), report)
+
+
+@register_pass(RtnConfig)
+class RtnPass(_QuantPass):
+    """Round every group of every selected linear to its nearest codes."""
+
+    name = "rtn"
+
+    def quantize(self, w, gram):
+        return quantize_rtn(w, self.config.spec)
+
+
+@register_pass(GptqConfig)
+class GptqPass(_QuantPass):
+    """GPTQ on the Gram matrices of the dense model's linear inputs."""
+
+    name = "gptq"
+    uses_calibration = True
+
+    def grams(self, gm, ctx, linears):
+        return input_grams(gm, ctx, [info.input_node for _, info in linears])
+
+    def quantize(self, w, gram):
+        return quantize_gptq(w, gram, self.config.spec, self.config.damp, self.config.block)
