@@ -127,7 +127,7 @@ def _quiet_missing_weights(path: Path):
     from transformers.utils import logging as hf_logging
 
     plan = path / "compressed.json"
-    quantized = plan.is_file() and any(e.get("kind") == "quant_linear" for e in json.loads(plan.read_text()).values())
+    quantized = plan.is_file() and any(e.get("kind") in ("quant_linear", "lowrank_quant_linear") for e in json.loads(plan.read_text()).values())
     if not quantized:
         yield
         return

@@ -168,9 +168,54 @@ class QuantLinear(nn.Module):
                 f"group_size={self.spec.group_size}, symmetric={self.spec.symmetric}")
 
 
+class LowRankQuantLinear(nn.Module):
+    """Eager twin of ``sparsefx::lowrank_quant_linear`` (``W ≈ deq(Q) + A diag(d) B``; see ``passes/dam.py``). Its
+    buffers are the op's stored tensors, by the names in ``passes.dam.BUFFERS``; no dense weight is kept."""
+
+    kind = "lowrank_quant_linear"
+
+    def __init__(self, tensors: dict[str, torch.Tensor | None], attrs: dict, bias: nn.Parameter | None):
+        from ..passes.dam import BUFFERS
+
+        super().__init__()
+        self.bias, self.attrs = bias, dict(attrs)
+        self.in_features, self.out_features = int(attrs["in_features"]), int(attrs["out_features"])
+        for key in BUFFERS:
+            self.register_buffer(key, tensors.get(key), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        from ..passes.dam import BUFFERS
+
+        a = self.attrs
+        return torch.ops.sparsefx.lowrank_quant_linear(x, *(getattr(self, k) for k in BUFFERS), self.bias, a["bits"],
+                                                       a["group_size"], a["factor_bits"], a["factor_group"])
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        from ..passes.dam import BUFFERS
+
+        return dict(self.attrs), {k: getattr(self, k) for k in BUFFERS if getattr(self, k) is not None}
+
+    @classmethod
+    def restore(cls, linear: nn.Module, attrs: dict, tensors: dict[str, torch.Tensor]) -> "LowRankQuantLinear":
+        module = cls(tensors, attrs, linear.bias)
+        if (module.out_features, module.in_features) != (linear.out_features, linear.in_features):
+            raise ValueError(f"low-rank + quantized state for {module.out_features}x{module.in_features} does not fit "
+                             f"a {linear.out_features}x{linear.in_features} linear")
+        with torch.no_grad():
+            y = module(torch.zeros(1, module.in_features))   # the stored tensors must agree with each other
+        if y.shape != (1, module.out_features):
+            raise ValueError(f"low-rank + quantized state computes {tuple(y.shape)}, expected (1, {module.out_features})")
+        return module
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.lq_d.shape[0]}, "
+                f"bits={self.attrs['bits'] if self.lq_packed is not None else '-'}, "
+                f"factor_bits={self.attrs['factor_bits']}")
+
+
 # Eager modules that carry compressed state, by kind (used to restore artifacts).
 EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, SparseLowRankLinear, ThresholdedAct,
-                                                               QuantLinear)}
+                                                               QuantLinear, LowRankQuantLinear)}
 MODULE = "sparsefx.module"  # node.meta key: HF module a non-linear compressed node replaces (e.g. an act_fn)
 
 
@@ -215,6 +260,18 @@ def _quant(gm: GraphModule, node, model: nn.Module):
     return name, QuantLinear(qw, current.bias)
 
 
+def _lowrank_quant(gm: GraphModule, node, model: nn.Module):
+    from ..passes.dam import BUFFERS
+
+    name = node.meta[LINEAR].module
+    current = model.get_submodule(name)
+    tensors = {k: None if a is None else gm.get_buffer(str(a.target)) for k, a in zip(BUFFERS, node.args[1:11])}
+    bits, group, fbits, fgroup = node.args[12:16]
+    attrs = {"bits": bits, "group_size": group, "factor_bits": fbits, "factor_group": fgroup,
+             "in_features": current.in_features, "out_features": current.out_features}
+    return name, LowRankQuantLinear(tensors, attrs, current.bias)
+
+
 def _threshold(gm: GraphModule, node, model: nn.Module):
     name = node.meta.get(MODULE)
     if name is None:
@@ -234,7 +291,8 @@ def _eager_lowerings():
 
     sf = torch.ops.sparsefx
     return {sf.tiered_linear.default: _tiered, sf.sparse_lowrank_linear.default: _sparse_lowrank,
-            sf.threshold.default: _threshold, sf.quant_linear.default: _quant}
+            sf.threshold.default: _threshold, sf.quant_linear.default: _quant,
+            sf.lowrank_quant_linear.default: _lowrank_quant}
 
 
 def _apply_structure(gm: GraphModule, model: nn.Module) -> list[str]:

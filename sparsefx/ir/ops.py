@@ -142,7 +142,49 @@ def _(x, packed, scales, zeros, bias, bits, group_size):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+def _stored(packed, scales, zeros, bits: int, group_size: int, dtype) -> torch.Tensor:
+    """A matrix stored either as float (``bits == 16``: ``packed`` is the fp16 matrix itself) or in the packed
+    format of ``ir/qformat.py``."""
+    if bits == 16:
+        return packed.to(dtype)
+    from .qformat import dequantize_packed
+
+    return dequantize_packed(packed, scales, zeros, bits, group_size, dtype)
+
+
+@torch.library.custom_op("sparsefx::lowrank_quant_linear", mutates_args=())
+def lowrank_quant_linear(x: torch.Tensor, packed: torch.Tensor | None, scales: torch.Tensor | None,
+                         zeros: torch.Tensor | None, at_packed: torch.Tensor, at_scales: torch.Tensor | None,
+                         at_zeros: torch.Tensor | None, d: torch.Tensor, b_packed: torch.Tensor,
+                         b_scales: torch.Tensor | None, b_zeros: torch.Tensor | None, bias: torch.Tensor | None,
+                         bits: int, group_size: int, factor_bits: int, factor_group: int) -> torch.Tensor:
+    """``W ≈ Q + A diag(d) B`` in one linear (DAM and the Q→L / L→Q combinations):
+
+    y = x @ deq(Q)^T + ((x @ B^T) * d) @ A^T  (+ bias)
+
+    Q: the main weight in the packed format (``packed``/``scales``/``zeros``, ``bits``, ``group_size``; ``packed``
+    None = no main weight, a pure low-rank layer). ``A^T: [r, out]`` and ``B: [r, in]`` are stored either as fp16
+    (``factor_bits == 16``; their scales/zeros None) or packed with ``factor_bits``/``factor_group`` (groups along
+    ``out`` for ``A^T``, along ``in`` for ``B``). ``d: [r]`` is the diagonal between them.
+    """
+    y = F.linear(x, _stored(b_packed, b_scales, b_zeros, factor_bits, factor_group, x.dtype))      # [..., r]
+    y = F.linear(y * d.to(x.dtype), _stored(at_packed, at_scales, at_zeros, factor_bits, factor_group,
+                                            x.dtype).T)                                           # [..., out]
+    if packed is not None:
+        y = y + quant_linear(x, packed, scales, zeros, None, bits, group_size)
+    return y if bias is None else y + bias
+
+
+@lowrank_quant_linear.register_fake
+def _(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales, b_zeros, bias, bits,
+      group_size, factor_bits, factor_group):
+    r = d.shape[0]
+    torch._check(at_packed.shape[0] == r and b_packed.shape[0] == r, lambda: "lowrank_quant_linear: rank mismatch")
+    out = at_packed.shape[1] * 8 // factor_bits if factor_bits != 16 else at_packed.shape[1]
+    return x.new_empty((*x.shape[:-1], out))
+
+
 LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default, torch.ops.sparsefx.sparse_lowrank_linear.default,
-                   torch.ops.sparsefx.quant_linear.default)
+                   torch.ops.sparsefx.quant_linear.default, torch.ops.sparsefx.lowrank_quant_linear.default)
 for _op in LINEAR_LIKE_OPS:
     register_linear_op(_op)

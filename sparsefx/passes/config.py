@@ -32,7 +32,9 @@ _BUILTIN_MODULES = {"magnitude": "sparsefx.passes.masks", "wanda": "sparsefx.pas
                     "daws": "sparsefx.passes.daws", "cats": "sparsefx.passes.cats",
                     "rsparse": "sparsefx.passes.rsparse", "gisp": "sparsefx.passes.gisp",
                     "structured_magnitude": "sparsefx.passes.gisp", "structured_wanda": "sparsefx.passes.gisp",
-                    "rtn": "sparsefx.passes.quantize", "gptq": "sparsefx.passes.quantize"}
+                    "rtn": "sparsefx.passes.quantize", "gptq": "sparsefx.passes.quantize",
+                    "svd": "sparsefx.passes.dam", "q_then_l": "sparsefx.passes.dam", "l_then_q": "sparsefx.passes.dam",
+                    "dam": "sparsefx.passes.dam"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,282 @@
+"""Low-rank + quantization in one linear: SVD only, Q→L, L→Q and DAM, at a budget of stored bits per weight.
+
+Every method rewrites a linear into ``sparsefx::lowrank_quant_linear``: ``W ≈ deq(Q) + A diag(d) B``.
+
+  svd        no main weight; ``A diag(d) B`` = the (whitened) truncated SVD of ``W``; fp16 factors
+  q_then_l   ``Q = GPTQ(W)``, then the factors approximate the residual ``W - deq(Q)``; fp16 factors
+  l_then_q   factors first (truncated SVD of ``W``), then ``Q = GPTQ(W - A diag(d) B)``; fp16 factors
+  dam        as l_then_q, but the factors are quantized too (``factor_bits``), so the same bytes buy a higher
+             rank, and the diagonal ``d`` — the "adhesive" in the singular values' place — is refitted by least
+             squares on the calibration inputs (``lowrank.fit_diagonal``): once after quantizing the factors, and
+             again after quantizing the main weight, so that it absorbs what both quantizations lost along the
+             factor directions. Before the factors are quantized, ``sqrt(d)`` is folded into each of them so that
+             neither carries the whole dynamic range.
+
+The rank is the largest that keeps each linear within ``budget`` stored bits per weight: the main weight's codes,
+scales and zeros (``bits``/``group_size``), plus per rank unit the factor column and row (fp16, or packed at
+``factor_bits`` with fp16 scales and uint8 zeros per ``factor_group``) and its fp16 diagonal entry. Factor
+quantization is round-to-nearest (``A^T`` in groups along the output dimension, ``B`` along the input); the main
+weight uses GPTQ. ``whiten`` (default) makes the SVD activation-aware (output error on calibration inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RecipeError
+from ..ir.annotate import ROLES, annotated_linears
+from ..ir.capture import get_param
+from ..ir.qformat import QuantizedWeight, QuantSpec
+from .base import Pass, PassReport, PassResult
+from .config import PassConfig, register_pass
+from .lowrank import fit_diagonal, svd_factors, whitened_svd_factors
+from .quant import quantize_gptq, quantize_rtn
+from .quantize import input_grams
+
+LOWRANK = "sparsefx.lowrank_quant"  # node.meta key -> {"rank", "bits_per_weight", ...}
+
+
+@dataclass(frozen=True)
+class LowRankQuantConfig(PassConfig):
+    """budget: stored bits per weight per linear; bits/group_size/symmetric: the main weight (unused by svd);
+    factor_bits: 16 (fp16 factors) or 2/3/4/8 (packed, groups of factor_group); whiten: activation-aware SVD."""
+
+    budget: float = 3.0
+    bits: int = 2
+    group_size: int = 64
+    symmetric: bool = False
+    factor_bits: int = 16
+    factor_group: int = 64
+    whiten: bool = True
+    roles: tuple[str, ...] = ROLES
+
+    def validate(self) -> None:
+        m = self.method
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 32:
+            raise RecipeError(f"{m}.budget must be a number of bits per weight in (0, 32], got {self.budget!r}")
+        try:
+            self.spec
+            if self.factor_bits != 16:
+                self.factor_spec
+        except RecipeError as exc:
+            raise RecipeError(f"{m}.{exc}") from None
+        known = set(ROLES) | {"lm_head", "other"}
+        bad = [r for r in self.roles if r not in known]
+        if bad or not self.roles:
+            raise RecipeError(f"{m}.roles: unknown role(s) {bad or '(empty)'}; choose from {sorted(known)}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def factor_spec(self) -> QuantSpec:
+        try:
+            return QuantSpec(self.factor_bits, self.factor_group, False)
+        except RecipeError as exc:
+            raise RecipeError(f"factor_{exc} (or 16 for fp16 factors)") from None
+
+    @property
+    def has_main(self) -> bool:
+        return self.method != "svd"
+
+    def rank_for(self, out_f: int, in_f: int) -> int:
+        """Largest rank within the budget for an ``[out_f, in_f]`` linear (0 if not even one unit fits)."""
+        main = self.spec.bits_per_weight * out_f * in_f if self.has_main else 0.0
+        per = 16.0 if self.factor_bits == 16 else self.factor_spec.bits_per_weight
+        unit = per * (out_f + in_f) + 16                      # a column of A, a row of B, one fp16 entry of d
+        return int(max(0.0, self.budget * out_f * in_f - main) // unit)
+
+
+@dataclass(frozen=True)
+class SvdConfig(LowRankQuantConfig):
+    method = "svd"
+
+
+@dataclass(frozen=True)
+class QThenLConfig(LowRankQuantConfig):
+    method = "q_then_l"
+
+
+@dataclass(frozen=True)
+class LThenQConfig(LowRankQuantConfig):
+    method = "l_then_q"
+
+
+@dataclass(frozen=True)
+class DamConfig(LowRankQuantConfig):
+    """DAM: quantized factors (``factor_bits`` 4 by default) and a fitted diagonal; ``adhesive: false`` keeps the
+    SVD's diagonal (the ablation)."""
+
+    method = "dam"
+    factor_bits: int = 4
+    adhesive: bool = True
+
+
+@dataclass
+class Decomposition:
+    """``W ≈ deq(main) + A diag(d) B``; factors as fp16 tensors or ``QuantizedWeight`` (``A^T`` and ``B``)."""
+
+    main: QuantizedWeight | None
+    at: torch.Tensor | QuantizedWeight       # [r, out]
+    d: torch.Tensor                          # [r] fp16
+    b: torch.Tensor | QuantizedWeight        # [r, in]
+
+    @staticmethod
+    def _dense(t) -> torch.Tensor:
+        return t.dequantize() if isinstance(t, QuantizedWeight) else t.float()
+
+    def dense(self) -> torch.Tensor:
+        """The ``[out, in]`` matrix this decomposition stands for."""
+        low = self._dense(self.at).T @ torch.diag(self.d.float()) @ self._dense(self.b)
+        return low if self.main is None else low + self.main.dequantize()
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.main, self.at, self.b, self.d]
+        return sum(p.nbytes if isinstance(p, QuantizedWeight) else p.numel() * p.element_size()
+                   for p in parts if p is not None)
+
+
+def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, rank: int) -> Decomposition:
+    """Decompose one weight ``w: [out, in]`` per ``config.method`` (see the module docstring)."""
+    method = config.method
+    w = w.float()
+
+    def factors(target):
+        return whitened_svd_factors(target, gram, rank) if config.whiten else svd_factors(target, rank)
+
+    def gptq(target):
+        return quantize_gptq(target, gram, config.spec)
+
+    if method == "q_then_l":
+        main = gptq(w)
+        a, d, b = factors(w - main.dequantize())
+        return Decomposition(main, a.T.half(), d.half(), b.half())
+    a, d, b = factors(w)
+    if method == "svd":
+        return Decomposition(None, a.T.half(), d.half(), b.half())
+    if method == "l_then_q":
+        low = Decomposition(None, a.T.half(), d.half(), b.half())
+        return Decomposition(gptq(w - low.dense()), low.at, low.d, low.b)
+    # dam: balance, quantize the factors, fit the adhesive, quantize the residual, refit the adhesive
+    root = d.clamp_min(0).sqrt()
+    fspec = config.factor_spec
+    at_q = quantize_rtn((a * root).T.contiguous(), fspec)
+    b_q = quantize_rtn(b * root[:, None], fspec)
+    aq, bq = at_q.dequantize().T, b_q.dequantize()
+    adhesive = getattr(config, "adhesive", True)
+    d = fit_diagonal(w, aq, bq, gram) if adhesive else torch.ones_like(d)
+    main = gptq(w - aq @ torch.diag(d) @ bq)
+    if adhesive:
+        d = fit_diagonal(w - main.dequantize(), aq, bq, gram)
+    return Decomposition(main, at_q, d.half(), b_q)
+
+
+class _LowRankQuantPass(Pass):
+    requires = ("annotated",)
+    provides = ("quantized",)
+    uses_calibration = True
+
+    def __init__(self, config: LowRankQuantConfig):
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    @torch.no_grad()
+    def run(self, gm, ctx):
+        from ..ir import ops  # noqa: F401  (registers sparsefx::lowrank_quant_linear)
+
+        cfg = self.config
+        op = torch.ops.sparsefx.lowrank_quant_linear.default
+        prefix = gm.meta.get("sparsefx.prefix", "")
+        linears = [(n, i) for n, i in annotated_linears(gm, cfg.roles) if n.target == torch.ops.aten.linear.default]
+        ranks = {}
+        for _, info in linears:
+            if cfg.has_main:
+                try:
+                    cfg.spec.check_shape((info.out_features, info.in_features), info.param)
+                except RecipeError as exc:
+                    raise RecipeError(f"{cfg.method}: {exc}") from None
+            r = min(cfg.rank_for(info.out_features, info.in_features), info.out_features, info.in_features)
+            if r < 1:
+                need = (cfg.spec.bits_per_weight if cfg.has_main else 0) + 16 * (info.out_features + info.in_features
+                                                                                 + 1) / (info.out_features *
+                                                                                         info.in_features)
+                raise RecipeError(f"{cfg.method}.budget {cfg.budget} leaves no room for a single rank on {info.param}; "
+                                  f"it needs more than {need:.3f} bits per weight")
+            ranks[info.param] = r
+        grams = input_grams(gm, ctx, [info.input_node for _, info in linears])
+        report = PassReport(self.name)
+        per_param, stored, weights = {}, 0, 0
+        fb, fg = cfg.factor_bits, cfg.factor_group
+        for node, info in linears:
+            dec = decompose(cfg, get_param(gm, info.param), grams[info.input_node], ranks[info.param])
+            module = gm.get_submodule(prefix + info.module)
+            args = [node.args[0]]
+            for key, t in _tensors(dec):
+                if t is None:
+                    args.append(None)
+                    continue
+                module.register_buffer(key, t)
+                with gm.graph.inserting_before(node):
+                    attr = gm.graph.get_attr(f"{prefix}{info.module}.{key}")
+                attr.meta["val"] = torch.empty_like(t, device="meta")
+                args.append(attr)
+            bias = node.args[2] if len(node.args) > 2 else None
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(op, (*args, bias, cfg.bits, cfg.group_size, fb, fg))
+            n_w = info.in_features * info.out_features
+            new.meta.update(node.meta)
+            new.meta[LOWRANK] = {"rank": ranks[info.param], "bytes": dec.nbytes,
+                                 "bits_per_weight": dec.nbytes * 8 / n_w}
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            per_param[info.param] = {"rank": ranks[info.param], "bits_per_weight": round(dec.nbytes * 8 / n_w, 4)}
+            stored += dec.nbytes
+            weights += n_w
+            report.params_changed.append(info.param)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        report.matches = len(per_param)
+        report.details = {"budget": cfg.budget, "bytes": stored, "bits_per_weight": stored * 8 / weights if weights
+                          else 0.0, "per_param": per_param}
+        return PassResult(gm, bool(per_param), report)
+
+
+# buffer names, in the op's argument order after x
+BUFFERS = ("lq_packed", "lq_scales", "lq_zeros", "lq_at", "lq_at_scales", "lq_at_zeros", "lq_d", "lq_b",
+           "lq_b_scales", "lq_b_zeros")
+
+
+def _tensors(dec: Decomposition) -> list[tuple[str, torch.Tensor | None]]:
+    def parts(t):
+        if isinstance(t, QuantizedWeight):
+            return [t.packed, t.scales, t.zeros]
+        return [t, None, None]
+
+    main = [None, None, None] if dec.main is None else parts(dec.main)
+    return list(zip(BUFFERS, [*main, *parts(dec.at), dec.d, *parts(dec.b)]))
+
+
+@register_pass(SvdConfig)
+class SvdPass(_LowRankQuantPass):
+    name = "svd"
+
+
+@register_pass(QThenLConfig)
+class QThenLPass(_LowRankQuantPass):
+    name = "q_then_l"
+
+
+@register_pass(LThenQConfig)
+class LThenQPass(_LowRankQuantPass):
+    name = "l_then_q"
+
+
+@register_pass(DamConfig)
+class DamPass(_LowRankQuantPass):
+    name = "dam"
