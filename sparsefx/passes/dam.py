@@ -6,11 +6,14 @@ Every method rewrites a linear into ``sparsefx::lowrank_quant_linear``: ``W ≈ 
   q_then_l   ``Q = GPTQ(W)``, then the factors approximate the residual ``W - deq(Q)``; fp16 factors
   l_then_q   factors first (truncated SVD of ``W``), then ``Q = GPTQ(W - A diag(d) B)``; fp16 factors
   dam        as l_then_q, but the factors are quantized too (``factor_bits``), so the same bytes buy a higher
-             rank, and the diagonal ``d`` — the "adhesive" in the singular values' place — is refitted by least
-             squares on the calibration inputs (``lowrank.fit_diagonal``): once after quantizing the factors, and
-             again after quantizing the main weight, so that it absorbs what both quantizations lost along the
-             factor directions. Before the factors are quantized, ``sqrt(d)`` is folded into each of them so that
-             neither carries the whole dynamic range.
+             rank, and the diagonal ``d`` — the "adhesive" in the singular values' place — is fitted by least
+             squares on the calibration inputs (``lowrank.fit_diagonal``) once the factors and the main weight are
+             quantized, so that it absorbs what both quantizations lost along the factor directions. Before the
+             factors are quantized, ``sqrt(d)`` is folded into each of them so that neither carries the whole
+             dynamic range. Two orders are tried per layer and the one with the lower output error on the
+             calibration inputs is kept: GPTQ on ``W - A_q B_q`` then fit ``d`` (never worse than ``d = 1``), or
+             fit ``d`` first, GPTQ on the smaller residual ``W - A_q diag(d) B_q``, then refit ``d`` (much better
+             when the factors are coarse).
 
 The rank is the largest that keeps each linear within ``budget`` stored bits per weight: the main weight's codes,
 scales and zeros (``bits``/``group_size``), plus per rank unit the factor column and row (fp16, or packed at
@@ -167,12 +170,22 @@ def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, r
     at_q = quantize_rtn((a * root).T.contiguous(), fspec)
     b_q = quantize_rtn(b * root[:, None], fspec)
     aq, bq = at_q.dequantize().T, b_q.dequantize()
-    adhesive = getattr(config, "adhesive", True)
-    d = fit_diagonal(w, aq, bq, gram) if adhesive else torch.ones_like(d)
-    main = gptq(w - aq @ torch.diag(d) @ bq)
-    if adhesive:
-        d = fit_diagonal(w - main.dequantize(), aq, bq, gram)
-    return Decomposition(main, at_q, d.half(), b_q)
+    ones = torch.ones_like(d)
+    main = gptq(w - aq @ bq)                                     # the residual of the quantized factors at d = 1
+    if not getattr(config, "adhesive", True):
+        return Decomposition(main, at_q, ones.half(), b_q)
+    # candidate 1: keep that Q, fit d to what it leaves (least squares: never worse than d = 1)
+    # candidate 2: fit d first, so GPTQ quantizes a smaller residual, then refit d to what Q leaves
+    d1 = fit_diagonal(w, aq, bq, gram)
+    main2 = gptq(w - aq @ torch.diag(d1) @ bq)
+    cands = [Decomposition(m, at_q, fit_diagonal(w - m.dequantize(), aq, bq, gram).half(), b_q) for m in (main, main2)]
+    return min(cands, key=lambda c: output_error(c.dense() - w, gram))
+
+
+def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||X delta^T||_F^2 = tr(delta H delta^T)`` for ``H = X^T X``."""
+    delta = delta.double()
+    return float(((delta @ gram.double()) * delta).sum())
 
 
 class _LowRankQuantPass(Pass):
