@@ -54,20 +54,24 @@ def sweep(model_name: str, recipes: list[Recipe], protocol: Protocol = PROTOCOL,
         # activation-sparsity passes report the fraction of linear multiply-adds skipped per token
         effective = next((r.details["effective_sparsity"] for r in reversed(result.reports)
                           if "effective_sparsity" in r.details), None)
-        rows.append(_row(recipe.name or recipe.passes[0].method, res, dense, seconds, effective))
+        # quantizing passes report stored bits per weight of the linears they rewrote
+        bpw = next((r.details["bits_per_weight"] for r in reversed(result.reports)
+                    if "bits_per_weight" in r.details), None)
+        rows.append(_row(recipe.name or recipe.passes[0].method, res, dense, seconds, effective, bpw))
         if on_row:
             on_row(rows)
         del model
     return rows
 
 
-def _row(name, res, dense, compress_s, effective) -> dict:
+def _row(name, res, dense, compress_s, effective, bits_per_weight=None) -> dict:
     return {
         "variant": name,
         "ppl": round(res.ppl, 4),
         "ppl_vs_dense": round(res.ppl / dense.ppl, 4),
         "linear_sparsity": round(res.linear_sparsity, 4),
         "effective_sparsity": None if effective is None else round(effective, 4),
+        "bits_per_weight": None if bits_per_weight is None else round(bits_per_weight, 4),
         "params_nonzero": res.params_nonzero,
         "decode_tok_s": round(res.decode_tok_s, 2) if res.decode_tok_s else None,
         "decode_vs_dense": round(res.decode_tok_s / dense.decode_tok_s, 3) if res.decode_tok_s else None,

@@ -75,6 +75,17 @@ def check_fraction(value: Any, field: str, upper_open: bool = True) -> float:
     return float(value)
 
 
+def check_roles(method: str, roles) -> None:
+    """Raise ``RecipeError`` unless ``roles`` is a non-empty list of linear roles (``ir.annotate.ROLES``, ``lm_head``,
+    ``other``)."""
+    from ..ir.annotate import ROLES
+
+    known = set(ROLES) | {"lm_head", "other"}
+    bad = [r for r in roles if r not in known]
+    if bad or not roles:
+        raise RecipeError(f"{method}.roles: unknown role(s) {bad or '(empty)'}; choose from {sorted(known)}")
+
+
 def normalize_overrides(config: PassConfig, check: Callable[[Any, str], Any]) -> None:
     """Validate ``config.overrides`` (a mapping or pairs of glob -> value) and store it as a tuple of pairs.
 

@@ -29,50 +29,40 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError
-from ..ir.annotate import ROLES, annotated_linears
+from ..ir.annotate import annotated_linears
 from ..ir.capture import get_param
 from ..ir.qformat import QuantizedWeight, QuantSpec
 from .base import Pass, PassReport, PassResult
-from .config import PassConfig, register_pass
+from .config import register_pass
 from .lowrank import fit_diagonal, svd_factors, whitened_svd_factors
 from .quant import quantize_gptq, quantize_rtn
-from .quantize import input_grams
+from .quantize import QuantConfig, input_grams, replace_linear
 
 LOWRANK = "sparsefx.lowrank_quant"  # node.meta key -> {"rank", "bits_per_weight", ...}
 
 
 @dataclass(frozen=True)
-class LowRankQuantConfig(PassConfig):
+class LowRankQuantConfig(QuantConfig):
     """budget: stored bits per weight per linear; bits/group_size/symmetric: the main weight (unused by svd);
     factor_bits: 16 (fp16 factors) or 2/3/4/8 (packed, groups of factor_group); whiten: activation-aware SVD."""
 
     budget: float = 3.0
     bits: int = 2
     group_size: int = 64
-    symmetric: bool = False
     factor_bits: int = 16
     factor_group: int = 64
     whiten: bool = True
-    roles: tuple[str, ...] = ROLES
 
     def validate(self) -> None:
-        m = self.method
+        super().validate()
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 32:
-            raise RecipeError(f"{m}.budget must be a number of bits per weight in (0, 32], got {self.budget!r}")
-        try:
-            self.spec
-            if self.factor_bits != 16:
+            raise RecipeError(f"{self.method}.budget must be a number of bits per weight in (0, 32], got "
+                              f"{self.budget!r}")
+        if self.factor_bits != 16:
+            try:
                 self.factor_spec
-        except RecipeError as exc:
-            raise RecipeError(f"{m}.{exc}") from None
-        known = set(ROLES) | {"lm_head", "other"}
-        bad = [r for r in self.roles if r not in known]
-        if bad or not self.roles:
-            raise RecipeError(f"{m}.roles: unknown role(s) {bad or '(empty)'}; choose from {sorted(known)}")
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
+            except RecipeError as exc:
+                raise RecipeError(f"{self.method}.{exc}") from None
 
     @property
     def factor_spec(self) -> QuantSpec:
@@ -205,7 +195,6 @@ class _LowRankQuantPass(Pass):
 
         cfg = self.config
         op = torch.ops.sparsefx.lowrank_quant_linear.default
-        prefix = gm.meta.get("sparsefx.prefix", "")
         linears = [(n, i) for n, i in annotated_linears(gm, cfg.roles) if n.target == torch.ops.aten.linear.default]
         ranks = {}
         for _, info in linears:
@@ -228,26 +217,10 @@ class _LowRankQuantPass(Pass):
         fb, fg = cfg.factor_bits, cfg.factor_group
         for node, info in linears:
             dec = decompose(cfg, get_param(gm, info.param), grams[info.input_node], ranks[info.param])
-            module = gm.get_submodule(prefix + info.module)
-            args = [node.args[0]]
-            for key, t in _tensors(dec):
-                if t is None:
-                    args.append(None)
-                    continue
-                module.register_buffer(key, t)
-                with gm.graph.inserting_before(node):
-                    attr = gm.graph.get_attr(f"{prefix}{info.module}.{key}")
-                attr.meta["val"] = torch.empty_like(t, device="meta")
-                args.append(attr)
-            bias = node.args[2] if len(node.args) > 2 else None
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(op, (*args, bias, cfg.bits, cfg.group_size, fb, fg))
+            new = replace_linear(gm, node, info, op, _tensors(dec), (cfg.bits, cfg.group_size, fb, fg))
             n_w = info.in_features * info.out_features
-            new.meta.update(node.meta)
             new.meta[LOWRANK] = {"rank": ranks[info.param], "bytes": dec.nbytes,
                                  "bits_per_weight": dec.nbytes * 8 / n_w}
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
             per_param[info.param] = {"rank": ranks[info.param], "bits_per_weight": round(dec.nbytes * 8 / n_w, 4)}
             stored += dec.nbytes
             weights += n_w

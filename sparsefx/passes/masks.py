@@ -21,7 +21,7 @@ from ..ir.annotate import ROLES, annotated_linears
 from ..ir.capture import get_param
 from .base import Pass, PassReport, PassResult
 from .calibrate import STATS
-from .config import PassConfig, normalize_overrides, override_for, register_pass
+from .config import PassConfig, check_roles, normalize_overrides, override_for, register_pass
 
 MASK = "sparsefx.mask"  # node.meta key -> dict describing the mask applied
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -94,10 +94,7 @@ class MaskConfig(PassConfig):
             _check_target(self.sparsity, f"{self.method}.sparsity")
         if self.pattern is not None:
             parse_nm(self.pattern, f"{self.method}.pattern")
-        known = set(ROLES) | {"lm_head", "other"}
-        bad = [r for r in self.roles if r not in known]
-        if bad or not self.roles:
-            raise RecipeError(f"{self.method}.roles: unknown role(s) {bad or '(empty)'}; choose from {sorted(known)}")
+        check_roles(self.method, self.roles)
         normalize_overrides(self, _check_target)
 
     def target_for(self, param: str) -> float | tuple[int, int]:

@@ -25,7 +25,7 @@ from ..ir.capture import get_param
 from ..ir.qformat import QuantizedWeight, QuantSpec
 from .base import Pass, PassContext, PassReport, PassResult
 from .calibrate import insert_observers, remove_observers, run_calibration
-from .config import PassConfig, register_pass
+from .config import PassConfig, check_roles, register_pass
 from .quant import quantize_gptq, quantize_rtn
 
 QUANT = "sparsefx.quant"  # node.meta key -> {"bits", "group_size", "symmetric", "bytes"}
@@ -46,10 +46,7 @@ class QuantConfig(PassConfig):
             self.spec
         except RecipeError as exc:
             raise RecipeError(f"{self.method}.{exc}") from None
-        known = set(ROLES) | {"lm_head", "other"}
-        bad = [r for r in self.roles if r not in known]
-        if bad or not self.roles:
-            raise RecipeError(f"{self.method}.roles: unknown role(s) {bad or '(empty)'}; choose from {sorted(known)}")
+        check_roles(self.method, self.roles)
 
     @property
     def spec(self) -> QuantSpec:
@@ -114,6 +111,32 @@ def input_grams(gm: GraphModule, ctx: PassContext, nodes: list[str]) -> dict[str
     return grams
 
 
+def replace_linear(gm: GraphModule, node, info, op, buffers: list[tuple[str, torch.Tensor | None]],
+                   extra: tuple) -> torch.fx.Node:
+    """Replace the ``aten.linear`` ``node`` by ``op(x, *buffers, bias, *extra)``. Each buffer is registered on the
+    linear's module in ``gm`` and read by a new ``get_attr`` node (``None`` stays ``None``); the new node keeps the
+    old one's metadata (``LinearInfo`` included)."""
+    prefix = gm.meta.get("sparsefx.prefix", "")
+    module = gm.get_submodule(prefix + info.module)
+    args = [node.args[0]]
+    for key, t in buffers:
+        if t is None:
+            args.append(None)
+            continue
+        module.register_buffer(key, t)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(f"{prefix}{info.module}.{key}")
+        attr.meta["val"] = torch.empty_like(t, device="meta")
+        args.append(attr)
+    bias = node.args[2] if len(node.args) > 2 else None
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(op, (*args, bias, *extra))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 class _QuantPass(Pass):
     requires = ("annotated",)
     provides = ("quantized",)
@@ -136,7 +159,6 @@ class _QuantPass(Pass):
 
         op = torch.ops.sparsefx.quant_linear.default
         spec = self.config.spec
-        prefix = gm.meta.get("sparsefx.prefix", "")
         linears = [(n, i) for n, i in annotated_linears(gm, self.config.roles) if n.target == torch.ops.aten.linear.default]
         for _, info in linears:
             try:
@@ -148,24 +170,9 @@ class _QuantPass(Pass):
         per_param, stored, weights = {}, 0, 0
         for node, info in linears:
             qw = self.quantize(get_param(gm, info.param), grams.get(info.input_node))
-            module = gm.get_submodule(prefix + info.module)
-            args = [node.args[0]]
-            for key, t in (("qweight_packed", qw.packed), ("qweight_scales", qw.scales), ("qweight_zeros", qw.zeros)):
-                if t is None:
-                    args.append(None)
-                    continue
-                module.register_buffer(key, t)
-                with gm.graph.inserting_before(node):
-                    attr = gm.graph.get_attr(f"{prefix}{info.module}.{key}")
-                attr.meta["val"] = torch.empty_like(t, device="meta")
-                args.append(attr)
-            bias = node.args[2] if len(node.args) > 2 else None
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(op, (*args, bias, spec.bits, spec.group_size))
-            new.meta.update(node.meta)
+            buffers = [("qweight_packed", qw.packed), ("qweight_scales", qw.scales), ("qweight_zeros", qw.zeros)]
+            new = replace_linear(gm, node, info, op, buffers, (spec.bits, spec.group_size))
             new.meta[QUANT] = {**qw.attrs(), "bytes": qw.nbytes}
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
             per_param[info.param] = {"bytes": qw.nbytes, "bits_per_weight": round(qw.nbytes * 8 / qw.dequantize().numel(), 4)}
             stored += qw.nbytes
             weights += info.in_features * info.out_features
