@@ -36,7 +36,7 @@ from .base import Pass, PassReport, PassResult
 from .config import register_pass
 from .lowrank import fit_diagonal, svd_factors, whitened_svd_factors
 from .quant import quantize_gptq, quantize_rtn
-from .quantize import QuantConfig, input_grams, replace_linear
+from .quantize import QuantConfig, check_damp, input_grams, replace_linear
 
 LOWRANK = "sparsefx.lowrank_quant"  # node.meta key -> {"rank", "bits_per_weight", ...}
 
@@ -44,7 +44,8 @@ LOWRANK = "sparsefx.lowrank_quant"  # node.meta key -> {"rank", "bits_per_weight
 @dataclass(frozen=True)
 class LowRankQuantConfig(QuantConfig):
     """budget: stored bits per weight per linear; bits/group_size/symmetric: the main weight (unused by svd);
-    factor_bits: 16 (fp16 factors) or 2/3/4/8 (packed, groups of factor_group); whiten: activation-aware SVD."""
+    factor_bits: 16 (fp16 factors) or 2/3/4/8 (packed, groups of factor_group); whiten: activation-aware SVD;
+    damp: GPTQ's damping of the main weight (as ``gptq.damp``)."""
 
     budget: float = 3.0
     bits: int = 2
@@ -52,9 +53,11 @@ class LowRankQuantConfig(QuantConfig):
     factor_bits: int = 16
     factor_group: int = 64
     whiten: bool = True
+    damp: float = 0.01
 
     def validate(self) -> None:
         super().validate()
+        check_damp(self.method, self.damp)
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 32:
             raise RecipeError(f"{self.method}.budget must be a number of bits per weight in (0, 32], got "
                               f"{self.budget!r}")
@@ -142,7 +145,7 @@ def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, r
         return whitened_svd_factors(target, gram, rank) if config.whiten else svd_factors(target, rank)
 
     def gptq(target):
-        return quantize_gptq(target, gram, config.spec)
+        return quantize_gptq(target, gram, config.spec, config.damp)
 
     if method == "q_then_l":
         main = gptq(w)

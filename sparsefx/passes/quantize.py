@@ -60,7 +60,8 @@ class RtnConfig(QuantConfig):
 
 @dataclass(frozen=True)
 class GptqConfig(QuantConfig):
-    """Extra fields: ``damp`` (fraction of the mean Hessian diagonal added to it), ``block`` (lazy-update width)."""
+    """Extra fields: ``damp`` (fraction of the mean Hessian diagonal added to it; GPTQ's 0.01 assumes far more
+    calibration tokens than the protocol's 16 k — raise it when GPTQ overfits), ``block`` (lazy-update width)."""
 
     method = "gptq"
     damp: float = 0.01
@@ -68,10 +69,16 @@ class GptqConfig(QuantConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
-            raise RecipeError(f"gptq.damp must be a number in [0, 1), got {self.damp!r}")
+        check_damp(self.method, self.damp)
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise RecipeError(f"gptq.block must be a positive integer, got {self.block!r}")
+
+
+def check_damp(method: str, damp) -> None:
+    """GPTQ's damping: a fraction of the mean Hessian diagonal added to the diagonal, in [0, 10]."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp <= 10:
+        raise RecipeError(f"{method}.damp must be a number in [0, 10] (a fraction of the mean Hessian diagonal), "
+                          f"got {damp!r}")
 
 
 class GramObserver(nn.Module):

@@ -81,4 +81,4 @@ def test_errors():
     with pytest.raises(RecipeError, match="rtn.bits"):
         Recipe.from_yaml("passes: [{method: rtn, bits: 5}]")
     with pytest.raises(RecipeError, match="gptq.damp"):
-        Recipe.from_yaml("passes: [{method: gptq, damp: 2}]")
+        Recipe.from_yaml("passes: [{method: gptq, damp: 20}]")
