@@ -219,7 +219,8 @@ class _LowRankQuantPass(Pass):
         per_param, stored, weights = {}, 0, 0
         fb, fg = cfg.factor_bits, cfg.factor_group
         for node, info in linears:
-            dec = decompose(cfg, get_param(gm, info.param), grams[info.input_node], ranks[info.param])
+            gram = grams[info.input_node].for_role(info.role, cfg.v_sink)
+            dec = decompose(cfg, get_param(gm, info.param), gram, ranks[info.param])
             new = replace_linear(gm, node, info, op, _tensors(dec), (cfg.bits, cfg.group_size, fb, fg))
             n_w = info.in_features * info.out_features
             new.meta[LOWRANK] = {"rank": ranks[info.param], "bytes": dec.nbytes,

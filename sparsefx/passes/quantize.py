@@ -34,12 +34,14 @@ QUANT = "sparsefx.quant"  # node.meta key -> {"bits", "group_size", "symmetric",
 @dataclass(frozen=True)
 class QuantConfig(PassConfig):
     """bits, group_size, symmetric: the format (``ir/qformat.py``); roles: which linears (lm_head stays dense unless
-    named)."""
+    named); v_sink: GPTQ weighs the attention-sink position of value projections by the sequence length
+    (``InputGram.for_role``)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
     roles: tuple[str, ...] = ROLES
+    v_sink: bool = True
 
     def validate(self) -> None:
         try:
@@ -47,6 +49,8 @@ class QuantConfig(PassConfig):
         except RecipeError as exc:
             raise RecipeError(f"{self.method}.{exc}") from None
         check_roles(self.method, self.roles)
+        if not isinstance(self.v_sink, bool):
+            raise RecipeError(f"{self.method}.v_sink must be true or false, got {self.v_sink!r}")
 
     @property
     def spec(self) -> QuantSpec:
@@ -81,28 +85,52 @@ def check_damp(method: str, damp) -> None:
                           f"got {damp!r}")
 
 
+@dataclass
+class InputGram:
+    """Second moments of one linear input over the calibration tokens: ``gram = X^T X`` over all tokens, ``first``
+    the same over each sequence's first position only, ``seqlen`` the calibration length."""
+
+    gram: torch.Tensor
+    first: torch.Tensor
+    seqlen: int
+
+    def for_role(self, role: str, v_sink: bool = True) -> torch.Tensor:
+        """The Gram matrix GPTQ should use for a linear of ``role``. A value projection's first position is the
+        attention sink that every later query reads, so its error counts ``seqlen`` times, not once: weighting its
+        ``x x^T`` by ``seqlen - 1`` more keeps GPTQ from trading sink accuracy for average accuracy (measured on
+        SmolLM2: plain GPTQ on v_proj loses to RTN, sink-weighted GPTQ does not)."""
+        if role == "v" and v_sink and self.seqlen > 1:
+            return self.gram + (self.seqlen - 1) * self.first
+        return self.gram
+
+
 class GramObserver(nn.Module):
-    """Identity module accumulating ``X^T X`` (float64) and the token count of what flows through it."""
+    """Identity module accumulating an ``InputGram`` (float64) of what flows through it (``x: [B, S, C]``)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.channels = channels
-        self.n_tokens = 0
+        self.n_tokens, self.seqlen = 0, 1
         self.gram = torch.zeros(channels, channels, dtype=torch.float64)
+        self.first = torch.zeros(channels, channels, dtype=torch.float64)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, S, C]
         flat = x.detach().reshape(-1, self.channels).float()
         self.gram += (flat.T @ flat).double().cpu()
         self.n_tokens += flat.shape[0]
+        if x.dim() == 3:
+            x0 = x.detach()[:, 0].float()                 # [B, C]: each sequence's first position
+            self.first += (x0.T @ x0).double().cpu()
+            self.seqlen = x.shape[1]
         return x
 
-    def stats(self) -> torch.Tensor:
-        return self.gram
+    def stats(self) -> InputGram:
+        return InputGram(self.gram, self.first, self.seqlen)
 
 
-def input_grams(gm: GraphModule, ctx: PassContext, nodes: list[str]) -> dict[str, torch.Tensor]:
-    """``{input node name: X^T X}`` for the inputs named in ``nodes``, over ``ctx.calibration``."""
+def input_grams(gm: GraphModule, ctx: PassContext, nodes: list[str]) -> dict[str, InputGram]:
+    """``{input node name: InputGram}`` for the inputs named in ``nodes``, over ``ctx.calibration``."""
     if ctx.calibration is None:
         raise CalibrationError("gptq needs calibration data, but none was given; pass "
                                "calibration=data.calibration_batches(tokenizer)")
@@ -112,7 +140,7 @@ def input_grams(gm: GraphModule, ctx: PassContext, nodes: list[str]) -> dict[str
         run_calibration(gm, ctx.calibration, ctx.batch_size, ctx.progress)
     finally:
         grams = remove_observers(gm, inserted)
-    bad = [n for n, g in grams.items() if not torch.isfinite(g).all()]
+    bad = [n for n, g in grams.items() if not torch.isfinite(g.gram).all()]
     if bad:
         raise CalibrationError(f"non-finite input statistics at {bad[:3]}; run the model in float32")
     return grams
@@ -154,7 +182,7 @@ class _QuantPass(Pass):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
-    def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> QuantizedWeight:
+    def quantize(self, w: torch.Tensor, gram: InputGram | None, role: str) -> QuantizedWeight:
         raise NotImplementedError
 
     def grams(self, gm, ctx, linears) -> dict[str, torch.Tensor]:
@@ -176,7 +204,7 @@ class _QuantPass(Pass):
         report = PassReport(self.name)
         per_param, stored, weights = {}, 0, 0
         for node, info in linears:
-            qw = self.quantize(get_param(gm, info.param), grams.get(info.input_node))
+            qw = self.quantize(get_param(gm, info.param), grams.get(info.input_node), info.role)
             buffers = [("qweight_packed", qw.packed), ("qweight_scales", qw.scales), ("qweight_zeros", qw.zeros)]
             new = replace_linear(gm, node, info, op, buffers, (spec.bits, spec.group_size))
             new.meta[QUANT] = {**qw.attrs(), "bytes": qw.nbytes}
@@ -199,7 +227,7 @@ class RtnPass(_QuantPass):
 
     name = "rtn"
 
-    def quantize(self, w, gram):
+    def quantize(self, w, gram, role):
         return quantize_rtn(w, self.config.spec)
 
 
@@ -213,5 +241,6 @@ class GptqPass(_QuantPass):
     def grams(self, gm, ctx, linears):
         return input_grams(gm, ctx, [info.input_node for _, info in linears])
 
-    def quantize(self, w, gram):
-        return quantize_gptq(w, gram, self.config.spec, self.config.damp, self.config.block)
+    def quantize(self, w, gram, role):
+        h = gram.for_role(role, self.config.v_sink)
+        return quantize_gptq(w, h, self.config.spec, self.config.damp, self.config.block)

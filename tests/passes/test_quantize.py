@@ -82,3 +82,18 @@ def test_errors():
         Recipe.from_yaml("passes: [{method: rtn, bits: 5}]")
     with pytest.raises(RecipeError, match="gptq.damp"):
         Recipe.from_yaml("passes: [{method: gptq, damp: 20}]")
+
+
+def test_gram_observer_weighs_the_sink_position_for_value_projections():
+    from sparsefx.passes.quantize import GramObserver
+
+    obs = GramObserver(5)
+    x = torch.randn(3, 7, 5)                                  # [B, S, C]
+    assert torch.equal(obs(x), x)
+    g = obs.stats()
+    flat, first = x.reshape(-1, 5).double(), x[:, 0].double()
+    tol = dict(rtol=1e-5, atol=1e-5)   # the observer multiplies in fp32 and accumulates in fp64
+    torch.testing.assert_close(g.gram, flat.T @ flat, **tol)
+    torch.testing.assert_close(g.for_role("v"), flat.T @ flat + 6 * first.T @ first, **tol)
+    torch.testing.assert_close(g.for_role("q"), g.gram)
+    torch.testing.assert_close(g.for_role("v", v_sink=False), g.gram)
