@@ -29,14 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError
-from ..ir.annotate import annotated_linears
 from ..ir.capture import get_param
 from ..ir.qformat import QuantizedWeight, QuantSpec
-from .base import Pass, PassReport, PassResult
 from .config import register_pass
 from .lowrank import fit_diagonal, svd_factors, whitened_svd_factors
 from .quant import quantize_gptq, quantize_rtn
-from .quantize import QuantConfig, check_damp, input_grams, replace_linear
+from .quantize import LinearRewritePass, QuantConfig, check_damp, input_grams, replace_linear
 
 LOWRANK = "sparsefx.lowrank_quant"  # node.meta key -> {"rank", "bits_per_weight", ...}
 
@@ -78,12 +76,18 @@ class LowRankQuantConfig(QuantConfig):
     def has_main(self) -> bool:
         return self.method != "svd"
 
+    def main_bits(self, out_f: int, in_f: int) -> float:
+        """Stored bits of the main quantized weight of an ``[out_f, in_f]`` linear (0 for svd)."""
+        return self.spec.bits_per_weight * out_f * in_f if self.has_main else 0.0
+
+    def rank_bits(self, out_f: int, in_f: int) -> float:
+        """Stored bits of one rank unit: a column of A, a row of B (fp16 or packed) and one fp16 entry of d."""
+        per = 16.0 if self.factor_bits == 16 else self.factor_spec.bits_per_weight
+        return per * (out_f + in_f) + 16
+
     def rank_for(self, out_f: int, in_f: int) -> int:
         """Largest rank within the budget for an ``[out_f, in_f]`` linear (0 if not even one unit fits)."""
-        main = self.spec.bits_per_weight * out_f * in_f if self.has_main else 0.0
-        per = 16.0 if self.factor_bits == 16 else self.factor_spec.bits_per_weight
-        unit = per * (out_f + in_f) + 16                      # a column of A, a row of B, one fp16 entry of d
-        return int(max(0.0, self.budget * out_f * in_f - main) // unit)
+        return int(max(0.0, self.budget * out_f * in_f - self.main_bits(out_f, in_f)) // self.rank_bits(out_f, in_f))
 
 
 @dataclass(frozen=True)
@@ -181,60 +185,34 @@ def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((delta @ gram.double()) * delta).sum())
 
 
-class _LowRankQuantPass(Pass):
-    requires = ("annotated",)
-    provides = ("quantized",)
+class _LowRankQuantPass(LinearRewritePass):
     uses_calibration = True
 
-    def __init__(self, config: LowRankQuantConfig):
-        self.config = config
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
-
-    @torch.no_grad()
-    def run(self, gm, ctx):
-        from ..ir import ops  # noqa: F401  (registers sparsefx::lowrank_quant_linear)
-
+    def check(self, info):
         cfg = self.config
-        op = torch.ops.sparsefx.lowrank_quant_linear.default
-        linears = [(n, i) for n, i in annotated_linears(gm, cfg.roles) if n.target == torch.ops.aten.linear.default]
-        ranks = {}
-        for _, info in linears:
-            if cfg.has_main:
-                try:
-                    cfg.spec.check_shape((info.out_features, info.in_features), info.param)
-                except RecipeError as exc:
-                    raise RecipeError(f"{cfg.method}: {exc}") from None
-            r = min(cfg.rank_for(info.out_features, info.in_features), info.out_features, info.in_features)
-            if r < 1:
-                need = (cfg.spec.bits_per_weight if cfg.has_main else 0) + 16 * (info.out_features + info.in_features
-                                                                                 + 1) / (info.out_features *
-                                                                                         info.in_features)
-                raise RecipeError(f"{cfg.method}.budget {cfg.budget} leaves no room for a single rank on {info.param}; "
-                                  f"it needs more than {need:.3f} bits per weight")
-            ranks[info.param] = r
-        grams = input_grams(gm, ctx, [info.input_node for _, info in linears])
-        report = PassReport(self.name)
-        per_param, stored, weights = {}, 0, 0
-        fb, fg = cfg.factor_bits, cfg.factor_group
-        for node, info in linears:
-            gram = grams[info.input_node].for_role(info.role, cfg.v_sink)
-            dec = decompose(cfg, get_param(gm, info.param), gram, ranks[info.param])
-            new = replace_linear(gm, node, info, op, _tensors(dec), (cfg.bits, cfg.group_size, fb, fg))
-            n_w = info.in_features * info.out_features
-            new.meta[LOWRANK] = {"rank": ranks[info.param], "bytes": dec.nbytes,
-                                 "bits_per_weight": dec.nbytes * 8 / n_w}
-            per_param[info.param] = {"rank": ranks[info.param], "bits_per_weight": round(dec.nbytes * 8 / n_w, 4)}
-            stored += dec.nbytes
-            weights += n_w
-            report.params_changed.append(info.param)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        report.matches = len(per_param)
-        report.details = {"budget": cfg.budget, "bytes": stored, "bits_per_weight": stored * 8 / weights if weights
-                          else 0.0, "per_param": per_param}
-        return PassResult(gm, bool(per_param), report)
+        if cfg.has_main:
+            super().check(info)
+        out_f, in_f = info.out_features, info.in_features
+        if min(cfg.rank_for(out_f, in_f), out_f, in_f) < 1:
+            need = (cfg.main_bits(out_f, in_f) + cfg.rank_bits(out_f, in_f)) / (out_f * in_f)
+            raise RecipeError(f"{cfg.method}.budget {cfg.budget} leaves no room for a single rank on {info.param}; "
+                              f"it needs at least {need:.3f} bits per weight")
+
+    def grams(self, gm, ctx, linears):
+        return input_grams(gm, ctx, [info.input_node for _, info in linears])
+
+    def rewrite(self, gm, node, info, gram):
+        cfg = self.config
+        rank = min(cfg.rank_for(info.out_features, info.in_features), info.out_features, info.in_features)
+        dec = decompose(cfg, get_param(gm, info.param), gram.for_role(info.role, cfg.v_sink), rank)
+        new = replace_linear(gm, node, info, torch.ops.sparsefx.lowrank_quant_linear.default, _tensors(dec),
+                             (cfg.bits, cfg.group_size, cfg.factor_bits, cfg.factor_group))
+        new.meta[LOWRANK] = {"rank": rank, "bytes": dec.nbytes,
+                             "bits_per_weight": dec.nbytes * 8 / (info.in_features * info.out_features)}
+        return dec.nbytes, {"rank": rank}
+
+    def summary(self):
+        return {"budget": self.config.budget}
 
 
 # buffer names, in the op's argument order after x

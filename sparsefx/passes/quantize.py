@@ -172,7 +172,11 @@ def replace_linear(gm: GraphModule, node, info, op, buffers: list[tuple[str, tor
     return new
 
 
-class _QuantPass(Pass):
+class LinearRewritePass(Pass):
+    """Shared skeleton of passes that rewrite each selected ``aten.linear`` into a compressed op: select by
+    ``config.roles``, ``check`` every linear before any work, collect ``grams`` if needed, ``rewrite`` one by one,
+    and report stored bytes and bits per weight (per linear and in total)."""
+
     requires = ("annotated",)
     provides = ("quantized",)
 
@@ -182,43 +186,66 @@ class _QuantPass(Pass):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
-    def quantize(self, w: torch.Tensor, gram: InputGram | None, role: str) -> QuantizedWeight:
+    def check(self, info) -> None:
+        """Raise ``RecipeError`` if the linear ``info`` cannot be rewritten under this config."""
+        try:
+            self.config.spec.check_shape((info.out_features, info.in_features), info.param)
+        except RecipeError as exc:
+            raise RecipeError(f"{self.config.method}: {exc}") from None
+
+    def grams(self, gm, ctx, linears) -> dict[str, InputGram]:
+        return {}
+
+    def rewrite(self, gm, node, info, gram: InputGram | None) -> tuple[int, dict]:
+        """Replace ``node``; return the bytes stored for it and extra per-linear report fields."""
         raise NotImplementedError
 
-    def grams(self, gm, ctx, linears) -> dict[str, torch.Tensor]:
+    def summary(self) -> dict:
+        """Pass-level report fields besides bytes, bits_per_weight and per_param."""
         return {}
 
     @torch.no_grad()
     def run(self, gm, ctx):
-        from ..ir import ops  # noqa: F401  (registers sparsefx::quant_linear)
+        from ..ir import ops  # noqa: F401  (registers the sparsefx:: ops)
 
-        op = torch.ops.sparsefx.quant_linear.default
-        spec = self.config.spec
-        linears = [(n, i) for n, i in annotated_linears(gm, self.config.roles) if n.target == torch.ops.aten.linear.default]
+        linears = [(n, i) for n, i in annotated_linears(gm, self.config.roles)
+                   if n.target == torch.ops.aten.linear.default]
         for _, info in linears:
-            try:
-                spec.check_shape((info.out_features, info.in_features), info.param)
-            except RecipeError as exc:
-                raise RecipeError(f"{self.config.method}: {exc}") from None
+            self.check(info)
         grams = self.grams(gm, ctx, linears)
         report = PassReport(self.name)
         per_param, stored, weights = {}, 0, 0
         for node, info in linears:
-            qw = self.quantize(get_param(gm, info.param), grams.get(info.input_node), info.role)
-            buffers = [("qweight_packed", qw.packed), ("qweight_scales", qw.scales), ("qweight_zeros", qw.zeros)]
-            new = replace_linear(gm, node, info, op, buffers, (spec.bits, spec.group_size))
-            new.meta[QUANT] = {**qw.attrs(), "bytes": qw.nbytes}
-            per_param[info.param] = {"bytes": qw.nbytes, "bits_per_weight": round(qw.nbytes * 8 / qw.dequantize().numel(), 4)}
-            stored += qw.nbytes
-            weights += info.in_features * info.out_features
+            nbytes, extra = self.rewrite(gm, node, info, grams.get(info.input_node))
+            n_w = info.in_features * info.out_features
+            per_param[info.param] = {**extra, "bits_per_weight": round(nbytes * 8 / n_w, 4)}
+            stored += nbytes
+            weights += n_w
             report.params_changed.append(info.param)
         gm.graph.eliminate_dead_code()
         gm.recompile()
         report.matches = len(per_param)
-        report.details = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
-                          "bytes": stored, "dense_fp16_bytes": 2 * weights,
+        report.details = {**self.summary(), "bytes": stored, "dense_fp16_bytes": 2 * weights,
                           "bits_per_weight": stored * 8 / weights if weights else 0.0, "per_param": per_param}
         return PassResult(gm, bool(per_param), report)
+
+
+class _QuantPass(LinearRewritePass):
+    def quantize(self, w: torch.Tensor, gram: InputGram | None, role: str) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def rewrite(self, gm, node, info, gram):
+        spec = self.config.spec
+        qw = self.quantize(get_param(gm, info.param), gram, info.role)
+        buffers = [("qweight_packed", qw.packed), ("qweight_scales", qw.scales), ("qweight_zeros", qw.zeros)]
+        new = replace_linear(gm, node, info, torch.ops.sparsefx.quant_linear.default, buffers,
+                             (spec.bits, spec.group_size))
+        new.meta[QUANT] = {**qw.attrs(), "bytes": qw.nbytes}
+        return qw.nbytes, {"bytes": qw.nbytes}
+
+    def summary(self):
+        spec = self.config.spec
+        return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
 
 
 @register_pass(RtnConfig)
