@@ -126,9 +126,11 @@ def _quiet_missing_weights(path: Path):
     ``_restore_compressed_modules`` replaces the linears. Silence that report for such artifacts only."""
     from transformers.utils import logging as hf_logging
 
+    from .codegen.eager import EAGER_KINDS
+
     plan = path / "compressed.json"
-    quantized = plan.is_file() and any(e.get("kind") in ("quant_linear", "lowrank_quant_linear") for e in json.loads(plan.read_text()).values())
-    if not quantized:
+    entries = json.loads(plan.read_text()).values() if plan.is_file() else ()
+    if all(getattr(EAGER_KINDS.get(e.get("kind")), "stores_dense_weight", True) for e in entries):
         yield
         return
     level = hf_logging.get_verbosity()

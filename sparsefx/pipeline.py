@@ -70,7 +70,7 @@ def compress(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
     ctx = PassContext(calibration=calibration, batch_size=recipe.calibration.batch_size, progress=progress,
                       pairs=pairs)
     gm, reports = capture(model), []
-    for i, pm in enumerate(managers):
+    for pm in managers:
         gm, stage_reports = pm.run(gm, ctx)
         reports += stage_reports
         lower_to_eager(gm, model)

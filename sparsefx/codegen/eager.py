@@ -129,6 +129,7 @@ class QuantLinear(nn.Module):
     no dense weight, so the model shrinks in memory and in its artifact."""
 
     kind = "quant_linear"
+    stores_dense_weight = False     # the checkpoint has no ``weight`` for this linear
 
     def __init__(self, qweight, bias: nn.Parameter | None):
         super().__init__()
@@ -173,6 +174,7 @@ class LowRankQuantLinear(nn.Module):
     buffers are the op's stored tensors, by the names in ``passes.dam.BUFFERS``; no dense weight is kept."""
 
     kind = "lowrank_quant_linear"
+    stores_dense_weight = False     # the checkpoint has no ``weight`` for this linear
 
     def __init__(self, tensors: dict[str, torch.Tensor | None], attrs: dict, bias: nn.Parameter | None):
         from ..passes.dam import BUFFERS

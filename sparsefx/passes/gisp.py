@@ -189,23 +189,50 @@ def objective_gradients(gm: GraphModule, params: list[str], ctx: PassContext,
     return grads, total
 
 
-# ---------------------------------------------------------------- GISP
+# ---------------------------------------------------------------- common skeleton
 
-@register_pass(GispConfig)
-class GispPass(Pass):
-    """Rank attention KV groups and MLP channels globally by first-order scores, iteratively; record the plan."""
+class _StructuredPass(Pass):
+    """Build the structure plan of the graph, let :meth:`rank` fill its removal order, then record the level to
+    apply. The graph keeps its dense weights: lowering reads the plan and removes the units physically."""
 
-    name = "gisp"
     requires = ("annotated",)
     provides = ("structured",)
-    uses_calibration = True
     restructures = True
 
-    def __init__(self, config: GispConfig):
+    def __init__(self, config: StructuredConfig):
         self.config = config
 
     def __repr__(self) -> str:
-        return f"GispPass({self.config})"
+        return f"{type(self).__name__}({self.config})"
+
+    def rank(self, gm: GraphModule, ctx: PassContext, plan: StructurePlan, eligible: list[int],
+             params: list[str]) -> dict:
+        """Fill ``plan.order``; return extra report details."""
+        raise NotImplementedError
+
+    def run(self, gm, ctx):
+        cfg = self.config
+        plan = StructurePlan.for_graph(gm, method=cfg.method)
+        eligible = _eligible(plan, cfg)
+        params = sorted({m[0] for i in eligible for m in plan.groups[i].members})
+        extra = self.rank(gm, ctx, plan, eligible, params)
+        plan.target = plan.reachable(cfg.apply_level)
+        gm.meta[PLAN] = plan
+        report = PassReport(self.name, matches=len(eligible))
+        report.details = {"sparsity_target": cfg.sparsity, "level": cfg.apply_level,
+                          "prunable_params": plan.total_params, "scored_tensors": len(params),
+                          "apply": plan.describe(plan.target), **extra}
+        return PassResult(gm, True, report)
+
+
+# ---------------------------------------------------------------- GISP
+
+@register_pass(GispConfig)
+class GispPass(_StructuredPass):
+    """Rank attention KV groups and MLP channels globally by first-order scores, iteratively; record the plan."""
+
+    name = "gisp"
+    uses_calibration = True
 
     def normalized(self, plan: StructurePlan, i: int, scores: torch.Tensor) -> torch.Tensor:
         norm = self.config.normalize
@@ -215,11 +242,8 @@ class GispPass(Pass):
             return scores / (plan.unit_params[i] * plan.groups[i].n_units)
         return scores
 
-    def run(self, gm, ctx):
+    def rank(self, gm, ctx, plan, eligible, params):
         cfg = self.config
-        plan = StructurePlan.for_graph(gm, method=cfg.method)
-        eligible = _eligible(plan, cfg)
-        params = sorted({m[0] for i in eligible for m in plan.groups[i].members})
         alive = {i: torch.ones(plan.groups[i].n_units, dtype=torch.bool) for i in eligible}
         removed_params, saved = 0, []
         t_start = time.perf_counter()
@@ -253,17 +277,10 @@ class GispPass(Pass):
         finally:
             for i, units, old in reversed(saved):     # the graph keeps its dense weights; the plan says what goes
                 restore_units(gm, plan.groups[i], units, old)
-        plan.target = plan.reachable(cfg.apply_level)
-        gm.meta[PLAN] = plan
-        report = PassReport(self.name, matches=len(eligible))
-        report.details = {
-            "sparsity_target": cfg.sparsity, "level": cfg.apply_level, "reached": round(plan.exact_until, 6),
-            "steps": plan.steps, "prunable_params": plan.total_params, "scored_params": len(params),
-            "apply": plan.describe(plan.target), "seconds": round(time.perf_counter() - t_start, 1),
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "grad_mb": round(sum(get_param(gm, p).numel() * 4 for p in params) / 2**20, 1),
-        }
-        return PassResult(gm, True, report)
+        grad_bytes = sum(get_param(gm, p).numel() * get_param(gm, p).element_size() for p in params)
+        return {"reached": round(plan.exact_until, 6), "steps": plan.steps,
+                "seconds": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+                "grad_mb": round(grad_bytes / 2**20, 1)}
 
     @staticmethod
     def _take(plan, cands, alive, removed, target, min_units):
@@ -284,43 +301,24 @@ class GispPass(Pass):
 
 # ---------------------------------------------------------------- one-shot local baselines
 
-class _LocalPass(Pass):
+class _LocalPass(_StructuredPass):
     """Each group loses the same fraction of its units, lowest ``score`` first; one-shot, no gradients."""
-
-    requires = ("annotated",)
-    provides = ("structured",)
-    restructures = True
-
-    def __init__(self, config: StructuredConfig):
-        self.config = config
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
 
     def elementwise(self, gm: GraphModule, params: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     @torch.no_grad()
-    def run(self, gm, ctx):
-        cfg = self.config
-        plan = StructurePlan.for_graph(gm, method=cfg.method)
-        eligible = _eligible(plan, cfg)
-        params = sorted({m[0] for i in eligible for m in plan.groups[i].members})
+    def rank(self, gm, ctx, plan, eligible, params):
         elementwise = self.elementwise(gm, params)
         keyed = []
         for i in eligible:
             g = plan.groups[i]
             scores = unit_scores(g, elementwise)
-            ranked = torch.argsort(scores, stable=True).tolist()[:g.n_units - cfg.min_units]
+            ranked = torch.argsort(scores, stable=True).tolist()[:g.n_units - self.config.min_units]
             # the r-th weakest unit of a group leaves when the level reaches (r + 1) / n_units: uniform per layer
             keyed += [((r + 1) / g.n_units, i, u, float(scores[u])) for r, u in enumerate(ranked)]
         plan.order = [(i, u, s) for _, i, u, s in sorted(keyed)]
-        plan.target = plan.reachable(cfg.apply_level)
-        gm.meta[PLAN] = plan
-        report = PassReport(self.name, matches=len(eligible))
-        report.details = {"sparsity_target": cfg.sparsity, "level": cfg.apply_level,
-                          "prunable_params": plan.total_params, "apply": plan.describe(plan.target)}
-        return PassResult(gm, True, report)
+        return {}
 
 
 @register_pass(StructuredMagnitudeConfig)

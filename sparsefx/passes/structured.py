@@ -177,7 +177,7 @@ def unit_scores(group: Group, elementwise: dict[str, torch.Tensor]) -> torch.Ten
     return total
 
 
-def _element_index(group: Group, units: torch.Tensor, block: int) -> torch.Tensor:
+def _element_index(units: torch.Tensor, block: int) -> torch.Tensor:
     return (units[:, None] * block + torch.arange(block)).reshape(-1)
 
 
@@ -191,7 +191,7 @@ def zero_units(gm: GraphModule, group: Group, units: torch.Tensor) -> dict[str, 
     saved = {}
     for param, axis, block in group.members:
         p = get_param(gm, param)
-        idx = _element_index(group, units, block)
+        idx = _element_index(units, block)
         saved[param] = p.index_select(axis, idx).clone()
         p.index_fill_(axis, idx, 0.0)
     return saved
@@ -201,7 +201,7 @@ def zero_units(gm: GraphModule, group: Group, units: torch.Tensor) -> dict[str, 
 def restore_units(gm: GraphModule, group: Group, units: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
     """Undo ``zero_units``."""
     for param, axis, block in group.members:
-        get_param(gm, param).index_copy_(axis, _element_index(group, units, block), saved[param])
+        get_param(gm, param).index_copy_(axis, _element_index(units, block), saved[param])
 
 
 @torch.no_grad()
@@ -244,7 +244,7 @@ def shrink_to(model: nn.Module, plan: StructurePlan, n_removed: int) -> None:
             if old.shape[axis] != expect:
                 raise ValueError(f"{param} has {old.shape[axis]} elements on axis {axis}, the plan expects {expect} "
                                  f"with {plan.applied} units removed; the model does not match the plan")
-            new = nn.Parameter(old.index_select(axis, _element_index(group, pos, block)).contiguous(),
+            new = nn.Parameter(old.index_select(axis, _element_index(pos, block)).contiguous(),
                                requires_grad=old.requires_grad)
             setattr(module, attr, new)
             if isinstance(module, nn.Linear) and attr == "weight":
@@ -252,4 +252,5 @@ def shrink_to(model: nn.Module, plan: StructurePlan, n_removed: int) -> None:
     plan.applied = n_removed
 
 
-__all__ = ["PLAN", "STRUCTURE_ATTR", "StructurePlan", "restore_units", "shrink_model", "shrink_to", "unit_params", "unit_scores", "zero_units"]
+__all__ = ["PLAN", "STRUCTURE_ATTR", "StructurePlan", "restore_units", "shrink_model", "shrink_to", "unit_params",
+           "unit_scores", "zero_units"]
