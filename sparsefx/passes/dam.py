@@ -2,15 +2,13 @@
 
 Every method rewrites a linear into ``sparsefx::lowrank_quant_linear``: ``W ≈ deq(Q) + A diag(d) B``.
 
-  svd        no main weight; ``A diag(d) B`` = the (whitened) truncated SVD of ``W``; fp16 factors
+  svd        no main weight; ``A diag(d) B`` = the (whitened) truncated SVD of ``W``; fp16 factors, d = 1
   q_then_l   ``Q = GPTQ(W)``, then the factors approximate the residual ``W - deq(Q)``; fp16 factors
   l_then_q   factors first (truncated SVD of ``W``), then ``Q = GPTQ(W - A diag(d) B)``; fp16 factors
   dam        as l_then_q, but the factors are quantized too (``factor_bits``), so the same bytes buy a higher
              rank, and the diagonal ``d`` — the "adhesive" in the singular values' place — is fitted by least
              squares on the calibration inputs (``lowrank.fit_diagonal``) once the factors and the main weight are
-             quantized, so that it absorbs what both quantizations lost along the factor directions. Before the
-             factors are quantized, ``sqrt(d)`` is folded into each of them so that neither carries the whole
-             dynamic range. Two orders are tried per layer and the one with the lower output error on the
+             quantized, so that it absorbs what both quantizations lost along the factor directions. Two orders are tried per layer and the one with the lower output error on the
              calibration inputs is kept: GPTQ on ``W - A_q B_q`` then fit ``d`` (never worse than ``d = 1``), or
              fit ``d`` first, GPTQ on the smaller residual ``W - A_q diag(d) B_q``, then refit ``d`` (much better
              when the factors are coarse).
@@ -20,6 +18,9 @@ scales and zeros (``bits``/``group_size``), plus per rank unit the factor column
 ``factor_bits`` with fp16 scales and uint8 zeros per ``factor_group``) and its fp16 diagonal entry. Factor
 quantization is round-to-nearest (``A^T`` in groups along the output dimension, ``B`` along the input); the main
 weight uses GPTQ. ``whiten`` (default) makes the SVD activation-aware (output error on calibration inputs).
+Every method folds the singular values into both factors (``lowrank.balance``) before storing them, so that neither
+carries the whole dynamic range: the whitened SVD's singular values scale with the calibration Gram (a sum over
+tokens) and overflow fp16 on SmolLM2 (the first L→Q run gave NaN); the stored ``d`` starts at 1.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..errors import RecipeError
 from ..ir.capture import get_param
 from ..ir.qformat import QuantizedWeight, QuantSpec
 from .config import register_pass
-from .lowrank import fit_diagonal, svd_factors, whitened_svd_factors
+from .lowrank import balance, fit_diagonal, svd_factors, whitened_svd_factors
 from .quant import quantize_gptq, quantize_rtn
 from .quantize import LinearRewritePass, QuantConfig, check_damp, input_grams, replace_linear
 
@@ -146,31 +147,32 @@ def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, r
     w = w.float()
 
     def factors(target):
-        return whitened_svd_factors(target, gram, rank) if config.whiten else svd_factors(target, rank)
+        """Balanced factors (``A' B'``, d folded in) of the best rank-r approximation of ``target``."""
+        a, d, b = whitened_svd_factors(target, gram, rank) if config.whiten else svd_factors(target, rank)
+        return balance(a, d, b)
 
     def gptq(target):
         return quantize_gptq(target, gram, config.spec, config.damp)
 
+    ones = torch.ones(rank, dtype=torch.float16)
     if method == "q_then_l":
         main = gptq(w)
-        a, d, b = factors(w - main.dequantize())
-        return Decomposition(main, a.T.half(), d.half(), b.half())
-    a, d, b = factors(w)
+        a, b = factors(w - main.dequantize())
+        return Decomposition(main, a.T.half(), ones, b.half())
+    a, b = factors(w)
     if method == "svd":
-        return Decomposition(None, a.T.half(), d.half(), b.half())
+        return Decomposition(None, a.T.half(), ones, b.half())
     if method == "l_then_q":
-        low = Decomposition(None, a.T.half(), d.half(), b.half())
+        low = Decomposition(None, a.T.half(), ones, b.half())
         return Decomposition(gptq(w - low.dense()), low.at, low.d, low.b)
-    # dam: balance, quantize the factors, fit the adhesive, quantize the residual, refit the adhesive
-    root = d.clamp_min(0).sqrt()
+    # dam: quantize the (balanced) factors, fit the adhesive, quantize the residual, refit the adhesive
     fspec = config.factor_spec
-    at_q = quantize_rtn((a * root).T.contiguous(), fspec)
-    b_q = quantize_rtn(b * root[:, None], fspec)
+    at_q = quantize_rtn(a.T.contiguous(), fspec)
+    b_q = quantize_rtn(b.contiguous(), fspec)
     aq, bq = at_q.dequantize().T, b_q.dequantize()
-    ones = torch.ones_like(d)
     main = gptq(w - aq @ bq)                                     # the residual of the quantized factors at d = 1
     if not getattr(config, "adhesive", True):
-        return Decomposition(main, at_q, ones.half(), b_q)
+        return Decomposition(main, at_q, ones, b_q)
     # candidate 1: keep that Q, fit d to what it leaves (least squares: never worse than d = 1)
     # candidate 2: fit d first, so GPTQ quantizes a smaller residual, then refit d to what Q leaves
     d1 = fit_diagonal(w, aq, bq, gram)

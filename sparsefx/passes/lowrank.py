@@ -75,9 +75,32 @@ def fit_diagonal(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram: t
     return torch.linalg.solve(g, c).float()
 
 
+def balance(a: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``d`` into both factors so that column k of ``A'`` and row k of ``B'`` have the same norm:
+    ``A' B' = A diag(d) B``.
+
+    Stored in fp16 or quantized, neither factor should carry the whole dynamic range: the whitened SVD's ``d``
+    scales with the calibration Gram (a sum over tokens, so singular values reach 1e5 and beyond on SmolLM2 — past
+    fp16's 65504) while ``B = V^T S^{-1}`` shrinks by the same factor. Balanced factors hold the square root of
+    both, well inside fp16's range.
+
+    Example:
+        >>> a, d, b = svd_factors(torch.randn(6, 5), 2)
+        >>> a2, b2 = balance(a, d * 1e6, b / 1e6)
+        >>> torch.allclose(a2 @ b2, a @ torch.diag(d) @ b, atol=1e-5), bool(a2.abs().max() < 1e2)
+        (True, True)
+    """
+    a64, b64, d64 = a.double(), b.double(), d.double()
+    na = a64.norm(dim=0).clamp_min(1e-30)                       # [r]
+    nb = b64.norm(dim=1).clamp_min(1e-30)                       # [r]
+    root = (d64.abs() * na * nb).sqrt()                         # sqrt of ||a_k d_k b_k^T||_F
+    sign = torch.where(d64 < 0, -1.0, 1.0).to(a64)
+    return (a64 * (root * sign / na)).float(), (b64 * (root / nb)[:, None]).float()
+
+
 def _check_rank(w: torch.Tensor, rank: int) -> None:
     if w.dim() != 2 or not 1 <= rank <= min(w.shape):
         raise ValueError(f"rank must be in [1, {min(w.shape)}] for a {tuple(w.shape)} weight, got {rank}")
 
 
-__all__ = ["fit_diagonal", "gram_factor", "svd_factors", "whitened_svd_factors"]
+__all__ = ["balance", "fit_diagonal", "gram_factor", "svd_factors", "whitened_svd_factors"]

@@ -90,3 +90,23 @@ def test_budget_errors_name_the_linear_and_the_need():
         Recipe.from_yaml("passes: [{method: dam, factor_bits: 5}]")
     with pytest.raises(RecipeError, match="svd.budget"):
         Recipe.from_yaml("passes: [{method: svd, budget: 0}]")
+
+
+@pytest.mark.parametrize("method", ["svd", "q_then_l", "l_then_q", "dam"])
+def test_stored_factors_stay_finite_and_accurate_when_the_gram_is_large(method):
+    # A Gram summed over many tokens with large activations (SmolLM2: singular values of W S beyond fp16's 65504)
+    # must not overflow the fp16 factors or d: the first L->Q run on SmolLM2 gave NaN perplexity this way.
+    x, w = _layer_data(seed=3)
+    h = x.T @ x
+    cls = {"svd": SvdConfig, "q_then_l": QThenLConfig, "l_then_q": LThenQConfig, "dam": DamConfig}[method]
+    cfg = cls(budget=8.0, bits=2, group_size=32, factor_group=32)
+
+    def rel_err(scale):
+        dec = decompose(cfg, w, h * scale, 16)
+        dense = dec.dense()
+        assert torch.isfinite(dense).all() and torch.isfinite(dec.d.float()).all()
+        return float((x @ (dense - w).T).pow(2).sum() / (x @ w.T).pow(2).sum())
+
+    small, big = rel_err(1.0), rel_err(1e8)
+    # scaling H scales every error term alike: the decomposition (and its error) must not change beyond fp16 noise
+    assert big == pytest.approx(small, rel=0.02)
