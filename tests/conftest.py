@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (read when a kernel module is first imported,
+# which sparsefx does lazily, so setting it here is early enough).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sparsefx.ir import annotate, capture
 from sparsefx.models import TINY_ARCHS, tiny_model

@@ -22,12 +22,15 @@ import torch
 from ..errors import RecipeError
 
 BITS = (2, 3, 4, 8)
-GROUP_SIZES = (32, 64, 128)
+# The usual group sizes, and 96 / 192 / 576 for widths that 128 does not divide (SmolLM2's hidden size is 576):
+# a larger group spends fewer bits on scales and zeros, which a low-rank correction can use instead.
+GROUP_SIZES = (32, 64, 96, 128, 192, 256, 576)
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How a weight is quantized: ``bits`` in {2, 3, 4, 8}, ``group_size`` columns per scale, (a)symmetric."""
+    """How a weight is quantized: ``bits`` in {2, 3, 4, 8}, ``group_size`` (one of ``GROUP_SIZES``) columns per
+    scale, (a)symmetric."""
 
     bits: int = 4
     group_size: int = 128

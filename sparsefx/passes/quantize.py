@@ -3,7 +3,7 @@
     passes:
       - method: gptq          # or rtn
         bits: 3               # 2, 3, 4, 8
-        group_size: 128       # 32, 64, 128
+        group_size: 128       # 32, 64, 96, 128, 192, 256, 576
         symmetric: false
 
 GPTQ needs each linear input's Gram matrix ``X^T X`` on calibration tokens; they are collected in one pass over the

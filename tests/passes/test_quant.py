@@ -22,9 +22,9 @@ def test_int4_is_two_codes_per_byte_low_nibble_first():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("group", [32, 64, 96])
 def test_rtn_error_is_within_a_step(bits, symmetric, group):
-    w = torch.randn(13, 128) * torch.rand(13, 1) * 3            # odd row count, rows of different scale
+    w = torch.randn(13, 192) * torch.rand(13, 1) * 3            # odd row count, rows of different scale
     spec = QuantSpec(bits, group, symmetric)
     qw = quantize_rtn(w, spec)
     scale = qw.scales.float().repeat_interleave(group, 1)

@@ -1,0 +1,70 @@
+"""Triton kernels for the compressed ops, one per module, each beside its pure-torch reference.
+
+  tiered.py   DAWS / TEAL tiered activation-sparse linear: batch-1 GEMV (reads only the kept rows of ``W.T``) and
+              a batch > 1 GEMM over the union of kept channels (dense fallback when the union is large)
+  quant.py    group-quantized dequant-matmul (packed 2/3/4/8-bit codes) with the fused low-rank epilogue of DAM:
+              ``y = x @ deq(Q).T + ((x @ deq(B).T) * d) @ deq(A).T``
+  nm.py       N:M sparse matmul over the compressed N:M layout (values + in-group indices)
+
+Kernels run on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (slow; how CI checks them). Each is launched from an
+opaque ``torch.library.custom_op`` with a fake implementation (``sparsefx::triton_*``), which works under eager,
+aot_eager and Inductor — a ``triton_op`` does not under the interpreter. Block sizes come from the autotune cache
+(``codegen.autotune``) when ``sparsefx autotune`` has filled it for the device and shape, else from a heuristic.
+
+Importing this package does not import triton; ``available()`` says whether the kernels can run here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read when kernels are
+    defined, i.e. before the kernel modules are first imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels can run on ``device`` (default: CUDA if present, else CPU): CUDA with triton
+    installed, or CPU under the interpreter.
+
+    Example:
+        >>> available("cpu") == (triton_importable() and interpreting())
+        True
+    """
+    if not triton_importable():
+        return False
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Raise a clear error when a kernel is asked to run where Triton cannot."""
+    for t in tensors:
+        if t is not None and not available(t.device):
+            raise RuntimeError(f"Triton kernels cannot run on {t.device}: "
+                               + ("install triton" if not triton_importable() else
+                                  "set TRITON_INTERPRET=1 before the first kernel runs to use them on CPU (slow), or "
+                                  "use the CPU kernels (kernels='cpu')"))
+
+
+def output_buffer(out: torch.Tensor | None, shape: tuple, device, zero: bool = False) -> torch.Tensor:
+    """The fp32 output buffer: ``out`` if given (checked), else new; zeroed when programs accumulate into it."""
+    if out is None:
+        return (torch.zeros if zero else torch.empty)(shape, dtype=torch.float32, device=device)
+    if out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of shape {shape}, got {tuple(out.shape)} {out.dtype}")
+    return out.zero_() if zero else out

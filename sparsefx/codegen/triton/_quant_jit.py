@@ -1,0 +1,82 @@
+"""Triton JIT kernels of ``quant.py`` (module level, so one kernel can call another; imported lazily)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dequant(p_ptr, s_ptr, z_ptr, row, col, mask, p_stride, n_groups, BITS: tl.constexpr, GROUP: tl.constexpr,
+            SYM: tl.constexpr):
+    # element (row, col) of a matrix stored packed along its rows (row, col: broadcastable index tensors)
+    if BITS == 16:
+        val = tl.load(p_ptr + row * p_stride + col, mask=mask, other=0.0).to(tl.float32)
+    else:
+        bit = col * BITS
+        byte = bit // 8
+        word = tl.load(p_ptr + row * p_stride + byte, mask=mask, other=0).to(tl.int32)
+        if BITS == 3:   # a 3-bit code may continue in the next byte
+            nxt = tl.load(p_ptr + row * p_stride + byte + 1, mask=mask & (byte + 1 < p_stride), other=0)
+            word = word | (nxt.to(tl.int32) << 8)
+        code = (word >> (bit % 8)) & ((1 << BITS) - 1)
+        g = row * n_groups + col // GROUP
+        scale = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+        if SYM:
+            val = (code - (1 << (BITS - 1))).to(tl.float32) * scale
+        else:
+            zero = tl.load(z_ptr + g, mask=mask, other=0).to(tl.int32)
+            val = (code - zero).to(tl.float32) * scale
+    return val
+
+
+@triton.jit
+def qmm(x_ptr, y_ptr, M, N, K, sx_m,
+        p_ptr, s_ptr, z_ptr, p_stride, n_groups,
+        t_ptr, R, st_m, ap_ptr, as_ptr, az_ptr, a_stride, a_groups,
+        cs_ptr, bias_ptr, k_chunk,
+        BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HAS_MAIN: tl.constexpr,
+        A_BITS: tl.constexpr, A_GROUP: tl.constexpr, A_SYM: tl.constexpr, HAS_LR: tl.constexpr,
+        HAS_COLSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    n_ok = n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_MAIN:
+        k_begin = pid_k * k_chunk
+        for k0 in range(k_begin, k_begin + k_chunk, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = (k < K) & (k < k_begin + k_chunk)
+            x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)                                    # [BM, BK]
+            w = dequant(p_ptr, s_ptr, z_ptr, n[None, :], k[:, None], k_ok[:, None] & n_ok[None, :], p_stride,
+                        n_groups, BITS, GROUP, SYM)                                   # [BK, BN] = deq(P)^T
+            if USE_DOT:
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:
+                acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        if HAS_COLSCALE:
+            acc *= tl.load(cs_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if pid_k == 0:
+        if HAS_LR:
+            for j0 in range(0, R, BLOCK_K):
+                j = j0 + tl.arange(0, BLOCK_K)
+                j_ok = j < R
+                t = tl.load(t_ptr + m[:, None] * st_m + j[None, :], mask=m_ok[:, None] & j_ok[None, :],
+                            other=0.0).to(tl.float32)                                # [BM, BR]
+                a = dequant(ap_ptr, as_ptr, az_ptr, j[:, None], n[None, :], j_ok[:, None] & n_ok[None, :],
+                            a_stride, a_groups, A_BITS, A_GROUP, A_SYM)               # [BR, BN] = deq(A^T)
+                if USE_DOT:
+                    acc += tl.dot(t, a, input_precision="ieee")
+                else:
+                    acc += tl.sum(t[:, :, None] * a[None, :, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    ptrs = y_ptr + m[:, None] * N + n[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.store(ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])

@@ -1,0 +1,71 @@
+"""Triton JIT kernels of ``tiered.py`` (module level, as Triton resolves names; imported lazily)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, swm_k, swm_n, k_chunk,
+         HAS_MEDIUM: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y[n] (+)= sum over this program's k of tiered x[k] * Wt[k, n]; one program = BLOCK_N outputs x k_chunk
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    k_begin = pid_k * k_chunk
+    for k0 in range(k_begin, k_begin + k_chunk, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (k < K) & (k < k_begin + k_chunk)
+        x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        high = k_ok & (a >= t_high)
+        # masked rows are not fetched: the saving of activation sparsity
+        w = tl.load(wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n, mask=high[:, None] & n_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w * tl.where(high, x, 0.0)[:, None], axis=0)
+        if HAS_MEDIUM:
+            medium = k_ok & (a >= t_low) & (a < t_high)
+            wm = tl.load(wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n,
+                         mask=medium[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(wm * tl.where(medium, x, 0.0)[:, None], axis=0)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + n, acc, mask=n_ok)
+    else:
+        tl.store(y_ptr + n, acc, mask=n_ok)
+
+
+@triton.jit
+def gemm(x_ptr, idx_ptr, wt_ptr, wmt_ptr, y_ptr, M, N, n_idx, t_high, t_low, sx_m, sw_k, sw_n, swm_k, swm_n,
+         HAS_MEDIUM: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         BLOCK_K: tl.constexpr):
+    # y[m, n] = sum over the kept channels idx of tiered x[m, k] * Wt[k, n]
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    n_ok = n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, n_idx, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        j_ok = j < n_idx
+        k = tl.load(idx_ptr + j, mask=j_ok, other=0)
+        x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        a = tl.abs(x)
+        w = tl.load(wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n, mask=j_ok[:, None] & n_ok[None, :],
+                    other=0.0).to(x.dtype)
+        xh = tl.where(a >= t_high, x, 0.0)
+        if IEEE:   # fp32 inputs: exact fp32 products, as the reference (tf32 would lose 13 mantissa bits)
+            acc += tl.dot(xh, w, input_precision="ieee")
+        else:
+            acc += tl.dot(xh, w)
+        if HAS_MEDIUM:
+            wm = tl.load(wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n, mask=j_ok[:, None] & n_ok[None, :],
+                         other=0.0).to(x.dtype)
+            xm = tl.where((a >= t_low) & (a < t_high), x, 0.0)
+            if IEEE:
+                acc += tl.dot(xm, wm, input_precision="ieee")
+            else:
+                acc += tl.dot(xm, wm)
+    tl.store(y_ptr + m[:, None] * N + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])

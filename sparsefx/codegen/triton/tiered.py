@@ -1,0 +1,167 @@
+"""Tiered activation-sparse linear (DAWS; TEAL when the medium tier is empty) as Triton kernels.
+
+Semantics (``sparsefx::tiered_linear``, reference ``tiered_linear_reference`` in ``ir/ops.py``), per element of x:
+
+    |x_i| >= t_high          -> x_i * W[:, i]
+    t_low <= |x_i| < t_high  -> x_i * W_medium[:, i]
+    |x_i| < t_low            -> dropped
+
+Decode (one token) is memory bound: the GEMV kernel reads the weights through ``Wt = W.T`` (``[in, out]``; the
+strides are passed, so any layout works, but row-contiguous ``Wt`` — as ``codegen.cpu.prepare_cpu_decode`` stores
+it — makes each kept channel one coalesced row) and masks the loads of dropped channels, so their rows are never
+fetched. The grid is ``(out blocks, split_k)``: with a small ``out`` the K loop is split between programs, which
+add their fp32 partial sums with atomics into an fp32 buffer (never bf16 atomics), cast at the end.
+
+Batch > 1 (prefill, batched decode): every token has its own tiers, so no row can be skipped unless *no* token
+keeps it. The GEMM kernel runs over the union of kept channels (gathered indices, computed on the host); when the
+union is most of ``in`` the dense path is as fast and is used instead (``dense_above``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import check_device, output_buffer
+
+# Union fraction above which the batch > 1 path multiplies densely (two masked GEMMs) instead of gathering.
+DENSE_ABOVE = 0.7
+
+
+def _kernels():
+    from . import _tiered_jit
+
+    return _tiered_jit.gemv, _tiered_jit.gemm
+
+
+def gemv_configs() -> list[dict]:
+    """Configs ``sparsefx autotune`` tries for the GEMV: output block, K block, split of the K loop, warps."""
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w}
+            for bn in (64, 128, 256) for bk in (16, 32, 64) for sk in (1, 4, 8) for w in (4, 8)
+            if bn * bk <= 8192]
+
+
+def default_gemv_config(k: int, n: int) -> dict:
+    """Heuristic when the autotune cache has no entry: enough programs to fill a GPU (about 4 per SM of a large
+    part) by splitting K when ``out`` alone gives too few blocks."""
+    block_n = 128 if n >= 2048 else 64
+    blocks = -(-n // block_n)
+    split = max(1, min(16, 512 // blocks, k // 256))
+    return {"BLOCK_N": block_n, "BLOCK_K": 32, "SPLIT_K": split, "num_warps": 4}
+
+
+def gemm_configs() -> list[dict]:
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
+            for bm in (16, 32, 64) for bn in (32, 64, 128) for bk in (32, 64) for w in (4, 8)]
+
+
+def default_gemm_config(m: int, k: int, n: int) -> dict:
+    return {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
+
+
+def _config(kernel: str, shape: tuple, default: dict, device: torch.device, config: dict | None) -> dict:
+    if config is not None:
+        return config
+    from ..autotune import lookup
+
+    return lookup(kernel, device, shape) or default
+
+
+def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_high: float, t_low: float,
+                config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token through a tiered linear: ``x: [in]``, ``wt: [in, out]`` (``W.T``, any strides), ``wmt`` the
+    medium weights the same way or None (no medium tier) -> ``y: [out]`` in x's dtype (fp32 accumulation).
+    ``out``: an fp32 ``[out]`` buffer to write (tests poison it to catch outputs the kernel never writes).
+
+    Example:
+        >>> w = torch.eye(3)
+        >>> tiered_gemv(torch.tensor([3., 1., 0.1]), w.t(), None, 2.0, 0.5)  # doctest: +SKIP
+        tensor([3., 0., 0.])
+    """
+    gemv, _ = _kernels()
+    check_device(x, wt)
+    if x.dim() != 1 or wt.dim() != 2 or wt.shape[0] != x.shape[0]:
+        raise ValueError(f"tiered_gemv: x must be [in] and wt [in, out]; got {tuple(x.shape)} and {tuple(wt.shape)}")
+    if wmt is not None and wmt.shape != wt.shape:
+        raise ValueError(f"tiered_gemv: wmt {tuple(wmt.shape)} must match wt {tuple(wt.shape)}")
+    k, n = wt.shape
+    cfg = _config("tiered_gemv", (k, n), default_gemv_config(k, n), x.device, config)
+    block_k, split = cfg["BLOCK_K"], max(1, cfg["SPLIT_K"])
+    # each program's K range is a whole number of BLOCK_K so that ranges do not overlap
+    k_chunk = -(-(-(-k // split)) // block_k) * block_k
+    split = -(-k // k_chunk)
+    y = output_buffer(out, (n,), x.device, zero=split > 1)
+    has_medium = wmt is not None and t_low < t_high
+    wm = wmt if has_medium else wt
+    x = x.contiguous()
+    grid = (-(-n // cfg["BLOCK_N"]), split)
+    gemv[grid](x, wt, wm, y, k, n, float(t_high), float(t_low), wt.stride(0), wt.stride(1), wm.stride(0),
+               wm.stride(1), k_chunk, HAS_MEDIUM=has_medium, ATOMIC=split > 1, BLOCK_N=cfg["BLOCK_N"],
+               BLOCK_K=block_k, num_warps=cfg["num_warps"])
+    return y.to(x.dtype)
+
+
+def kept_channels(x: torch.Tensor, t_low: float) -> torch.Tensor:
+    """Input channels that some row of ``x: [M, in]`` keeps (``|x| >= t_low``): int32 indices, ascending."""
+    return torch.nonzero((x.abs() >= t_low).any(0)).flatten().to(torch.int32)
+
+
+def tiered_gemm(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_high: float, t_low: float,
+                idx: torch.Tensor | None = None, config: dict | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of ``x: [M, in]`` through a tiered linear, reading only the weight rows of ``idx`` (default: the
+    channels some row keeps) -> ``[M, out]`` in x's dtype.
+
+    Example:
+        >>> tiered_gemm(torch.randn(5, 64), torch.randn(64, 32), None, 0.5, 0.5).shape  # doctest: +SKIP
+        torch.Size([5, 32])
+    """
+    _, gemm = _kernels()
+    check_device(x, wt)
+    if x.dim() != 2 or wt.dim() != 2 or wt.shape[0] != x.shape[1]:
+        raise ValueError(f"tiered_gemm: x must be [M, in] and wt [in, out]; got {tuple(x.shape)}, {tuple(wt.shape)}")
+    m, k = x.shape
+    n = wt.shape[1]
+    idx = kept_channels(x, t_low) if idx is None else idx.to(device=x.device, dtype=torch.int32).contiguous()
+    cfg = _config("tiered_gemm", (m, k, n), default_gemm_config(m, k, n), x.device, config)
+    has_medium = wmt is not None and t_low < t_high
+    wm = wmt if has_medium else wt
+    x = x.contiguous()
+    y = output_buffer(out, (m, n), x.device)
+    grid = (-(-m // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"]))
+    gemm[grid](x, idx, wt, wm, y, m, n, idx.numel(), float(t_high), float(t_low), x.stride(0), wt.stride(0),
+               wt.stride(1), wm.stride(0), wm.stride(1), HAS_MEDIUM=has_medium, IEEE=x.dtype == torch.float32,
+               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("sparsefx::triton_tiered_linear", mutates_args=())
+def triton_tiered_linear(x: torch.Tensor, weight: torch.Tensor, weight_medium: torch.Tensor,
+                         bias: torch.Tensor | None, t_high: float, t_low: float) -> torch.Tensor:
+    """``sparsefx::tiered_linear`` through the Triton kernels (same signature; what the backend lowers it to).
+
+    One token -> GEMV; more rows -> GEMM over the union of kept channels, or the dense path when the union is
+    over ``DENSE_ABOVE`` of the inputs.
+    """
+    from ...ir.ops import tiered_linear_math
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])                                   # [M, in]
+    wmt = weight_medium.t()                                         # read only when t_low < t_high
+    if x2.shape[0] == 1:
+        y = tiered_gemv(x2[0], weight.t(), wmt, t_high, t_low)[None]
+    else:
+        idx = kept_channels(x2, t_low)
+        if idx.numel() > DENSE_ABOVE * shape[-1]:
+            return tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low)
+        y = tiered_gemm(x2, weight.t(), wmt, t_high, t_low, idx=idx)
+    y = y.reshape(*shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+@triton_tiered_linear.register_fake
+def _(x, weight, weight_medium, bias, t_high, t_low):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+__all__ = ["DENSE_ABOVE", "default_gemm_config", "default_gemv_config", "gemm_configs", "gemv_configs",
+           "kept_channels", "tiered_gemm", "tiered_gemv", "triton_tiered_linear"]
