@@ -38,7 +38,8 @@ class TieredLinear(nn.Module):
         self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: (x [in], W.T, Wm.T, t_high, t_low) -> y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        if self.decode_kernel is not None and x.numel() == self.in_features and not torch.is_grad_enabled():
+        if (self.decode_kernel is not None and x.numel() == self.in_features and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):   # under torch.compile the op (and its kernel) is traced
             # one token: call the kernel directly (the op dispatcher costs ~tens of us, x 200 linears per token)
             y = self.decode_kernel(x.reshape(-1), self.weight.t(), self.weight_medium.t(), self.t_high, self.t_low)
             y = y.view(*x.shape[:-1], self.out_features)

@@ -1,0 +1,120 @@
+"""The torch.compile backend "sparsefx": lowering counts, outputs equal to eager, binding an artifact, generate()."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+
+from sparsefx.artifact import load_artifact, save_artifact
+from sparsefx.codegen import backend
+from sparsefx.errors import ArtifactError, RecipeError
+from sparsefx.models import tiny_model
+from sparsefx.passes.config import Recipe
+from sparsefx.pipeline import compress
+
+DAWS = "passes: [{method: daws, sparsity: 0.5}]"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # each test compiles anew and counts what the lowering pass saw (a cache hit would skip the pass)
+    torch._dynamo.reset()
+    backend.counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+def _compressed(arch, recipe_yaml):
+    model = tiny_model(arch)
+    recipe = Recipe.from_yaml(recipe_yaml)
+    result = compress(model, recipe, calibration=torch.randint(0, 256, (8, 32)), progress=False)
+    return model.eval(), recipe, result
+
+
+def test_registered_as_an_entry_point():
+    assert "sparsefx" in torch._dynamo.list_backends()
+
+
+@pytest.mark.parametrize("kernels, expect", [("auto", "cpu.tiered_linear"), ("triton", "triton.tiered_linear")])
+def test_daws_model_compiles_to_kernels_and_matches_eager(kernels, expect, tokens):
+    pytest.importorskip("triton") if kernels == "triton" else None
+    model, _, _ = _compressed("llama", DAWS)
+    with torch.no_grad():
+        ref = model(tokens).logits
+        out = torch.compile(model, backend="sparsefx", options={"kernels": kernels})(tokens).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert backend.counters[expect] == 7 * model.config.num_hidden_layers
+    assert backend.counters["fallback"] == 0
+
+
+@pytest.mark.parametrize("recipe, op", [("passes: [{method: rtn, bits: 4, group_size: 32}]", "quant_linear"),
+                                        ("passes: [{method: dam, budget: 5.0, bits: 3, group_size: 32, "
+                                         "factor_group: 32}]", "lowrank_quant_linear")])
+def test_quantized_models_lower_to_the_triton_dequant_kernel(recipe, op, tokens):
+    pytest.importorskip("triton")
+    model, _, _ = _compressed("qwen2", recipe)
+    with torch.no_grad():
+        ref = model(tokens).logits
+        out = torch.compile(model, backend="sparsefx", options={"kernels": "triton", "inductor": False})(tokens).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert backend.counters[f"triton.{op}"] == 7 * model.config.num_hidden_layers
+
+
+def test_binding_an_artifact_to_a_dense_model(tmp_path, tokens):
+    model, recipe, result = _compressed("qwen2", DAWS)
+    dense = tiny_model("qwen2").eval()                       # same seed: the weights the artifact started from
+    art = save_artifact(tmp_path / "daws", model, None, recipe, result.report_dict())
+    with torch.no_grad():
+        ref = model(tokens).logits
+        dense_out = dense(tokens).logits
+        out = torch.compile(dense, backend="sparsefx", options={"artifact": str(art)})(tokens).logits
+    assert backend.counters["bound"] == 7 * model.config.num_hidden_layers
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, dense_out, atol=1e-3)     # the plan really applied
+    # the dense model itself is untouched
+    torch.testing.assert_close(dense(tokens).logits, dense_out, rtol=0, atol=0)
+
+
+def test_generate_with_kv_cache_under_the_backend(tmp_path):
+    model, recipe, result = _compressed("mistral", DAWS)
+    loaded = load_artifact(save_artifact(tmp_path / "a", model, None, recipe, result.report_dict())).model.eval()
+    prompt = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        eager = loaded.generate(prompt, max_new_tokens=6, do_sample=False)
+        loaded.forward = torch.compile(loaded.forward, backend="sparsefx")
+        compiled = loaded.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(compiled, eager)
+    assert backend.counters["cpu.tiered_linear"] >= 7 * model.config.num_hidden_layers
+
+
+def test_a_failing_lowering_falls_back_to_eager_with_a_warning(monkeypatch, caplog, tokens):
+    model, _, _ = _compressed("llama", DAWS)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(backend, "_compile", broken)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="sparsefx.codegen.backend"):
+        ref = model(tokens).logits
+        out = torch.compile(model, backend="sparsefx")(tokens).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert backend.counters["fallback"] == 1 and "no kernel today" in caplog.text
+
+
+def test_bad_options_and_artifacts_are_named(tmp_path, tokens):
+    model = tiny_model("llama").eval()
+    with pytest.raises(Exception, match="unknown option"):
+        torch.compile(model, backend="sparsefx", options={"kernel": "cpu"})(tokens)
+    with pytest.raises(RecipeError, match="kernels must be one of"):
+        backend.BackendOptions.from_dict({"kernels": "cuda"})
+    masked, recipe, result = _compressed("llama", "passes: [{method: magnitude, sparsity: 0.5}]")
+    art = save_artifact(tmp_path / "mag", masked, None, recipe, result.report_dict())
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no compressed.json"):
+        torch.compile(copy.deepcopy(model), backend="sparsefx", options={"artifact": str(art)})(tokens)
+    with pytest.raises(ArtifactError, match="no compressed.json"):
+        backend._ArtifactPlan(art)
