@@ -1,4 +1,4 @@
-"""Command line: ``sparsefx demo | eval | compress | export | recipes``."""
+"""Command line: ``sparsefx demo | eval | compress | export | autotune | recipes``."""
 
 from __future__ import annotations
 
@@ -111,6 +111,56 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_autotune(args) -> int:
+    import os
+
+    import torch
+
+    from .artifact import is_artifact, load_artifact
+    from .codegen import autotune
+    from .models import load_model
+
+    if args.cache:
+        os.environ["SPARSEFX_AUTOTUNE_CACHE"] = args.cache
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kernels = args.kernels or ("triton" if device.type == "cuda" else "cpu")
+    if kernels == "triton":
+        from .codegen.triton import available
+
+        if not available(device):
+            raise SparsefxError(f"the Triton kernels cannot run on {device}: tune them on a CUDA device, or with "
+                                "TRITON_INTERPRET=1 on CPU (interpreter timings are stored under 'cpu-interpret' "
+                                "and say nothing about hardware); `--kernels cpu` tunes the C++ kernels")
+    elif device.type != "cpu":
+        raise SparsefxError("--kernels cpu tunes the C++ CPU kernels: use --device cpu")
+    model = load_artifact(args.model).model if is_artifact(args.model) else load_model(args.model)[0]
+    shapes = autotune.model_shapes(model)
+    if args.max_shapes:
+        shapes = {k: set(sorted(v)[:args.max_shapes]) for k, v in shapes.items()}
+    print(f"tuning {kernels} kernels on {autotune.device_name(device, '' if kernels == 'triton' else 'cpu_')}: "
+          + ", ".join(f"{len(v)} {k} shapes" for k, v in shapes.items()))
+
+    def show(r):
+        dense = f"  dense {r['dense_us']:.1f} us" if "dense_us" in r else ""
+        sp = "" if r.get("sparsity") is None else f" s={r['sparsity']:.2f}"
+        print(f"  {r['kernel']:16s} {'x'.join(map(str, r['shape'])):>18s}{sp}  {r['us']:.1f} us{dense}")
+
+    if kernels == "triton":
+        results = autotune.tune_triton(shapes, device, sparsities=args.sparsity, reps=args.reps,
+                                       max_configs=args.max_configs, progress=show)
+        # the launchers look up by shape alone: the first sparsity given is the one the model runs at
+        results += [{**r, "sparsity": None} for r in results
+                    if r["kernel"] == "tiered_gemv" and r["sparsity"] == args.sparsity[0]]
+    else:
+        results = autotune.tune_cpu(shapes, reps=args.reps, progress=show)
+        for r in results:
+            print(f"  cpu_tiered_gemv {'x'.join(map(str, r['shape'])):>18s}  sparse kernel wins from sparsity "
+                  f"{r['config']['min_sparsity']}")
+    path = autotune.store(results, device)
+    print(f"wrote {len(results)} entries to {path}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from .passes.config import builtin_recipes
 
@@ -169,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", "-o", required=True, help="artifact folder to write")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=cmd_export)
+
+    a = sub.add_parser("autotune", help="time kernel configs on a model's shapes; write the autotune cache")
+    a.add_argument("model", help="embedded model name, local HF folder, or sparsefx artifact")
+    a.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    a.add_argument("--kernels", choices=("triton", "cpu"), help="default: triton on CUDA, cpu on CPU")
+    a.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.4, 0.75],
+                   help="activation sparsity bins for the tiered kernels (the first is the one stored per shape)")
+    a.add_argument("--reps", type=int, default=50, help="timed calls per config")
+    a.add_argument("--max-configs", type=int, help="try only the first N configs per kernel (quick runs)")
+    a.add_argument("--max-shapes", type=int, help="tune only the first N shapes per kernel (quick runs)")
+    a.add_argument("--cache", help="cache file (default: $SPARSEFX_AUTOTUNE_CACHE or ~/.cache/sparsefx/...)")
+    a.set_defaults(fn=cmd_autotune)
 
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(fn=cmd_recipes)

@@ -14,6 +14,7 @@ unpickled — it is plain JSON. Writes go to a temporary file renamed over the o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,18 +36,20 @@ def cache_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "sparsefx" / "autotune.json"
 
 
-def device_name(device: torch.device | str) -> str:
-    """Cache key of a device: the CUDA device's name; ``cpu`` (or ``cpu-interpret`` under TRITON_INTERPRET=1,
-    whose timings say nothing about real hardware) otherwise.
+def device_name(device: torch.device | str, kernel: str = "") -> str:
+    """Cache key of a device: the CUDA device's name; ``cpu`` otherwise — ``cpu-interpret`` for Triton kernels under
+    TRITON_INTERPRET=1, whose timings say nothing about real hardware (CPU kernels, ``cpu_*``, are real).
 
     Example:
-        >>> device_name("cpu") in ("cpu", "cpu-interpret")
-        True
+        >>> device_name("cpu", "cpu_tiered_gemv")
+        'cpu'
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return "cpu-interpret" if os.environ.get("TRITON_INTERPRET") == "1" else device.type
+    if device.type == "cpu" and not kernel.startswith("cpu_") and os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu-interpret"
+    return device.type
 
 
 def sparsity_bin(sparsity: float) -> float:
@@ -79,15 +82,28 @@ def _read(path: Path) -> dict:
 
 
 def lookup(kernel: str, device: torch.device | str, shape: tuple, sparsity: float | None = None) -> dict | None:
-    """The tuned config of ``kernel`` for ``shape`` (and sparsity bin) on ``device``, or None.
+    """The tuned config of ``kernel`` for ``shape`` (and sparsity bin) on ``device``, or None. The cache file is
+    read once per process (launchers call this on every launch); ``store`` and ``reload`` refresh it.
 
     Example:
         >>> lookup("tiered_gemv", "cpu", (4096, 11008), 0.5) is None or True
         True
     """
-    entries = _read(cache_path())["devices"].get(device_name(device), {}).get(kernel, {})
+    config = _lookup(kernel, str(torch.device(device)), tuple(shape), sparsity)
+    return None if config is None else dict(config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(kernel: str, device: str, shape: tuple, sparsity: float | None) -> dict | None:
+    entries = _read(cache_path())["devices"].get(device_name(device, kernel), {}).get(kernel, {})
     entry = entries.get(shape_key(shape, sparsity))
-    return dict(entry["config"]) if isinstance(entry, dict) and isinstance(entry.get("config"), dict) else None
+    return entry["config"] if isinstance(entry, dict) and isinstance(entry.get("config"), dict) else None
+
+
+def reload() -> None:
+    """Forget what was read from the cache file (the next lookup reads it again)."""
+    _lookup.cache_clear()
+    _loaded.clear()
 
 
 def store(results: list[dict], device: torch.device | str, path: Path | None = None) -> Path:
@@ -95,8 +111,8 @@ def store(results: list[dict], device: torch.device | str, path: Path | None = N
     ``device``; atomic write. Returns the cache path."""
     path = path or cache_path()
     data = _read(path)
-    per_device = data["devices"].setdefault(device_name(device), {})
     for r in results:
+        per_device = data["devices"].setdefault(device_name(device, r["kernel"]), {})
         per_device.setdefault(r["kernel"], {})[shape_key(r["shape"], r.get("sparsity"))] = {
             "config": r["config"], "us": r["us"]}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,8 +124,139 @@ def store(results: list[dict], device: torch.device | str, path: Path | None = N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _loaded.pop(str(path), None)
+    reload()
     return path
 
 
-__all__ = ["SPARSITY_BINS", "cache_path", "device_name", "lookup", "shape_key", "sparsity_bin", "store"]
+
+
+
+# ---------------------------------------------------------------- tuning runs (``sparsefx autotune``)
+
+def model_shapes(model: torch.nn.Module) -> dict[str, set]:
+    """The kernel shapes a model needs, by kernel: ``tiered_gemv`` ``(in, out)`` for its linears (every
+    ``nn.Linear`` or ``TieredLinear``), ``quant_matmul`` ``(1, in, out, bits)`` for its quantized linears.
+
+    Example:
+        >>> model_shapes(tiny_model("llama"))["tiered_gemv"]  # doctest: +SKIP
+        {(64, 64), (64, 96), (96, 64), (64, 32)}
+    """
+    from .eager import LowRankQuantLinear, QuantLinear, TieredLinear
+
+    shapes: dict[str, set] = {"tiered_gemv": set(), "quant_matmul": set()}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            shapes["quant_matmul"].add((1, m.in_features, m.out_features, m.spec.bits))
+        elif isinstance(m, LowRankQuantLinear):
+            if m.attrs.get("bits") and m.lq_packed is not None:
+                shapes["quant_matmul"].add((1, m.in_features, m.out_features, int(m.attrs["bits"])))
+        elif isinstance(m, (torch.nn.Linear, TieredLinear)) and not name.endswith("lm_head"):
+            shapes["tiered_gemv"].add((m.in_features, m.out_features))
+    return shapes
+
+
+def _bench(fn, reps: int, cuda: bool) -> float:
+    """Median microseconds of ``fn`` (CUDA: triton's do_bench; CPU: wall clock, after a warm-up call)."""
+    import statistics
+    import time
+
+    fn()
+    if cuda:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, rep=max(20, reps), return_mode="median")) * 1e3
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _tiered_inputs(k: int, n: int, sparsity: float, device, dtype):
+    """A decode input whose fraction ``sparsity`` of channels falls below the threshold, and the weights."""
+    g = torch.Generator().manual_seed(k * 31 + n)
+    x = torch.randn(k, generator=g)
+    t = float(x.abs().quantile(sparsity)) if sparsity > 0 else 0.0
+    w = torch.randn(n, k, generator=g)
+    return x.to(device, dtype), w.t().contiguous().to(device, dtype), t
+
+
+def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 50, max_configs: int | None = None,
+                dtype=torch.float16, progress=None) -> list[dict]:
+    """Time every config of the Triton kernels on each shape (and sparsity bin); return the best per key."""
+    from .triton import quant as tq
+    from .triton import tiered as tt
+
+    cuda = torch.device(device).type == "cuda"
+    results = []
+    for k, n in sorted(shapes.get("tiered_gemv", ())):
+        for s in sparsities:
+            x, wt, t = _tiered_inputs(k, n, s, device, dtype)
+            best = None
+            for cfg in tt.gemv_configs()[:max_configs]:
+                us = _bench(lambda: tt.tiered_gemv(x, wt, None, t, t, config=cfg), reps, cuda)
+                if best is None or us < best[1]:
+                    best = (cfg, us)
+            dense = _bench(lambda: wt.t() @ x, reps, cuda)
+            results.append({"kernel": "tiered_gemv", "shape": (k, n), "sparsity": s, "config": best[0],
+                            "us": round(best[1], 2), "dense_us": round(dense, 2)})
+            if progress:
+                progress(results[-1])
+    for m, k, n, bits in sorted(shapes.get("quant_matmul", ())):
+        from ..ir.qformat import QuantSpec
+        from ..passes.quant import quantize_rtn
+
+        group = next(gs for gs in (128, 64, 32, 96, 192) if k % gs == 0)
+        qw = quantize_rtn(torch.randn(n, k), QuantSpec(bits, group))
+        packed = tq.Packed(qw.packed.to(device), qw.scales.to(device), qw.zeros.to(device), bits, group)
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        best = None
+        for cfg in [c for c in tq.configs() if (c["BLOCK_M"] == 1) == (m == 1)][:max_configs]:
+            us = _bench(lambda: tq.quant_matmul(x, packed, config=cfg), reps, cuda)
+            if best is None or us < best[1]:
+                best = (cfg, us)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        dense = _bench(lambda: x @ w.t(), reps, cuda)
+        results.append({"kernel": "quant_matmul", "shape": (m, k, n, bits), "sparsity": None, "config": best[0],
+                        "us": round(best[1], 2), "dense_us": round(dense, 2)})
+        if progress:
+            progress(results[-1])
+    return results
+
+
+def tune_cpu(shapes: dict[str, set], sparsities=(0.25, 0.4, 0.5, 0.6, 0.75), reps: int = 50,
+             progress=None) -> list[dict]:
+    """CPU: the C++ tiered GEMV against the dense fp32 GEMV per shape and sparsity bin; the config records the
+    lowest sparsity at which the sparse kernel wins (``min_sparsity``; ``None`` if it never does)."""
+    from .cpu.sparse_gemv import _extension, tiered_gemv
+
+    if _extension() is None:
+        raise RuntimeError("the C++ CPU kernel did not build on this machine; nothing to tune")
+    results = []
+    for k, n in sorted(shapes.get("tiered_gemv", ())):
+        wins = []
+        for s in sparsities:
+            x, wt, t = _tiered_inputs(k, n, s, "cpu", torch.float32)
+            w = wt.t()
+            sparse = _bench(lambda: tiered_gemv(x, wt, None, t, t), reps, cuda=False)
+            dense = _bench(lambda: torch.mv(w, x), reps, cuda=False)
+            wins.append((s, sparse, dense))
+            if progress:
+                progress({"kernel": "cpu_tiered_gemv", "shape": (k, n), "sparsity": s, "us": round(sparse, 2),
+                          "dense_us": round(dense, 2)})
+        # the lowest bin from which the sparse kernel wins at every higher bin too (one noisy bin does not count)
+        first = None
+        for s, sp, de in reversed(wins):
+            if sp >= de:
+                break
+            first = s
+        results.append({"kernel": "cpu_tiered_gemv", "shape": (k, n), "sparsity": None,
+                        "config": {"min_sparsity": first},
+                        "us": round(min(sp for _, sp, _ in wins), 2),
+                        "bins": [{"sparsity": s, "us": round(sp, 2), "dense_us": round(de, 2)} for s, sp, de in wins]})
+    return results
+
+
+__all__ = ["SPARSITY_BINS", "cache_path", "device_name", "lookup", "model_shapes", "shape_key", "sparsity_bin", "store",
+           "tune_cpu", "tune_triton"]

@@ -43,6 +43,15 @@ def _transposed_storage(t: torch.Tensor) -> torch.Tensor:
     return t if _rows_are_channels(t) else t.t().contiguous().t()
 
 
+def _kernel_pays(module) -> bool:
+    """False only when ``sparsefx autotune --kernels cpu`` measured that the sparse kernel never beats the dense
+    GEMV for this shape (no entry: assume it pays, as measured on the shapes of bench/kernel_sparse_gemv.py)."""
+    from ..autotune import lookup
+
+    tuned = lookup("cpu_tiered_gemv", "cpu", (module.in_features, module.out_features))
+    return tuned is None or tuned.get("min_sparsity") is not None
+
+
 @torch.no_grad()
 def prepare_cpu_decode(model: nn.Module) -> int:
     """Re-store compressed linears for the CPU decode kernel; return how many were prepared.
@@ -65,7 +74,7 @@ def prepare_cpu_decode(model: nn.Module) -> int:
                                          requires_grad=module.weight.requires_grad)
             module.weight_medium = _transposed_storage(module.weight_medium) if own_medium else module.weight.data
             x_like = module.weight.new_empty(module.in_features)  # decode inputs share the weight's dtype
-            if kernel_available(x_like, module.weight, module.weight_medium):
+            if kernel_available(x_like, module.weight, module.weight_medium) and _kernel_pays(module):
                 module.decode_kernel = _extension().tiered_gemv
             count += 1
     return count
