@@ -2,11 +2,16 @@
 
     python bench/decode_e2e.py                      # dense, TEAL and DAWS at 40/50/60%, DAWS fp16 medium tier
     python bench/decode_e2e.py --recipes teal-50 --rounds 3
+    python bench/decode_e2e.py --recipes daws-50 --compile --tag compile   # + torch.compile variants
 
 Each variant is compressed (calibration: c4, --calib-samples x 512 tokens), prepared for the CPU decode kernel
 (``codegen.cpu.prepare_cpu_decode``), then decoded with a lean loop: one forward per token with the HF KV cache
 (DynamicCache), no sampling logic. Variants run interleaved, round after round, so machine drift hits all alike;
 the table gives median tokens/s and the ratio to dense. Writes bench/results/decode_e2e_<model>.csv/.json.
+
+``--compile`` adds ``dense+inductor`` (``torch.compile(dense)``) and ``<recipe>+sparsefx`` (``torch.compile(model,
+backend="sparsefx")``: Inductor around the C++ decode kernel) for every recipe, and compares each compiled model's
+prompt logits with its eager twin's (max |difference| and top-1 agreement over the prompt positions).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also torch.compile'd variants (inductor / sparsefx)")
     ap.add_argument("--tag", default="", help="results file suffix: decode_e2e[_TAG]_<model>")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -65,8 +71,21 @@ def main() -> None:
                           if "effective_sparsity" in r.details), None)
         variants[name] = (model, effective)
     prompt = torch.randint(100, 10000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    diffs = {}
+    if args.compile:
+        for name, (model, effective) in list(variants.items()):
+            backend = "inductor" if name == "dense" else "sparsefx"
+            compiled = torch.compile(model, backend=backend)
+            with torch.inference_mode():
+                a, b = compiled(prompt).logits, model(prompt).logits
+                # thresholded routing is discontinuous: Inductor's reassociated fp32 sums (e.g. in RMSNorm) move
+                # some |x| across a threshold, so compare the prediction too, not only the logits
+                diffs[f"{name}+{backend}"] = {"max_abs_logit_diff_vs_eager": float((a - b).abs().max()),
+                                              "top1_agree_vs_eager": float((a.argmax(-1) == b.argmax(-1))
+                                                                           .float().mean())}
+            variants[f"{name}+{backend}"] = (compiled, effective)
     speeds: dict[str, list[float]] = {name: [] for name in variants}
-    for name, (model, _) in variants.items():  # warm-up (kernel build, allocator)
+    for name, (model, _) in variants.items():  # warm-up (kernel build, allocator, compiles for both shapes)
         decode_tok_s(model, prompt, 4)
     for _ in range(args.rounds):
         for name, (model, _) in variants.items():
@@ -77,7 +96,8 @@ def main() -> None:
         med = statistics.median(speeds[name])
         rows.append({"variant": name, "effective_sparsity": None if effective is None else round(effective, 4),
                      "decode_tok_s": round(med, 2), "vs_dense": round(med / base, 3),
-                     "min_tok_s": round(min(speeds[name]), 2), "max_tok_s": round(max(speeds[name]), 2)})
+                     "min_tok_s": round(min(speeds[name]), 2), "max_tok_s": round(max(speeds[name]), 2),
+                     **diffs.get(name, {})})
     print_table(rows, f"{args.model} decode, batch 1, prompt {args.prompt}, {args.new_tokens} new tokens, "
                       f"{torch.get_num_threads()} threads")
     meta = run_meta(**{k: v for k, v in vars(args).items() if k != "out"})  # defaults too, not only what was typed

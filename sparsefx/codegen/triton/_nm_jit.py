@@ -1,0 +1,31 @@
+"""Triton JIT kernel of ``nm.py`` (module level, as Triton resolves names; imported lazily)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def nm_mm(x_ptr, v_ptr, i_ptr, y_ptr, b_ptr, M, N, KEPT, K, N_KEEP: tl.constexpr, M_GROUP: tl.constexpr,
+          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    # y[m, n] = sum_j values[n, j] * x[m, (j // N_KEEP) * M_GROUP + index[n, j]]
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    n_ok = n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, KEPT, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = j < KEPT
+        wmask = n_ok[:, None] & j_ok[None, :]
+        v = tl.load(v_ptr + n[:, None] * KEPT + j[None, :], mask=wmask, other=0.0).to(tl.float32)   # [BN, BJ]
+        idx = tl.load(i_ptr + n[:, None] * KEPT + j[None, :], mask=wmask, other=0).to(tl.int32)
+        col = (j[None, :] // N_KEEP) * M_GROUP + idx                                                # [BN, BJ]
+        # gather the inputs each kept weight multiplies: [BM, BN, BJ]
+        xg = tl.load(x_ptr + m[:, None, None] * K + col[None, :, :],
+                     mask=m_ok[:, None, None] & wmask[None, :, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xg * v[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + m[:, None] * N + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])

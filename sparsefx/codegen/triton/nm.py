@@ -1,0 +1,118 @@
+"""N:M sparse matmul (2:4, 4:8) over a compressed layout, as a Triton kernel.
+
+A weight ``W: [out, in]`` with at most ``n`` non-zeros in every group of ``m`` consecutive inputs of a row (what the
+``magnitude``/``wanda`` passes with ``n``/``m`` produce) is stored as
+
+    values  [out, in * n / m]   the kept weights of each group, in input order (zeros pad groups with fewer)
+    index   uint8 [out, in * n / m]   each kept weight's position inside its group (0 .. m-1)
+
+so a 2:4 weight is read at half its bytes plus a byte per kept weight (a production layout would pack the indices
+into 2 bits; uint8 keeps the kernel readable). The kernel gathers ``x`` at ``group * m + index`` — the inputs are
+the small operand in decode, so the gather hits cache while the weights stream.
+
+``pack_nm`` builds the layout (and refuses a weight that is not N:M), ``nm_matmul_reference`` is the torch
+reference, ``sparsefx::triton_nm_linear`` the op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import check_device, output_buffer
+
+
+def _kernel():
+    from . import _nm_jit
+
+    return _nm_jit.nm_mm
+
+
+def pack_nm(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W: [out, in]`` with at most ``n`` non-zeros per group of ``m`` -> ``(values, index)``.
+
+    Example:
+        >>> v, i = pack_nm(torch.tensor([[0., 2., 0., 3.]]), 2, 4)
+        >>> v.tolist(), i.tolist()
+        ([[2.0, 3.0]], [[1, 3]])
+    """
+    out_f, in_f = w.shape
+    if not 0 < n < m or in_f % m:
+        raise ValueError(f"pack_nm: need 0 < n < m and in_features ({in_f}) a multiple of m ({m})")
+    groups = w.reshape(out_f, in_f // m, m)
+    nonzero = groups != 0
+    if int(nonzero.sum(-1).max()) > n:
+        raise ValueError(f"pack_nm: the weight has more than {n} non-zeros in some group of {m}; apply an {n}:{m} "
+                         "mask first (e.g. `method: wanda, n: 2, m: 4`)")
+    # kept positions first (stable, so in input order), padded with zero-valued positions
+    order = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :n]        # [out, G, n]
+    values = torch.gather(groups, -1, order)
+    return values.reshape(out_f, -1).contiguous(), order.to(torch.uint8).reshape(out_f, -1).contiguous()
+
+
+def unpack_nm(values: torch.Tensor, index: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The dense ``[out, in]`` weight of a packed N:M layout."""
+    out_f = values.shape[0]
+    groups = values.shape[1] // n
+    dense = torch.zeros(out_f, groups, m, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, index.reshape(out_f, groups, n).long(), values.reshape(out_f, groups, n))
+    return dense.reshape(out_f, groups * m)
+
+
+def nm_matmul_reference(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ unpack(values, index).T (+ bias)`` in fp32."""
+    y = x.float() @ unpack_nm(values, index, n, m).float().T
+    return y if bias is None else y + bias.float()
+
+
+def configs() -> list[dict]:
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_J": bj, "num_warps": w}
+            for bm in (1, 4, 16) for bn in (32, 64, 128) for bj in (32, 64) for w in (4, 8)]
+
+
+def default_config(rows: int) -> dict:
+    return {"BLOCK_M": 1 if rows == 1 else 4, "BLOCK_N": 64, "BLOCK_J": 32, "num_warps": 4}
+
+
+def nm_matmul(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
+              bias: torch.Tensor | None = None, config: dict | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x: [M, in]`` times the N:M weight -> fp32 ``[M, out]``.
+
+    Example:
+        >>> nm_matmul(x, *pack_nm(w, 2, 4), 2, 4)  # doctest: +SKIP
+    """
+    check_device(x, values)
+    if x.dim() != 2 or values.shape != index.shape or x.shape[1] * n != values.shape[1] * m:
+        raise ValueError(f"nm_matmul: x {tuple(x.shape)} does not fit an {n}:{m} weight stored as "
+                         f"{tuple(values.shape)} values and {tuple(index.shape)} indices")
+    from ..autotune import lookup
+
+    rows, k = x.shape
+    out_f, kept = values.shape
+    cfg = config or lookup("nm_matmul", x.device, (rows, k, out_f, n, m)) or default_config(rows)
+    y = output_buffer(out, (rows, out_f), x.device)
+    x = x.contiguous()
+    grid = (-(-rows // cfg["BLOCK_M"]), -(-out_f // cfg["BLOCK_N"]))
+    _kernel()[grid](x, values.contiguous(), index.contiguous(), y, y if bias is None else bias.contiguous(),
+                    rows, out_f, kept, k, N_KEEP=n, M_GROUP=m, HAS_BIAS=bias is not None,
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_J=cfg["BLOCK_J"],
+                    num_warps=cfg["num_warps"])
+    return y
+
+
+@torch.library.custom_op("sparsefx::triton_nm_linear", mutates_args=())
+def triton_nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None,
+                     n: int, m: int) -> torch.Tensor:
+    """Linear with an N:M weight in the packed layout, through the Triton kernel: ``x: [..., in] -> [..., out]``."""
+    y = nm_matmul(x.reshape(-1, x.shape[-1]), values, index, n, m, bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], values.shape[0])
+
+
+@triton_nm_linear.register_fake
+def _(x, values, index, bias, n, m):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+__all__ = ["configs", "default_config", "nm_matmul", "nm_matmul_reference", "pack_nm", "triton_nm_linear",
+           "unpack_nm"]
