@@ -58,6 +58,10 @@ def sweep(model_name: str, recipes: list[Recipe], protocol: Protocol = PROTOCOL,
         bpw = next((r.details["bits_per_weight"] for r in reversed(result.reports)
                     if "bits_per_weight" in r.details), None)
         rows.append(_row(recipe.name or recipe.passes[0].method, res, dense, seconds, effective, bpw))
+        # dam reports which order each linear took
+        orders = next((r.details["orders"] for r in reversed(result.reports) if "orders" in r.details), None)
+        if orders:
+            rows[-1]["dam_orders"] = " ".join(f"{k}:{v}" for k, v in sorted(orders.items()))
         if on_row:
             on_row(rows)
         del model
@@ -106,7 +110,8 @@ def write_results(out_dir, stem: str, rows: list[dict], meta: dict) -> None:
     from ._cache import atomic_write_bytes
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(k for r in rows for k in r))     # every column any row has, first-seen order
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(Path(out_dir) / f"{stem}.csv", buf.getvalue().encode())

@@ -5,13 +5,14 @@ Every method rewrites a linear into ``sparsefx::lowrank_quant_linear``: ``W ≈ 
   svd        no main weight; ``A diag(d) B`` = the (whitened) truncated SVD of ``W``; fp16 factors, d = 1
   q_then_l   ``Q = GPTQ(W)``, then the factors approximate the residual ``W - deq(Q)``; fp16 factors
   l_then_q   factors first (truncated SVD of ``W``), then ``Q = GPTQ(W - A diag(d) B)``; fp16 factors
-  dam        as l_then_q, but the factors are quantized too (``factor_bits``), so the same bytes buy a higher
-             rank, and the diagonal ``d`` — the "adhesive" in the singular values' place — is fitted by least
-             squares on the calibration inputs (``lowrank.fit_diagonal``) once the factors and the main weight are
-             quantized, so that it absorbs what both quantizations lost along the factor directions. Two orders are tried per layer and the one with the lower output error on the
-             calibration inputs is kept: GPTQ on ``W - A_q B_q`` then fit ``d`` (never worse than ``d = 1``), or
-             fit ``d`` first, GPTQ on the smaller residual ``W - A_q diag(d) B_q``, then refit ``d`` (much better
-             when the factors are coarse).
+  dam        the factors are quantized too (``factor_bits``), so the same bytes buy a higher rank, and the
+             diagonal ``d`` — the "adhesive" in the singular values' place — is fitted by least squares on the
+             calibration inputs (``lowrank.fit_diagonal``) once the factors and the main weight are quantized, so
+             that it absorbs what both quantizations lost along the factor directions (never worse than d = 1).
+             Three orders are tried per layer and the one with the lowest output error on the calibration inputs
+             is kept: factors of W first, then GPTQ on ``W - A_q B_q``; the same with ``d`` fitted before GPTQ (a
+             smaller residual when the factors are coarse); or GPTQ of W first and factors of its residual (the
+             q_then_l order). The report counts which order each linear took.
 
 The rank is the largest that keeps each linear within ``budget`` stored bits per weight: the main weight's codes,
 scales and zeros (``bits``/``group_size``), plus per rank unit the factor column and row (fp16, or packed at
@@ -124,6 +125,7 @@ class Decomposition:
     at: torch.Tensor | QuantizedWeight       # [r, out]
     d: torch.Tensor                          # [r] fp16
     b: torch.Tensor | QuantizedWeight        # [r, in]
+    order: str = ""                          # dam: which order produced it (reported)
 
     @staticmethod
     def _dense(t) -> torch.Tensor:
@@ -165,19 +167,30 @@ def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, r
     if method == "l_then_q":
         low = Decomposition(None, a.T.half(), ones, b.half())
         return Decomposition(gptq(w - low.dense()), low.at, low.d, low.b)
-    # dam: quantize the (balanced) factors, fit the adhesive, quantize the residual, refit the adhesive
+    # dam: quantized factors with a fitted adhesive, in whichever order loses least on this layer's inputs
     fspec = config.factor_spec
-    at_q = quantize_rtn(a.T.contiguous(), fspec)
-    b_q = quantize_rtn(b.contiguous(), fspec)
-    aq, bq = at_q.dequantize().T, b_q.dequantize()
-    main = gptq(w - aq @ bq)                                     # the residual of the quantized factors at d = 1
-    if not getattr(config, "adhesive", True):
-        return Decomposition(main, at_q, ones, b_q)
-    # candidate 1: keep that Q, fit d to what it leaves (least squares: never worse than d = 1)
-    # candidate 2: fit d first, so GPTQ quantizes a smaller residual, then refit d to what Q leaves
-    d1 = fit_diagonal(w, aq, bq, gram)
-    main2 = gptq(w - aq @ torch.diag(d1) @ bq)
-    cands = [Decomposition(m, at_q, fit_diagonal(w - m.dequantize(), aq, bq, gram).half(), b_q) for m in (main, main2)]
+    adhesive = getattr(config, "adhesive", True)
+
+    def quantized(a, b):
+        at_q, b_q = quantize_rtn(a.T.contiguous(), fspec), quantize_rtn(b.contiguous(), fspec)
+        return at_q, b_q, at_q.dequantize().T, b_q.dequantize()
+
+    def glued(order, main, at_q, b_q, aq, bq):
+        """The decomposition with d fitted to what ``main`` leaves (least squares: never worse than d = 1)."""
+        d = fit_diagonal(w - main.dequantize(), aq, bq, gram).half() if adhesive else ones
+        return Decomposition(main, at_q, d, b_q, order)
+
+    cands = []
+    # low rank first: factors of W; GPTQ on what the quantized factors leave (at d = 1, and — with the adhesive —
+    # at the d fitted to W first, which leaves a smaller residual when the factors are coarse)
+    at_q, b_q, aq, bq = quantized(a, b)
+    cands.append(glued("l_first", gptq(w - aq @ bq), at_q, b_q, aq, bq))
+    if adhesive:
+        d1 = fit_diagonal(w, aq, bq, gram)
+        cands.append(glued("l_first_fit", gptq(w - aq @ torch.diag(d1) @ bq), at_q, b_q, aq, bq))
+    # quantization first: GPTQ of W, factors of its residual (what q_then_l does, with quantized factors)
+    main = gptq(w)
+    cands.append(glued("q_first", main, *quantized(*factors(w - main.dequantize()))))
     return min(cands, key=lambda c: output_error(c.dense() - w, gram))
 
 
@@ -211,10 +224,16 @@ class _LowRankQuantPass(LinearRewritePass):
                              (cfg.bits, cfg.group_size, cfg.factor_bits, cfg.factor_group))
         new.meta[LOWRANK] = {"rank": rank, "bytes": dec.nbytes,
                              "bits_per_weight": dec.nbytes * 8 / (info.in_features * info.out_features)}
-        return dec.nbytes, {"rank": rank}
+        if dec.order:
+            self.orders[dec.order] = self.orders.get(dec.order, 0) + 1
+        return dec.nbytes, {"rank": rank, **({"order": dec.order} if dec.order else {})}
+
+    def run(self, gm, ctx):
+        self.orders: dict[str, int] = {}
+        return super().run(gm, ctx)
 
     def summary(self):
-        return {"budget": self.config.budget}
+        return {"budget": self.config.budget, **({"orders": dict(self.orders)} if self.orders else {})}
 
 
 # buffer names, in the op's argument order after x
