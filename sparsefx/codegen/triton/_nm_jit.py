@@ -3,17 +3,14 @@
 import triton
 import triton.language as tl
 
+from ._tile_jit import output_tile
+
 
 @triton.jit
 def nm_mm(x_ptr, v_ptr, i_ptr, y_ptr, b_ptr, M, N, KEPT, K, N_KEEP: tl.constexpr, M_GROUP: tl.constexpr,
           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
     # y[m, n] = sum_j values[n, j] * x[m, (j // N_KEEP) * M_GROUP + index[n, j]]
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < M
-    n_ok = n < N
+    m, n, m_ok, n_ok = output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(0, KEPT, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)

@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from ._tile_jit import output_tile
+
 
 @triton.jit
 def dequant(p_ptr, s_ptr, z_ptr, row, col, mask, p_stride, n_groups, BITS: tl.constexpr, GROUP: tl.constexpr,
@@ -37,13 +39,8 @@ def qmm(x_ptr, y_ptr, M, N, K, sx_m,
         A_BITS: tl.constexpr, A_GROUP: tl.constexpr, A_SYM: tl.constexpr, HAS_LR: tl.constexpr,
         HAS_COLSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    m, n, m_ok, n_ok = output_tile(M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(2)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < M
-    n_ok = n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_MAIN:
         k_begin = pid_k * k_chunk

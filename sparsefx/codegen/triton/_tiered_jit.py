@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from ._tile_jit import output_tile
+
 
 @triton.jit
 def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, swm_k, swm_n, k_chunk,
@@ -40,12 +42,7 @@ def gemm(x_ptr, idx_ptr, wt_ptr, wmt_ptr, y_ptr, M, N, n_idx, t_high, t_low, sx_
          HAS_MEDIUM: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_K: tl.constexpr):
     # y[m, n] = sum over the kept channels idx of tiered x[m, k] * Wt[k, n]
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < M
-    n_ok = n < N
+    m, n, m_ok, n_ok = output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(0, n_idx, BLOCK_K):
         j = j0 + tl.arange(0, BLOCK_K)
