@@ -1,8 +1,9 @@
-"""End-to-end batch-1 decode tokens/s on SmolLM2 (CPU, fp32): dense vs activation-sparse variants, one run.
+"""End-to-end batch-1 decode tokens/s on SmolLM2 (CPU, fp32): dense vs compressed variants, one run.
 
     python bench/decode_e2e.py                      # dense, TEAL and DAWS at 40/50/60%, DAWS fp16 medium tier
     python bench/decode_e2e.py --recipes teal-50 --rounds 3
     python bench/decode_e2e.py --recipes daws-50 --compile --tag compile   # + torch.compile variants
+    python bench/decode_e2e.py --tag quant --recipes bench/recipes/{rtn-w4-g64,rtn-w3-g64,dam-3.375}.yaml
 
 Each variant is compressed (calibration: c4, --calib-samples x 512 tokens), prepared for the CPU decode kernel
 (``codegen.cpu.prepare_cpu_decode``), then decoded with a lean loop: one forward per token with the HF KV cache
@@ -63,12 +64,17 @@ def main() -> None:
     dense, tok = load_model(args.model)
     calib = calibration_batches(tok, dataclasses.replace(PROTOCOL, calib_samples=args.calib_samples))
     variants = {"dense": (dense, None)}
-    for name in args.recipes:
+    bits = {}
+    for spec in args.recipes:
         model, _ = load_model(args.model)
-        result = compress(model, resolve_recipe(name), calibration=calib, progress=False)
+        recipe = resolve_recipe(spec)
+        name = recipe.name or Path(spec).stem
+        result = compress(model, recipe, calibration=calib, progress=False)
         prepare_cpu_decode(model)
         effective = next((r.details["effective_sparsity"] for r in reversed(result.reports)
                           if "effective_sparsity" in r.details), None)
+        bits[name] = next((r.details["bits_per_weight"] for r in reversed(result.reports)
+                           if "bits_per_weight" in r.details), None)
         variants[name] = (model, effective)
     prompt = torch.randint(100, 10000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     diffs = {}
@@ -94,7 +100,9 @@ def main() -> None:
     rows = []
     for name, (_, effective) in variants.items():
         med = statistics.median(speeds[name])
+        bpw = bits.get(name.split("+")[0])
         rows.append({"variant": name, "effective_sparsity": None if effective is None else round(effective, 4),
+                     "bits_per_weight": None if bpw is None else round(bpw, 4),
                      "decode_tok_s": round(med, 2), "vs_dense": round(med / base, 3),
                      "min_tok_s": round(min(speeds[name]), 2), "max_tok_s": round(max(speeds[name]), 2),
                      **diffs.get(name, {})})

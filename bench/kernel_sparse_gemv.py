@@ -13,32 +13,16 @@ Writes bench/results/kernel_sparse_gemv.csv and .json.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from sparsefx.experiments import run_meta, write_results
+from sparsefx.experiments import interleaved_medians, run_meta, write_results
 from sparsefx.codegen.cpu.sparse_gemv import _extension, sparse_gemv, sparse_gemv_reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
 SPARSITIES = [0.0, 0.4, 0.5, 0.6, 0.75]
 COLD_BYTES = 512e6  # well past this machine's last-level cache
-
-
-def _interleaved_medians(fns: dict, reps: int, rounds: int = 5) -> dict:
-    """Median seconds per call of each function, timed in ``rounds`` interleaved bursts of ``reps // rounds``."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(max(1, reps // rounds)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -67,7 +51,7 @@ def main() -> None:
                                        rtol=1e-4, atol=1e-3)
         fns = {"mv": lambda: torch.mv(ws[nxt()], x), "linear": lambda: torch.nn.functional.linear(x, ws[nxt()])}
         fns.update({sp: (lambda thr=thr: sparse_gemv(x, wts[nxt()], thr)) for sp, thr in thresholds.items()})
-        t = _interleaved_medians(fns, args.reps)
+        t = interleaved_medians(fns, args.reps)
         dense = min(t["mv"], t["linear"])
         for sp, thr in thresholds.items():
             kept, t_sp = int((x.abs() >= thr).sum()), t[sp]

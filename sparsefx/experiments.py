@@ -6,6 +6,7 @@ Used by ``sparsefx demo`` and by the benchmarks in ``bench/``.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 from .data import PROTOCOL, Protocol, calibration_batches, eval_windows
@@ -82,6 +83,21 @@ def _row(name, res, dense, compress_s, effective, bits_per_weight=None) -> dict:
         "eval_tokens": res.tokens,
         "compress_s": round(compress_s, 1),
     }
+
+
+def interleaved_medians(fns: dict, reps: int, rounds: int = 5) -> dict:
+    """Median seconds per call of each function, timed in ``rounds`` interleaved bursts of ``reps // rounds`` calls
+    (after one warm-up call each), so drift in the machine's speed hits every variant alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(max(1, reps // rounds)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def run_meta(**extra) -> dict:

@@ -49,7 +49,7 @@ KERNELS = ("auto", "triton", "cpu", "reference")
 TRITON_KERNELS = {"tiered_linear": "triton_tiered_linear", "quant_linear": "triton_quant_linear",
                   "lowrank_quant_linear": "triton_lowrank_quant_linear"}
 # compressed ops with a CPU kernel registered on the op itself (codegen/cpu)
-CPU_KERNELS = ("tiered_linear",)
+CPU_KERNELS = ("tiered_linear", "quant_linear", "lowrank_quant_linear")
 
 
 @dataclass(frozen=True)

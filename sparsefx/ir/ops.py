@@ -130,6 +130,12 @@ def quant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
         >>> torch.ops.sparsefx.quant_linear(torch.ones(1, 32), qw.packed, qw.scales, qw.zeros, None, 4, 32).sum()
         tensor(32.)
     """
+    return quant_linear_math(x, packed, scales, zeros, bias, bits, group_size)
+
+
+def quant_linear_math(x, packed, scales, zeros, bias, bits, group_size):
+    """The op's default implementation (dequantize, then one GEMM). CPU kernels registered on the op
+    (``codegen.cpu.enable_cpu_kernels``) fall back to it for what they do not handle (prefill, non-fp32 inputs)."""
     from .qformat import dequantize_packed
 
     return F.linear(x, dequantize_packed(packed, scales, zeros, bits, group_size, x.dtype), bias)
@@ -167,6 +173,14 @@ def lowrank_quant_linear(x: torch.Tensor, packed: torch.Tensor | None, scales: t
     (``factor_bits == 16``; their scales/zeros None) or packed with ``factor_bits``/``factor_group`` (groups along
     ``out`` for ``A^T``, along ``in`` for ``B``). ``d: [r]`` is the diagonal between them.
     """
+    return lowrank_quant_linear_math(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales,
+                                     b_zeros, bias, bits, group_size, factor_bits, factor_group)
+
+
+def lowrank_quant_linear_math(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales, b_zeros,
+                              bias, bits, group_size, factor_bits, factor_group):
+    """The op's default implementation: the factors dequantized, three GEMMs (the main one through
+    ``sparsefx::quant_linear``, so its registered kernels apply)."""
     y = F.linear(x, _stored(b_packed, b_scales, b_zeros, factor_bits, factor_group, x.dtype))      # [..., r]
     y = F.linear(y * d.to(x.dtype), _stored(at_packed, at_scales, at_zeros, factor_bits, factor_group,
                                             x.dtype).T)                                           # [..., out]

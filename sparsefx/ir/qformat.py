@@ -126,6 +126,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack``: ``[rows, n]`` uint8 codes."""
     rows = packed.shape[0]
+    if bits in (2, 4, 8):       # whole codes per byte: one shift per code position
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed[..., None] >> shifts) & (2 ** bits - 1)).reshape(rows, -1)[:, :n]
+    if bits == 3 and n % 8 == 0:  # eight codes per three bytes: one 24-bit word each
+        b = packed.reshape(rows, -1, 3).to(torch.int32)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+        return ((word[..., None] >> shifts) & 7).to(torch.uint8).reshape(rows, n)
     stream = (packed[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1            # [rows, bytes, 8]
     bitsets = stream.reshape(rows, n, bits)
     return (bitsets << torch.arange(bits, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)

@@ -3,7 +3,9 @@
 ``prepare_cpu_decode(model)`` re-stores each ``TieredLinear``'s weights transposed (``W.T`` row-contiguous, the
 same tensor viewed as ``[out, in]``, so no memory is added and prefill GEMMs still read it) and registers the CPU
 kernel of ``sparsefx::tiered_linear``: single-token calls then read only the kept rows (``sparse_gemv``). Eager
-``TieredLinear`` modules call the C++ kernel directly for one token, skipping the op dispatcher.
+``TieredLinear`` modules call the C++ kernel directly for one token, skipping the op dispatcher. It also registers
+the CPU kernels of ``sparsefx::quant_linear`` and ``lowrank_quant_linear`` (``quant_gemv``): up to ``MAX_ROWS``
+tokens, they multiply straight from the packed codes instead of dequantizing the whole weight per call.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -31,12 +34,50 @@ def _tiered_linear_cpu(x, weight, weight_medium, bias, t_high, t_low):
     return tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low)
 
 
+def _quant_linear_cpu(x, packed, scales, zeros, bias, bits, group_size):
+    from ...ir.ops import quant_linear_math
+    from .quant_gemv import kernel_available, quant_matmul
+
+    # Decode and small batches read the packed codes; prefill dequantizes once and runs MKL's GEMM.
+    if not kernel_available(x, packed, scales, zeros, bits):
+        return quant_linear_math(x, packed, scales, zeros, bias, bits, group_size)
+    y = quant_matmul(x, packed, scales, zeros, bits, group_size)
+    return y if bias is None else y + bias
+
+
+def _lowrank_quant_linear_cpu(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales,
+                              b_zeros, bias, bits, group_size, factor_bits, factor_group):
+    from ...ir.ops import lowrank_quant_linear_math
+    from .quant_gemv import kernel_available, quant_gemv_t, quant_matmul, takes_input
+
+    x2 = x.reshape(-1, x.shape[-1])
+    main_ok = packed is None or kernel_available(x2, packed, scales, zeros, bits)
+    factors_ok = factor_bits == 16 or kernel_available(x2, b_packed, b_scales, b_zeros, factor_bits)
+    if not (takes_input(x2) and main_ok and factors_ok):
+        return lowrank_quant_linear_math(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed,
+                                         b_scales, b_zeros, bias, bits, group_size, factor_bits, factor_group)
+    if factor_bits == 16:   # fp16 factors: small (rank x width), converted per call
+        u = F.linear(x2, b_packed.float()) * d.float()
+        low = u @ at_packed.float()
+        y = low if packed is None else quant_matmul(x2, packed, scales, zeros, bits, group_size).add_(low)
+    else:                   # packed factors: x B^T through the kernel, then u deq(A^T) added into y in place
+        u = quant_matmul(x2, b_packed, b_scales, b_zeros, factor_bits, factor_group) * d.float()
+        y = (x2.new_zeros(x2.shape[0], at_packed.shape[1] * 8 // factor_bits) if packed is None
+             else quant_matmul(x2, packed, scales, zeros, bits, group_size))
+        quant_gemv_t(u, at_packed, at_scales, at_zeros, factor_bits, factor_group, out=y)
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
 @functools.cache
 def enable_cpu_kernels() -> None:
-    """Register the CPU kernel of ``sparsefx::tiered_linear`` (once; later calls do nothing)."""
-    from ...ir.ops import tiered_linear
+    """Register the CPU kernels of ``sparsefx::tiered_linear``, ``quant_linear`` and ``lowrank_quant_linear``
+    (once; later calls do nothing). Each falls back to the op's default implementation where it does not apply."""
+    from ...ir.ops import lowrank_quant_linear, quant_linear, tiered_linear
 
     tiered_linear.register_kernel("cpu")(_tiered_linear_cpu)
+    quant_linear.register_kernel("cpu")(_quant_linear_cpu)
+    lowrank_quant_linear.register_kernel("cpu")(_lowrank_quant_linear_cpu)
 
 
 def _transposed_storage(t: torch.Tensor) -> torch.Tensor:
@@ -62,13 +103,15 @@ def prepare_cpu_decode(model: nn.Module) -> int:
         >>> prepare_cpu_decode(compressed_model)  # doctest: +SKIP
         210
     """
-    from ..eager import TieredLinear
+    from ..eager import LowRankQuantLinear, QuantLinear, TieredLinear
     from .sparse_gemv import _extension, kernel_available
 
     enable_cpu_kernels()
     count = 0
     for module in model.modules():
-        if isinstance(module, TieredLinear):
+        if isinstance(module, (QuantLinear, LowRankQuantLinear)):
+            count += 1          # packed storage is what the kernel reads: nothing to re-store
+        elif isinstance(module, TieredLinear):
             own_medium = module.has_medium_weights
             module.weight = nn.Parameter(_transposed_storage(module.weight.data),
                                          requires_grad=module.weight.requires_grad)

@@ -1,0 +1,380 @@
+"""Decode-time matmul over group-quantized weights on CPU, reading the packed codes directly.
+
+A batch-1 linear reads its whole weight once per token, so its cost is the weight's bytes: the packed format of
+``ir/qformat.py`` (``bits`` per weight plus a scale, and a zero, per group) is 7-10x smaller than fp32. The
+reference ``sparsefx::quant_linear`` dequantizes the whole matrix to fp32 first and then multiplies — more bytes
+moved than the dense model. This kernel never materialises the float weight:
+
+    y[m, o] = sum_g scale[o, g] * (sum_{j in g} q[o, j] * x[m, j]  -  zero[o, g] * sum_{j in g} x[m, j])
+
+Thirty-two codes at a time are widened to fp32 lanes and multiplied into x with FMA: 4- and 2-bit codes are split
+into bit planes of whole bytes (a mask and a shift per plane, then a byte-to-int32 zero-extension), so the lanes
+hold the codes interleaved and x is permuted to the same order once per call; 8-bit codes zero-extend directly;
+3-bit codes (eight per three bytes) are broadcast per 32-bit word and shifted per lane. Per group, the dot product
+is scaled in vector lanes; the zero point's term uses per-group sums of x computed once per call. Rows of the
+output are split between threads. For DAM's low-rank part, ``quant_gemv_t`` accumulates ``u @ deq(Aᵀ)`` where
+``Aᵀ: [r, out]`` is packed with its groups along ``out``.
+
+Both take up to ``MAX_ROWS`` rows of fp32 ``x`` (decode, small batches); prefill GEMMs are compute-bound and stay on
+dequantize + MKL (``ir.ops.quant_linear_math``). ``quant_matmul_reference`` / ``quant_gemv_t_reference`` are the
+pure-torch references.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .sparse_gemv import cpu_supports_kernel
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8        # rows of x the kernels take; more rows are a GEMM (dequantize once, then MKL)
+
+_CPP = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+
+static inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+static inline __m256 lanes_to_ps(uint32_t v, __m256i shifts, int bits) {
+  const __m256i lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)v), shifts);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((1 << bits) - 1)));
+}
+
+// Sixteen consecutive codes of a row's little-endian bit stream (2 * BITS bytes from p, which starts on a byte) as
+// two fp32 vectors: each 32-bit word is broadcast to eight lanes, shifted per lane and masked. 3-bit codes take two
+// 32-bit loads at p and p + 3, the second reaching one byte beyond the six; the caller passes `tail` = true where
+// that byte could lie past the end of the buffer, and then it is not read.
+template <int BITS>
+static inline void codes16(const uint8_t* p, bool tail, __m256& q0, __m256& q1) {
+  if constexpr (BITS == 8) {
+    q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  } else if constexpr (BITS == 4) {
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    q0 = lanes_to_ps(load_u32(p), sh, 4);
+    q1 = lanes_to_ps(load_u32(p + 4), sh, 4);
+  } else if constexpr (BITS == 2) {
+    const uint32_t v = load_u32(p);
+    q0 = lanes_to_ps(v, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), 2);
+    q1 = lanes_to_ps(v, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30), 2);
+  } else {  // 3 bits: eight codes per three bytes
+    const __m256i sh = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    const uint32_t hi = tail ? (uint32_t)p[3] | ((uint32_t)p[4] << 8) | ((uint32_t)p[5] << 16) : load_u32(p + 3);
+    q0 = lanes_to_ps(load_u32(p), sh, 3);
+    q1 = lanes_to_ps(hi, sh, 3);
+  }
+}
+
+// Thirty-two consecutive codes (4 * BITS bytes from p) as four fp32 vectors, in the order `chunk_order` gives:
+// 4- and 2-bit codes are split into bit planes of whole bytes (a mask and a shift per plane, then a zero-extension
+// per eight bytes: no per-lane shifts), so the vectors hold the codes interleaved and x is permuted to match once per
+// call. 8- and 3-bit codes come in order.
+template <int BITS>
+static inline void codes32(const uint8_t* p, bool tail, __m256* q) {
+  if constexpr (BITS == 8) {
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i))));
+  } else if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  } else if constexpr (BITS == 2) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x03);
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, mask)));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 2), mask)));
+    q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+    q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 6), mask)));
+  } else {
+    codes16<3>(p, false, q[0], q[1]);
+    codes16<3>(p + 6, tail, q[2], q[3]);
+  }
+}
+
+// Which code of a 32-code chunk lands in lane j of codes32's four vectors (x is permuted the same way).
+static inline int chunk_order(int bits, int j) {
+  if (bits == 4) return j < 16 ? 2 * (j % 8) + 16 * (j / 8) : 2 * (j % 8) + 16 * ((j - 16) / 8) + 1;
+  if (bits == 2) return 4 * (j % 8) + j / 8;
+  return j;
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[m, o] for o in [o0, o1) and M rows of x (x: [M, in], xsum: [M, groups]).
+template <int BITS, int M>
+static void rows(const float* x, const float* xsum, const uint8_t* packed, const at::Half* scales,
+                 const uint8_t* zeros, float zero_sym, int64_t in, int64_t gs, float* y, int64_t out,
+                 int64_t o0, int64_t o1) {
+  const int64_t groups = in / gs, row_bytes = in * BITS / 8, group_bytes = gs * BITS / 8;
+  const uint8_t* safe_end = packed + out * row_bytes - 4;   // a 32-bit load from p <= safe_end stays in the buffer
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* prow = packed + o * row_bytes;
+    __m256 acc[M];          // sum over groups of scale * (codes . x), kept in lanes: one horizontal sum per row
+    float zero_part[M];     // sum over groups of scale * zero * sum(x in group)
+    for (int m = 0; m < M; ++m) { acc[m] = _mm256_setzero_ps(); zero_part[m] = 0.0f; }
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* p = prow + g * group_bytes;
+      const float* xg = x + g * gs;
+      __m256 d0[M], d1[M];   // two chains per row of x: FMA latency, not throughput, would bound one
+      for (int m = 0; m < M; ++m) d0[m] = d1[m] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < gs; j += 32, p += 4 * BITS) {   // gs is a multiple of 32
+        __m256 q[4];
+        codes32<BITS>(p, p + 4 * BITS - 1 > safe_end, q);
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xg + m * in + j;
+          d0[m] = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(xm), d0[m]);
+          d1[m] = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xm + 8), d1[m]);
+          d0[m] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xm + 16), d0[m]);
+          d1[m] = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xm + 24), d1[m]);
+        }
+      }
+      const float s = _cvtsh_ss(scales[o * groups + g].x);
+      const float z = zeros ? (float)zeros[o * groups + g] : zero_sym;
+      const __m256 vs = _mm256_set1_ps(s);
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm256_fmadd_ps(vs, _mm256_add_ps(d0[m], d1[m]), acc[m]);
+        zero_part[m] += s * z * xsum[m * groups + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * out + o] = hsum(acc[m]) - zero_part[m];
+  }
+}
+
+template <int BITS>
+static void rows_any(int64_t M, const float* x, const float* xsum, const uint8_t* packed, const at::Half* scales,
+                     const uint8_t* zeros, float zero_sym, int64_t in, int64_t gs, float* y, int64_t out,
+                     int64_t o0, int64_t o1) {
+  const int64_t groups = in / gs;
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {   // blocks of up to four rows of x share each decoded code
+    const float* xb = x + m0 * in;
+    const float* sb = xsum + m0 * groups;
+    float* yb = y + m0 * out;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: rows<BITS, 1>(xb, sb, packed, scales, zeros, zero_sym, in, gs, yb, out, o0, o1); break;
+      case 2: rows<BITS, 2>(xb, sb, packed, scales, zeros, zero_sym, in, gs, yb, out, o0, o1); break;
+      case 3: rows<BITS, 3>(xb, sb, packed, scales, zeros, zero_sym, in, gs, yb, out, o0, o1); break;
+      default: rows<BITS, 4>(xb, sb, packed, scales, zeros, zero_sym, in, gs, yb, out, o0, o1); break;
+    }
+  }
+}
+
+static void check_packed(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
+                         int64_t bits, int64_t gs, int64_t cols) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
+  TORCH_CHECK(gs % 32 == 0 && cols % gs == 0, "group_size must be a multiple of 32 dividing the packed width");
+  TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+              packed.size(1) * 8 == cols * bits, "packed must be contiguous uint8 [rows, cols * bits / 8]");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
+              scales.size(0) == packed.size(0) && scales.size(1) == cols / gs, "scales must be fp16 [rows, groups]");
+  TORCH_CHECK(zeros.numel() == 0 || (zeros.scalar_type() == torch::kByte && zeros.is_contiguous() &&
+              zeros.sizes() == scales.sizes()), "zeros must be uint8 like scales, or empty (symmetric)");
+}
+
+// y = x @ deq(W)^T. x: [M, in] fp32 contiguous; W packed [out, in * bits / 8], scales fp16 [out, in / gs],
+// zeros uint8 [out, in / gs] or empty (symmetric: zero 2^(bits-1)). Returns y: [M, out] fp32.
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
+                           int64_t bits, int64_t gs) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous fp32 [M, in]");
+  const int64_t M = x.size(0), in = x.size(1), out = packed.size(0), groups = in / std::max<int64_t>(gs, 1);
+  check_packed(packed, scales, zeros, bits, gs, in);
+  const float* x0 = x.data_ptr<float>();
+  std::vector<float> xsum((size_t)(M * groups), 0.0f);    // per-group sums of x, for the zero points
+  std::vector<float> xperm((size_t)(M * in));              // x in codes32's lane order, chunk by chunk
+  int order[32];
+  for (int j = 0; j < 32; ++j) order[j] = chunk_order((int)bits, j);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t i = 0; i < in; ++i) xsum[m * groups + i / gs] += x0[m * in + i];
+    for (int64_t c = 0; c < in; c += 32)
+      for (int j = 0; j < 32; ++j) xperm[m * in + c + j] = x0[m * in + c + order[j]];
+  }
+  const float* xp = xperm.data();
+  auto y = torch::empty({M, out}, x.options());
+  const float* sp = xsum.data();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const at::Half* scp = scales.data_ptr<at::Half>();
+  const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
+  const float zsym = (float)(1 << (bits - 1));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
+    switch (bits) {
+      case 2: rows_any<2>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
+      case 3: rows_any<3>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
+      case 4: rows_any<4>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
+      default: rows_any<8>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
+    }
+  });
+  return y;
+}
+
+// y[m, o0:o1] += sum_k u[m, k] * deq(At)[k, o0:o1] for At packed [r, out * bits / 8] with groups along out.
+template <int BITS>
+static void cols(int64_t M, const float* u, int64_t r, const uint8_t* packed, const at::Half* scales,
+                 const uint8_t* zeros, float zero_sym, int64_t out, int64_t gs, float* y, int64_t g0, int64_t g1) {
+  const int64_t groups = out / gs, row_bytes = out * BITS / 8, group_bytes = gs * BITS / 8;
+  const uint8_t* safe_end = packed + r * row_bytes - 4;
+  for (int64_t k = 0; k < r; ++k) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const float s = _cvtsh_ss(scales[k * groups + g].x);
+      const __m256 vs = _mm256_set1_ps(s);
+      const __m256 vz = _mm256_set1_ps(zeros ? (float)zeros[k * groups + g] : zero_sym);
+      const uint8_t* p = packed + k * row_bytes + g * group_bytes;
+      for (int64_t j = 0; j < gs; j += 16, p += 2 * BITS) {
+        __m256 q0, q1;
+        codes16<BITS>(p, p + 2 * BITS - 1 > safe_end, q0, q1);
+        const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(q0, vz), vs), w1 = _mm256_mul_ps(_mm256_sub_ps(q1, vz), vs);
+        for (int64_t m = 0; m < M; ++m) {
+          float* yo = y + m * out + g * gs + j;
+          const __m256 um = _mm256_set1_ps(u[m * r + k]);
+          _mm256_storeu_ps(yo, _mm256_fmadd_ps(um, w0, _mm256_loadu_ps(yo)));
+          _mm256_storeu_ps(yo + 8, _mm256_fmadd_ps(um, w1, _mm256_loadu_ps(yo + 8)));
+        }
+      }
+    }
+  }
+}
+
+// y += u @ deq(At): u [M, r] fp32, At packed [r, out * bits / 8] (groups along out), y [M, out] fp32 (in place).
+void quant_gemv_t(torch::Tensor u, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                  int64_t gs, torch::Tensor y) {
+  TORCH_CHECK(u.dim() == 2 && u.scalar_type() == torch::kFloat && u.is_contiguous() && u.size(1) == packed.size(0),
+              "u must be contiguous fp32 [M, r]");
+  const int64_t M = u.size(0), r = u.size(1), out = y.size(1);
+  check_packed(packed, scales, zeros, bits, gs, out);
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.scalar_type() == torch::kFloat && y.is_contiguous(),
+              "y must be contiguous fp32 [M, out]");
+  const float* up = u.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const at::Half* scp = scales.data_ptr<at::Half>();
+  const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
+  const float zsym = (float)(1 << (bits - 1));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out / gs, 4, [&](int64_t g0, int64_t g1) {
+    switch (bits) {
+      case 2: cols<2>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
+      case 3: cols<3>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
+      case 4: cols<4>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
+      default: cols<8>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
+    }
+  });
+}
+"""
+
+
+def quant_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                           bits: int, group_size: int) -> torch.Tensor:
+    """``x: [M, in] @ deq(W)ᵀ`` with ``W`` packed ``[out, in * bits / 8]`` (``ir/qformat.py``) -> ``[M, out]``.
+
+    Example:
+        >>> from sparsefx.ir.qformat import QuantSpec
+        >>> from sparsefx.passes.quant import quantize_rtn
+        >>> qw = quantize_rtn(torch.eye(32), QuantSpec(4, 32))
+        >>> quant_matmul_reference(torch.ones(1, 32), qw.packed, qw.scales, qw.zeros, 4, 32).sum()
+        tensor(32.)
+    """
+    from ...ir.qformat import dequantize_packed
+
+    return x @ dequantize_packed(packed, scales, zeros, bits, group_size, x.dtype).T
+
+
+def quant_gemv_t_reference(u: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                           bits: int, group_size: int) -> torch.Tensor:
+    """``u: [M, r] @ deq(Aᵀ)`` with ``Aᵀ`` packed ``[r, out * bits / 8]`` (groups along ``out``) -> ``[M, out]``."""
+    from ...ir.qformat import dequantize_packed
+
+    return u @ dequantize_packed(packed, scales, zeros, bits, group_size, u.dtype)
+
+
+@functools.cache
+def _extension():
+    """Compile (once per machine; torch caches the build) and return the C++ extension, or None if it fails."""
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline(name="sparsefx_quant_gemv_v4", cpp_sources=[_CPP], functions=["quant_matmul", "quant_gemv_t"],
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+    except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
+        log.warning("quant_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
+        return None
+
+
+def takes_input(x: torch.Tensor) -> bool:
+    """Whether the C++ kernels take ``x``: fp32 on the CPU, at most ``MAX_ROWS`` rows, a CPU with AVX2/FMA/F16C and
+    the extension compiled."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and 0 < rows <= MAX_ROWS and cpu_supports_kernel()
+            and _extension() is not None)
+
+
+def kernel_available(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None,
+                     zeros: torch.Tensor | None, bits: int) -> bool:
+    """Whether the C++ kernels take these operands: ``x`` as ``takes_input``, and a packed (not fp16) CPU matrix of
+    2/3/4/8-bit codes with fp16 scales and uint8 zeros (or none)."""
+    return (bits in (2, 3, 4, 8) and packed.dtype == torch.uint8 and scales is not None
+            and scales.dtype == torch.float16 and (zeros is None or zeros.dtype == torch.uint8)
+            and all(t.device.type == "cpu" for t in (packed, scales, zeros) if t is not None) and takes_input(x))
+
+
+_NO_ZEROS = torch.empty(0, dtype=torch.uint8)
+
+
+def quant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                 group_size: int) -> torch.Tensor:
+    """``x: [..., in] @ deq(W)ᵀ -> [..., out]`` reading the packed codes (C++ kernel where ``kernel_available``,
+    the reference otherwise).
+
+    Example:
+        >>> from sparsefx.ir.qformat import QuantSpec
+        >>> from sparsefx.passes.quant import quantize_rtn
+        >>> qw = quantize_rtn(torch.randn(1536, 576), QuantSpec(4, 64))
+        >>> quant_matmul(torch.randn(1, 576), qw.packed, qw.scales, qw.zeros, 4, 64).shape
+        torch.Size([1, 1536])
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    if not kernel_available(x2, packed, scales, zeros, bits):
+        y = quant_matmul_reference(x2, packed, scales, zeros, bits, group_size)
+    else:
+        y = _extension().quant_matmul(x2.contiguous(), packed.contiguous(), scales.contiguous(),
+                                      _NO_ZEROS if zeros is None else zeros.contiguous(), bits, group_size)
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def quant_gemv_t(u: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                 group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``u: [M, r] @ deq(Aᵀ)`` for ``Aᵀ`` packed ``[r, out * bits / 8]`` with groups along ``out``, added into
+    ``out`` (``[M, out]`` fp32, modified in place) when given.
+
+    Example:
+        >>> from sparsefx.ir.qformat import QuantSpec
+        >>> from sparsefx.passes.quant import quantize_rtn
+        >>> at = quantize_rtn(torch.randn(8, 1536), QuantSpec(4, 64))  # rank 8, out 1536
+        >>> quant_gemv_t(torch.randn(1, 8), at.packed, at.scales, at.zeros, 4, 64).shape
+        torch.Size([1, 1536])
+    """
+    n_out = packed.shape[1] * 8 // bits
+    if not kernel_available(u, packed, scales, zeros, bits):
+        y = quant_gemv_t_reference(u, packed, scales, zeros, bits, group_size)
+        return y if out is None else out.add_(y)
+    if out is None:
+        out = u.new_zeros(u.shape[0], n_out)
+    _extension().quant_gemv_t(u.contiguous(), packed.contiguous(), scales.contiguous(),
+                              _NO_ZEROS if zeros is None else zeros.contiguous(), bits, group_size, out)
+    return out

@@ -1,0 +1,138 @@
+"""CPU decode kernels over packed quantized weights vs their torch references; the ops' CPU kernels in models."""
+
+import pytest
+import torch
+
+from sparsefx.codegen.cpu import enable_cpu_kernels, prepare_cpu_decode
+from sparsefx.codegen.cpu import quant_gemv as qg
+from sparsefx.codegen.cpu.sparse_gemv import cpu_supports_kernel
+from sparsefx.ir.ops import lowrank_quant_linear_math, quant_linear_math
+from sparsefx.ir.qformat import QuantSpec
+from sparsefx.models import tiny_model
+from sparsefx.passes.config import Recipe
+from sparsefx.passes.quant import quantize_rtn
+from sparsefx.pipeline import compress
+
+needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
+
+
+def _packed(rows, cols, bits, group, symmetric, seed):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_rtn(torch.randn(rows, cols, generator=g), QuantSpec(bits, group, symmetric))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group, in_f", [(32, 96), (64, 576), (96, 288), (192, 1536)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quant_matmul_matches_the_reference(bits, group, in_f, symmetric):
+    seed = bits * 1000 + group + in_f + symmetric
+    qw = _packed(61, in_f, bits, group, symmetric, seed)     # prime row count: uneven split between threads
+    for rows in (1, 3, 5, qg.MAX_ROWS):
+        x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(seed + rows))
+        got = qg.quant_matmul(x, qw.packed, qw.scales, qw.zeros, bits, group)
+        want = qg.quant_matmul_reference(x.double(), qw.packed, qw.scales, qw.zeros, bits, group)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quant_gemv_t_adds_the_low_rank_product_in_place(bits, symmetric):
+    at = _packed(7, 192, bits, 64, symmetric, bits)            # A^T: rank 7, 192 outputs, groups along the outputs
+    u = torch.randn(2, 7)
+    y0 = torch.randn(2, 192)
+    y = y0.clone()
+    assert qg.quant_gemv_t(u, at.packed, at.scales, at.zeros, bits, 64, out=y) is y
+    want = y0.double() + qg.quant_gemv_t_reference(u.double(), at.packed, at.scales, at.zeros, bits, 64)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    fresh = qg.quant_gemv_t(u, at.packed, at.scales, at.zeros, bits, 64)
+    torch.testing.assert_close(fresh.double(), want - y0.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_inputs_the_kernel_does_not_take_use_the_reference():
+    qw = _packed(5, 64, 4, 32, False, 0)
+    many = torch.randn(qg.MAX_ROWS + 1, 64)               # a GEMM: dequantize once
+    half = torch.randn(1, 64).half()
+    assert not qg.kernel_available(many, qw.packed, qw.scales, qw.zeros, 4)
+    assert not qg.kernel_available(half, qw.packed, qw.scales, qw.zeros, 4)
+    torch.testing.assert_close(qg.quant_matmul(many, qw.packed, qw.scales, qw.zeros, 4, 32),
+                               qg.quant_matmul_reference(many, qw.packed, qw.scales, qw.zeros, 4, 32))
+
+
+@needs_kernel
+def test_kernel_refuses_inconsistent_operands():
+    qw = _packed(5, 64, 4, 32, False, 0)
+    ext = qg._extension()
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ext.quant_matmul(torch.randn(1, 64), qw.packed[:, :-1].contiguous(), qw.scales, qw.zeros, 4, 32)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        ext.quant_matmul(torch.randn(1, 64), qw.packed, qw.scales.float(), qw.zeros, 4, 32)
+
+
+@needs_kernel
+def test_registered_op_kernels_take_decode_and_match_the_default_implementation(monkeypatch):
+    enable_cpu_kernels()
+    calls = []
+    real = qg.quant_matmul
+    monkeypatch.setattr(qg, "quant_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    qw = _packed(37, 128, 3, 64, False, 3)
+    bias = torch.randn(37)
+    x = torch.randn(1, 1, 128)
+    got = torch.ops.sparsefx.quant_linear(x, qw.packed, qw.scales, qw.zeros, bias, 3, 64)
+    assert calls == [(1, 1, 128)]
+    torch.testing.assert_close(got, quant_linear_math(x, qw.packed, qw.scales, qw.zeros, bias, 3, 64))
+    prefill = torch.randn(2, 9, 128)                     # 18 rows: the default implementation
+    torch.testing.assert_close(torch.ops.sparsefx.quant_linear(prefill, qw.packed, qw.scales, qw.zeros, bias, 3, 64),
+                               quant_linear_math(prefill, qw.packed, qw.scales, qw.zeros, bias, 3, 64))
+    assert len(calls) == 1
+
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_main", [True, False])
+@pytest.mark.parametrize("factor_bits", [4, 16])
+def test_registered_lowrank_kernel_matches_the_default_implementation(with_main, factor_bits, monkeypatch):
+    enable_cpu_kernels()
+    calls = []
+    real = qg.quant_gemv_t
+    monkeypatch.setattr(qg, "quant_gemv_t", lambda *a, **k: calls.append(1) or real(*a, **k))
+    main = _packed(64, 128, 3, 64, False, 6)
+    if factor_bits == 16:
+        at = (torch.randn(6, 64).half(), None, None)
+        b = (torch.randn(6, 128).half(), None, None)
+    else:
+        at_q, b_q = _packed(6, 64, 4, 32, False, 7), _packed(6, 128, 4, 32, True, 8)   # one factor_group
+        at, b = (at_q.packed, at_q.scales, at_q.zeros), (b_q.packed, b_q.scales, b_q.zeros)
+    args = ((main.packed, main.scales, main.zeros) if with_main else (None, None, None)) + at + (
+        torch.rand(6) + 0.5,) + b + (torch.randn(64),)
+    group = 32
+    for x in (torch.randn(1, 128), torch.randn(3, 1, 128), torch.randn(4, 5, 128)):
+        got = torch.ops.sparsefx.lowrank_quant_linear(x, *args, 3, 64, factor_bits, group)
+        torch.testing.assert_close(got, lowrank_quant_linear_math(x, *args, 3, 64, factor_bits, group),
+                                   rtol=1e-4, atol=1e-4)
+    assert len(calls) == (2 if factor_bits == 4 else 0)     # the two small batches; 20 rows take the GEMMs
+
+
+@needs_kernel
+@pytest.mark.parametrize("recipe", ["{method: rtn, bits: 3, group_size: 32}",
+                                    "{method: dam, budget: 5.0, bits: 3, group_size: 32, factor_group: 32}",
+                                    "{method: l_then_q, budget: 5.0, bits: 3, group_size: 32}"])
+def test_prepared_quantized_model_decodes_through_the_kernel_with_the_same_outputs(recipe, monkeypatch):
+    model = tiny_model("llama")
+    compress(model, Recipe.from_yaml(f"passes: [{recipe}]"), calibration=torch.randint(0, 256, (8, 32)),
+             progress=False)
+    prompt = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        ref = model(prompt, use_cache=True)
+        ref_next = model(prompt[:, -1:] * 0 + 5, past_key_values=ref.past_key_values, use_cache=True).logits
+    assert prepare_cpu_decode(model) == 7 * model.config.num_hidden_layers
+    calls = []
+    real = qg.quant_matmul
+    monkeypatch.setattr(qg, "quant_matmul", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        nxt = model(prompt[:, -1:] * 0 + 5, past_key_values=out.past_key_values, use_cache=True).logits
+    assert calls                                          # the decode step went through the kernel
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nxt, ref_next, rtol=1e-4, atol=1e-4)
