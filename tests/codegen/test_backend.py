@@ -64,6 +64,26 @@ def test_quantized_models_lower_to_the_triton_dequant_kernel(recipe, op, tokens)
     assert backend.counters[f"triton.{op}"] == 7 * model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("recipe, op", [("passes: [{method: rtn, bits: 3, group_size: 32}]", "quant_linear"),
+                                        ("passes: [{method: dam, budget: 5.0, bits: 3, group_size: 32, "
+                                         "factor_group: 32}]", "lowrank_quant_linear")])
+def test_quantized_models_lower_to_the_cpu_kernels(recipe, op, tokens, monkeypatch):
+    from sparsefx.codegen.cpu import quant_gemv
+
+    model, _, _ = _compressed("llama", recipe)
+    one = tokens[:1, :1]                                     # one token: the packed-code kernel, not dequant + GEMM
+    calls = []
+    real = quant_gemv.quant_matmul
+    monkeypatch.setattr(quant_gemv, "quant_matmul", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        ref = model(one).logits
+        out = torch.compile(model, backend="sparsefx", options={"kernels": "cpu"})(one).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert backend.counters[f"cpu.{op}"] == 7 * model.config.num_hidden_layers
+    assert backend.counters["fallback"] == 0
+    assert len(calls) >= 7 * model.config.num_hidden_layers
+
+
 def test_binding_an_artifact_to_a_dense_model(tmp_path, tokens):
     model, recipe, result = _compressed("qwen2", DAWS)
     dense = tiny_model("qwen2").eval()                       # same seed: the weights the artifact started from
