@@ -73,8 +73,9 @@ def test_quantized_models_lower_to_the_cpu_kernels(recipe, op, tokens, monkeypat
     model, _, _ = _compressed("llama", recipe)
     one = tokens[:1, :1]                                     # one token: the packed-code kernel, not dequant + GEMM
     calls = []
-    real = quant_gemv.quant_matmul
-    monkeypatch.setattr(quant_gemv, "quant_matmul", lambda *a: calls.append(1) or real(*a))
+    for name in ("quant_matmul", "lowrank_quant_matmul"):
+        real = getattr(quant_gemv, name)
+        monkeypatch.setattr(quant_gemv, name, lambda *a, _real=real: calls.append(1) or _real(*a))
     with torch.no_grad():
         ref = model(one).logits
         out = torch.compile(model, backend="sparsefx", options={"kernels": "cpu"})(one).logits

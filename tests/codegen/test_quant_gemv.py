@@ -16,6 +16,15 @@ from sparsefx.pipeline import compress
 needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+    """Record every call of the packed-code kernels' Python entry points."""
+    calls = []
+    for name in ("quant_matmul", "lowrank_quant_matmul"):
+        real = getattr(qg, name)
+        monkeypatch.setattr(qg, name, lambda *a, _real=real, **k: calls.append(a[0].shape) or _real(*a, **k))
+    return calls
+
+
 def _packed(rows, cols, bits, group, symmetric, seed):
     g = torch.Generator().manual_seed(seed)
     return quantize_rtn(torch.randn(rows, cols, generator=g), QuantSpec(bits, group, symmetric))
@@ -50,6 +59,24 @@ def test_quant_gemv_t_adds_the_low_rank_product_in_place(bits, symmetric):
     torch.testing.assert_close(fresh.double(), want - y0.double(), rtol=1e-5, atol=1e-4)
 
 
+@needs_kernel
+@pytest.mark.parametrize("main_bits", [None, 2, 3, 4])
+@pytest.mark.parametrize("factor_bits", [3, 4, 8])
+def test_fused_lowrank_quant_matmul_matches_the_reference(main_bits, factor_bits):
+    seed = (main_bits or 0) * 10 + factor_bits
+    at, b = _packed(5, 96, factor_bits, 32, False, seed), _packed(5, 160, factor_bits, 32, True, seed + 1)
+    main = (None, None, None) if main_bits is None else (lambda q: (q.packed, q.scales, q.zeros))(
+        _packed(96, 160, main_bits, 32, False, seed + 2))
+    d = torch.rand(5) + 0.5
+    for rows in (1, 4, 7):
+        x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(seed + rows))
+        args = (*main, main_bits or 4, 32, at.packed, at.scales, at.zeros, d, b.packed, b.scales, b.zeros,
+                factor_bits, 32)
+        got = qg.lowrank_quant_matmul(x, *args)
+        want = qg.lowrank_quant_matmul_reference(x.double(), *args)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_inputs_the_kernel_does_not_take_use_the_reference():
     qw = _packed(5, 64, 4, 32, False, 0)
     many = torch.randn(qg.MAX_ROWS + 1, 64)               # a GEMM: dequantize once
@@ -73,9 +100,7 @@ def test_kernel_refuses_inconsistent_operands():
 @needs_kernel
 def test_registered_op_kernels_take_decode_and_match_the_default_implementation(monkeypatch):
     enable_cpu_kernels()
-    calls = []
-    real = qg.quant_matmul
-    monkeypatch.setattr(qg, "quant_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls = _count_kernel_calls(monkeypatch)
     qw = _packed(37, 128, 3, 64, False, 3)
     bias = torch.randn(37)
     x = torch.randn(1, 1, 128)
@@ -94,9 +119,7 @@ def test_registered_op_kernels_take_decode_and_match_the_default_implementation(
 @pytest.mark.parametrize("factor_bits", [4, 16])
 def test_registered_lowrank_kernel_matches_the_default_implementation(with_main, factor_bits, monkeypatch):
     enable_cpu_kernels()
-    calls = []
-    real = qg.quant_gemv_t
-    monkeypatch.setattr(qg, "quant_gemv_t", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_kernel_calls(monkeypatch)
     main = _packed(64, 128, 3, 64, False, 6)
     if factor_bits == 16:
         at = (torch.randn(6, 64).half(), None, None)
@@ -107,11 +130,13 @@ def test_registered_lowrank_kernel_matches_the_default_implementation(with_main,
     args = ((main.packed, main.scales, main.zeros) if with_main else (None, None, None)) + at + (
         torch.rand(6) + 0.5,) + b + (torch.randn(64),)
     group = 32
-    for x in (torch.randn(1, 128), torch.randn(3, 1, 128), torch.randn(4, 5, 128)):
-        got = torch.ops.sparsefx.lowrank_quant_linear(x, *args, 3, 64, factor_bits, group)
+    xs = (torch.randn(1, 128), torch.randn(3, 1, 128), torch.randn(4, 5, 128))
+    gots = [torch.ops.sparsefx.lowrank_quant_linear(x, *args, 3, 64, factor_bits, group) for x in xs]
+    # the two small batches take the kernel (fp16 factors: only the main weight's); 20 rows take the GEMMs
+    assert len(calls) == 2 * (with_main if factor_bits == 16 else 1)
+    for x, got in zip(xs, gots):
         torch.testing.assert_close(got, lowrank_quant_linear_math(x, *args, 3, 64, factor_bits, group),
                                    rtol=1e-4, atol=1e-4)
-    assert len(calls) == (2 if factor_bits == 4 else 0)     # the two small batches; 20 rows take the GEMMs
 
 
 @needs_kernel
@@ -127,9 +152,7 @@ def test_prepared_quantized_model_decodes_through_the_kernel_with_the_same_outpu
         ref = model(prompt, use_cache=True)
         ref_next = model(prompt[:, -1:] * 0 + 5, past_key_values=ref.past_key_values, use_cache=True).logits
     assert prepare_cpu_decode(model) == 7 * model.config.num_hidden_layers
-    calls = []
-    real = qg.quant_matmul
-    monkeypatch.setattr(qg, "quant_matmul", lambda *a: calls.append(1) or real(*a))
+    calls = _count_kernel_calls(monkeypatch)
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         nxt = model(prompt[:, -1:] * 0 + 5, past_key_values=out.past_key_values, use_cache=True).logits

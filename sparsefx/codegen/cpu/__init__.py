@@ -48,7 +48,7 @@ def _quant_linear_cpu(x, packed, scales, zeros, bias, bits, group_size):
 def _lowrank_quant_linear_cpu(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales,
                               b_zeros, bias, bits, group_size, factor_bits, factor_group):
     from ...ir.ops import lowrank_quant_linear_math
-    from .quant_gemv import kernel_available, quant_gemv_t, quant_matmul, takes_input
+    from .quant_gemv import kernel_available, lowrank_quant_matmul, quant_matmul, takes_input
 
     x2 = x.reshape(-1, x.shape[-1])
     main_ok = packed is None or kernel_available(x2, packed, scales, zeros, bits)
@@ -60,11 +60,9 @@ def _lowrank_quant_linear_cpu(x, packed, scales, zeros, at_packed, at_scales, at
         u = F.linear(x2, b_packed.float()) * d.float()
         low = u @ at_packed.float()
         y = low if packed is None else quant_matmul(x2, packed, scales, zeros, bits, group_size).add_(low)
-    else:                   # packed factors: x B^T through the kernel, then u deq(A^T) added into y in place
-        u = quant_matmul(x2, b_packed, b_scales, b_zeros, factor_bits, factor_group) * d.float()
-        y = (x2.new_zeros(x2.shape[0], at_packed.shape[1] * 8 // factor_bits) if packed is None
-             else quant_matmul(x2, packed, scales, zeros, bits, group_size))
-        quant_gemv_t(u, at_packed, at_scales, at_zeros, factor_bits, factor_group, out=y)
+    else:                   # packed factors: the whole linear in one kernel call
+        y = lowrank_quant_matmul(x2, packed, scales, zeros, bits, group_size, at_packed, at_scales, at_zeros, d,
+                                 b_packed, b_scales, b_zeros, factor_bits, factor_group)
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
 

@@ -189,14 +189,10 @@ static void check_packed(const torch::Tensor& packed, const torch::Tensor& scale
               zeros.sizes() == scales.sizes()), "zeros must be uint8 like scales, or empty (symmetric)");
 }
 
-// y = x @ deq(W)^T. x: [M, in] fp32 contiguous; W packed [out, in * bits / 8], scales fp16 [out, in / gs],
-// zeros uint8 [out, in / gs] or empty (symmetric: zero 2^(bits-1)). Returns y: [M, out] fp32.
-torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
-                           int64_t bits, int64_t gs) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous fp32 [M, in]");
-  const int64_t M = x.size(0), in = x.size(1), out = packed.size(0), groups = in / std::max<int64_t>(gs, 1);
-  check_packed(packed, scales, zeros, bits, gs, in);
-  const float* x0 = x.data_ptr<float>();
+// y[M, out] = x @ deq(W)^T for x: [M, in] fp32 (row-major), W packed [out, in * bits / 8] (checked by the caller).
+static void matmul_into(const float* x0, int64_t M, int64_t in, const torch::Tensor& packed, const torch::Tensor& scales,
+                        const torch::Tensor& zeros, int64_t bits, int64_t gs, float* yp) {
+  const int64_t out = packed.size(0), groups = in / gs;
   std::vector<float> xsum((size_t)(M * groups), 0.0f);    // per-group sums of x, for the zero points
   std::vector<float> xperm((size_t)(M * in));              // x in codes32's lane order, chunk by chunk
   int order[32];
@@ -207,13 +203,11 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
       for (int j = 0; j < 32; ++j) xperm[m * in + c + j] = x0[m * in + c + order[j]];
   }
   const float* xp = xperm.data();
-  auto y = torch::empty({M, out}, x.options());
   const float* sp = xsum.data();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const at::Half* scp = scales.data_ptr<at::Half>();
   const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
   const float zsym = (float)(1 << (bits - 1));
-  float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
     switch (bits) {
       case 2: rows_any<2>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
@@ -222,6 +216,20 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
       default: rows_any<8>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
     }
   });
+}
+
+static void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous fp32 [M, in]");
+}
+
+// y = x @ deq(W)^T. x: [M, in] fp32 contiguous; W packed [out, in * bits / 8], scales fp16 [out, in / gs],
+// zeros uint8 [out, in / gs] or empty (symmetric: zero 2^(bits-1)). Returns y: [M, out] fp32.
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
+                           int64_t bits, int64_t gs) {
+  check_x(x);
+  check_packed(packed, scales, zeros, bits, gs, x.size(1));
+  auto y = torch::empty({x.size(0), packed.size(0)}, x.options());
+  matmul_into(x.data_ptr<float>(), x.size(0), x.size(1), packed, scales, zeros, bits, gs, y.data_ptr<float>());
   return y;
 }
 
@@ -252,21 +260,13 @@ static void cols(int64_t M, const float* u, int64_t r, const uint8_t* packed, co
   }
 }
 
-// y += u @ deq(At): u [M, r] fp32, At packed [r, out * bits / 8] (groups along out), y [M, out] fp32 (in place).
-void quant_gemv_t(torch::Tensor u, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
-                  int64_t gs, torch::Tensor y) {
-  TORCH_CHECK(u.dim() == 2 && u.scalar_type() == torch::kFloat && u.is_contiguous() && u.size(1) == packed.size(0),
-              "u must be contiguous fp32 [M, r]");
-  const int64_t M = u.size(0), r = u.size(1), out = y.size(1);
-  check_packed(packed, scales, zeros, bits, gs, out);
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.scalar_type() == torch::kFloat && y.is_contiguous(),
-              "y must be contiguous fp32 [M, out]");
-  const float* up = u.data_ptr<float>();
+// y += u @ deq(At) for u: [M, r] fp32 (row-major), At packed [r, out * bits / 8] (checked by the caller).
+static void gemv_t_into(const float* up, int64_t M, int64_t r, const torch::Tensor& packed, const torch::Tensor& scales,
+                        const torch::Tensor& zeros, int64_t bits, int64_t gs, float* yp, int64_t out) {
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const at::Half* scp = scales.data_ptr<at::Half>();
   const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
   const float zsym = (float)(1 << (bits - 1));
-  float* yp = y.data_ptr<float>();
   at::parallel_for(0, out / gs, 4, [&](int64_t g0, int64_t g1) {
     switch (bits) {
       case 2: cols<2>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
@@ -275,6 +275,48 @@ void quant_gemv_t(torch::Tensor u, torch::Tensor packed, torch::Tensor scales, t
       default: cols<8>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
     }
   });
+}
+
+// y += u @ deq(At): u [M, r] fp32, At packed [r, out * bits / 8] (groups along out), y [M, out] fp32 (in place).
+void quant_gemv_t(torch::Tensor u, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                  int64_t gs, torch::Tensor y) {
+  TORCH_CHECK(u.dim() == 2 && u.scalar_type() == torch::kFloat && u.is_contiguous() && u.size(1) == packed.size(0),
+              "u must be contiguous fp32 [M, r]");
+  check_packed(packed, scales, zeros, bits, gs, y.size(1));
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == u.size(0) && y.scalar_type() == torch::kFloat && y.is_contiguous(),
+              "y must be contiguous fp32 [M, out]");
+  gemv_t_into(u.data_ptr<float>(), u.size(0), u.size(1), packed, scales, zeros, bits, gs, y.data_ptr<float>(),
+              y.size(1));
+}
+
+// DAM's whole linear in one call: y = x @ deq(Q)^T + ((x @ deq(B)^T) * d) @ deq(At), factors packed with
+// factor_bits / factor_group; an empty `packed` means no main weight. Returns y: [M, out] fp32.
+torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
+                                   int64_t bits, int64_t gs, torch::Tensor at_packed, torch::Tensor at_scales,
+                                   torch::Tensor at_zeros, torch::Tensor d, torch::Tensor b_packed,
+                                   torch::Tensor b_scales, torch::Tensor b_zeros, int64_t fbits, int64_t fgs) {
+  check_x(x);
+  const int64_t M = x.size(0), in = x.size(1), r = b_packed.size(0), out = at_packed.size(1) * 8 / fbits;
+  check_packed(b_packed, b_scales, b_zeros, fbits, fgs, in);
+  check_packed(at_packed, at_scales, at_zeros, fbits, fgs, out);
+  TORCH_CHECK(at_packed.size(0) == r && d.numel() == r && d.scalar_type() == torch::kFloat && d.is_contiguous(),
+              "factors and d must share the rank (d fp32 [r])");
+  const bool main = packed.numel() > 0;
+  if (main) {
+    check_packed(packed, scales, zeros, bits, gs, in);
+    TORCH_CHECK(packed.size(0) == out, "main weight and factors disagree on out_features");
+  }
+  auto y = main ? torch::empty({M, out}, x.options()) : torch::zeros({M, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (main) matmul_into(xp, M, in, packed, scales, zeros, bits, gs, yp);
+  std::vector<float> u((size_t)(M * r));
+  matmul_into(xp, M, in, b_packed, b_scales, b_zeros, fbits, fgs, u.data());
+  const float* dp = d.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < r; ++k) u[m * r + k] *= dp[k];
+  gemv_t_into(u.data(), M, r, at_packed, at_scales, at_zeros, fbits, fgs, yp, out);
+  return y;
 }
 """
 
@@ -309,7 +351,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="sparsefx_quant_gemv_v4", cpp_sources=[_CPP], functions=["quant_matmul", "quant_gemv_t"],
+        return load_inline(name="sparsefx_quant_gemv_v5", cpp_sources=[_CPP], functions=["quant_matmul", "quant_gemv_t", "lowrank_quant_matmul"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
         log.warning("quant_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
@@ -334,6 +376,12 @@ def kernel_available(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
 
 
 _NO_ZEROS = torch.empty(0, dtype=torch.uint8)
+_NO_SCALES = torch.empty(0, dtype=torch.float16)
+
+
+def _zeros_arg(zeros: torch.Tensor | None) -> torch.Tensor:
+    """Zero points as the kernels take them: contiguous uint8, or an empty tensor for symmetric groups."""
+    return _NO_ZEROS if zeros is None else zeros.contiguous()
 
 
 def quant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -353,7 +401,7 @@ def quant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
         y = quant_matmul_reference(x2, packed, scales, zeros, bits, group_size)
     else:
         y = _extension().quant_matmul(x2.contiguous(), packed.contiguous(), scales.contiguous(),
-                                      _NO_ZEROS if zeros is None else zeros.contiguous(), bits, group_size)
+                                      _zeros_arg(zeros), bits, group_size)
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
@@ -376,5 +424,44 @@ def quant_gemv_t(u: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     if out is None:
         out = u.new_zeros(u.shape[0], n_out)
     _extension().quant_gemv_t(u.contiguous(), packed.contiguous(), scales.contiguous(),
-                              _NO_ZEROS if zeros is None else zeros.contiguous(), bits, group_size, out)
+                              _zeros_arg(zeros), bits, group_size, out)
     return out
+
+
+def lowrank_quant_matmul_reference(x, packed, scales, zeros, bits, group_size, at_packed, at_scales, at_zeros, d,
+                                   b_packed, b_scales, b_zeros, factor_bits, factor_group) -> torch.Tensor:
+    """``x @ deq(Q)ᵀ + ((x @ deq(B)ᵀ) * d) @ deq(Aᵀ)`` (``packed`` None: no main weight), all factors packed."""
+    u = quant_matmul_reference(x, b_packed, b_scales, b_zeros, factor_bits, factor_group) * d.to(x.dtype)
+    y = quant_gemv_t_reference(u, at_packed, at_scales, at_zeros, factor_bits, factor_group)
+    return y if packed is None else y + quant_matmul_reference(x, packed, scales, zeros, bits, group_size)
+
+
+def lowrank_quant_matmul(x, packed, scales, zeros, bits, group_size, at_packed, at_scales, at_zeros, d, b_packed,
+                         b_scales, b_zeros, factor_bits, factor_group) -> torch.Tensor:
+    """DAM's linear (without bias) in one kernel call for packed factors: ``x: [..., in] -> [..., out]`` (see
+    ``lowrank_quant_matmul_reference``); the reference where the kernel does not apply.
+
+    Example:
+        >>> from sparsefx.ir.qformat import QuantSpec
+        >>> from sparsefx.passes.quant import quantize_rtn
+        >>> q, at, b = (quantize_rtn(torch.randn(*s), QuantSpec(4, 64)) for s in ((192, 128), (8, 192), (8, 128)))
+        >>> lowrank_quant_matmul(torch.randn(1, 128), q.packed, q.scales, q.zeros, 4, 64, at.packed, at.scales,
+        ...                      at.zeros, torch.ones(8), b.packed, b.scales, b.zeros, 4, 64).shape
+        torch.Size([1, 192])
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    usable = (kernel_available(x2, at_packed, at_scales, at_zeros, factor_bits)
+              and kernel_available(x2, b_packed, b_scales, b_zeros, factor_bits)
+              and (packed is None or kernel_available(x2, packed, scales, zeros, bits)))
+    if not usable:
+        y = lowrank_quant_matmul_reference(x2, packed, scales, zeros, bits, group_size, at_packed, at_scales,
+                                           at_zeros, d, b_packed, b_scales, b_zeros, factor_bits, factor_group)
+    else:
+        # no main weight: empty tensors (the kernel then skips it)
+        main = ((_NO_ZEROS, _NO_SCALES, _NO_ZEROS, 4) if packed is None
+                else (packed.contiguous(), scales.contiguous(), _zeros_arg(zeros), bits))
+        y = _extension().lowrank_quant_matmul(
+            x2.contiguous(), *main, group_size, at_packed.contiguous(), at_scales.contiguous(), _zeros_arg(at_zeros),
+            d.float().contiguous(), b_packed.contiguous(), b_scales.contiguous(), _zeros_arg(b_zeros), factor_bits,
+            factor_group)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
