@@ -125,6 +125,13 @@ class ThresholdedAct(nn.Module):
         return f"t={self.t:.4g}"
 
 
+def _call_directly(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a prepared module calls its op's CPU kernel as a plain function: the op dispatcher costs tens of us
+    per call (x 200 linears per decoded token). Not under torch.compile (the op is traced) or autograd."""
+    return (module.decode_kernel is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
 class QuantLinear(nn.Module):
     """Eager twin of ``sparsefx::quant_linear``: a linear whose weight is stored packed (``ir/qformat.py``). It holds
     no dense weight, so the model shrinks in memory and in its artifact."""
@@ -139,6 +146,7 @@ class QuantLinear(nn.Module):
         for key, t in (("qweight_packed", qweight.packed), ("qweight_scales", qweight.scales),
                        ("qweight_zeros", qweight.zeros)):
             self.register_buffer(key, t, persistent=False)
+        self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: the op's CPU kernel (same signature)
 
     @property
     def qweight(self):
@@ -148,8 +156,9 @@ class QuantLinear(nn.Module):
                                (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        return torch.ops.sparsefx.quant_linear(x, self.qweight_packed, self.qweight_scales, self.qweight_zeros,
-                                               self.bias, self.spec.bits, self.spec.group_size)
+        op = self.decode_kernel if _call_directly(self, x) else torch.ops.sparsefx.quant_linear
+        return op(x, self.qweight_packed, self.qweight_scales, self.qweight_zeros, self.bias, self.spec.bits,
+                  self.spec.group_size)
 
     def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         qw = self.qweight
@@ -185,13 +194,15 @@ class LowRankQuantLinear(nn.Module):
         self.in_features, self.out_features = int(attrs["in_features"]), int(attrs["out_features"])
         for key in BUFFERS:
             self.register_buffer(key, tensors.get(key), persistent=False)
+        self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: the op's CPU kernel (same signature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         from ..passes.dam import BUFFERS
 
         a = self.attrs
-        return torch.ops.sparsefx.lowrank_quant_linear(x, *(getattr(self, k) for k in BUFFERS), self.bias, a["bits"],
-                                                       a["group_size"], a["factor_bits"], a["factor_group"])
+        op = self.decode_kernel if _call_directly(self, x) else torch.ops.sparsefx.lowrank_quant_linear
+        return op(x, *(getattr(self, k) for k in BUFFERS), self.bias, a["bits"], a["group_size"], a["factor_bits"],
+                  a["factor_group"])
 
     def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         from ..passes.dam import BUFFERS

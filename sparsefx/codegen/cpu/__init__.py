@@ -108,7 +108,10 @@ def prepare_cpu_decode(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, (QuantLinear, LowRankQuantLinear)):
-            count += 1          # packed storage is what the kernel reads: nothing to re-store
+            # packed storage is what the kernel reads: nothing to re-store; the module skips the dispatcher
+            module.decode_kernel = (_quant_linear_cpu if isinstance(module, QuantLinear)
+                                    else _lowrank_quant_linear_cpu)
+            count += 1
         elif isinstance(module, TieredLinear):
             own_medium = module.has_medium_weights
             module.weight = nn.Parameter(_transposed_storage(module.weight.data),
