@@ -13,20 +13,18 @@ Writes bench/results/kernel_quant_gemv.csv and .json.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sparsefx.codegen.cpu.quant_gemv import _extension, quant_matmul, quant_matmul_reference
-from sparsefx.experiments import interleaved_medians, run_meta, write_results
+from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, interleaved_medians, kernel_bench_parser, run_meta,
+                                  write_results)
 from sparsefx.ir.ops import quant_linear_math
 from sparsefx.ir.qformat import QuantSpec
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
 BITS = [8, 4, 3, 2]
-COLD_BYTES = 512e6  # well past this machine's last-level cache
 
 
 def _random_packed(out_f: int, in_f: int, spec: QuantSpec, gen: torch.Generator):
@@ -39,20 +37,18 @@ def _random_packed(out_f: int, in_f: int, spec: QuantSpec, gen: torch.Generator)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=100, help="calls per variant, in 5 interleaved rounds")
+    ap = kernel_bench_parser(Path(__file__).parent / "results")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--rows", type=int, default=1, help="tokens per call (decode: 1)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if _extension() is None:
         raise SystemExit("the C++ kernel did not build; nothing to benchmark")
     rows = []
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in KERNEL_SHAPES:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(args.rows, in_f, generator=gen)
-        dense_copies = max(2, int(COLD_BYTES // (out_f * in_f * 4)))
+        dense_copies = cold_copies(out_f * in_f * 4)
         ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(dense_copies)]
         state: dict = {}
 
@@ -66,7 +62,7 @@ def main() -> None:
         packs = {}
         for bits in BITS:
             spec = QuantSpec(bits, args.group_size, args.symmetric)
-            n = max(2, int(COLD_BYTES // (out_f * in_f * spec.bits_per_weight / 8)))
+            n = cold_copies(out_f * in_f * spec.bits_per_weight / 8)
             packs[bits] = [_random_packed(out_f, in_f, spec, gen) for _ in range(n)]
             p0 = packs[bits][0]
             torch.testing.assert_close(quant_matmul(x, *p0, bits, args.group_size),

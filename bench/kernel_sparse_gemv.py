@@ -12,29 +12,24 @@ Writes bench/results/kernel_sparse_gemv.csv and .json.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from sparsefx.experiments import interleaved_medians, run_meta, write_results
+from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, interleaved_medians, kernel_bench_parser, run_meta,
+                                  write_results)
 from sparsefx.codegen.cpu.sparse_gemv import _extension, sparse_gemv, sparse_gemv_reference
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
 SPARSITIES = [0.0, 0.4, 0.5, 0.6, 0.75]
-COLD_BYTES = 512e6  # well past this machine's last-level cache
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=100, help="calls per variant, in 5 interleaved rounds")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = kernel_bench_parser(Path(__file__).parent / "results").parse_args()
     if _extension() is None:
         raise SystemExit("the C++ kernel did not build; nothing to benchmark")
     rows = []
-    for out_f, in_f in SHAPES:
-        copies = max(2, int(COLD_BYTES // (out_f * in_f * 4)))
+    for out_f, in_f in KERNEL_SHAPES:
+        copies = cold_copies(out_f * in_f * 4)
         gen = torch.Generator().manual_seed(0)
         ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(copies)]
         wts = [w.t().contiguous() for w in ws]

@@ -5,6 +5,7 @@ Used by ``sparsefx demo`` and by the benchmarks in ``bench/``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import time
@@ -83,6 +84,25 @@ def _row(name, res, dense, compress_s, effective, bits_per_weight=None) -> dict:
         "eval_tokens": res.tokens,
         "compress_s": round(compress_s, 1),
     }
+
+
+# Kernel benchmarks (bench/kernel_*.py): the [out, in] shapes of DEVELOPERS.md, and how many bytes of weight copies
+# a benchmark cycles through so that every call reads its weights from DRAM, as decode does.
+KERNEL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
+COLD_BYTES = 512e6  # well past this machine's last-level cache
+
+
+def cold_copies(nbytes: float) -> int:
+    """How many copies of a weight of ``nbytes`` bytes add up to ``COLD_BYTES`` (at least 2)."""
+    return max(2, int(COLD_BYTES // nbytes))
+
+
+def kernel_bench_parser(out_default) -> argparse.ArgumentParser:
+    """The arguments every kernel benchmark takes: ``--reps`` and ``--out``."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=100, help="calls per variant, in 5 interleaved rounds")
+    ap.add_argument("--out", default=str(out_default))
+    return ap
 
 
 def interleaved_medians(fns: dict, reps: int, rounds: int = 5) -> dict:
