@@ -12,7 +12,10 @@ the table gives median tokens/s and the ratio to dense. Writes bench/results/dec
 
 ``--compile`` adds ``dense+inductor`` (``torch.compile(dense)``) and ``<recipe>+sparsefx`` (``torch.compile(model,
 backend="sparsefx")``: Inductor around the C++ decode kernel) for every recipe, and compares each compiled model's
-prompt logits with its eager twin's (max |difference| and top-1 agreement over the prompt positions).
+prompt logits with its eager twin's (max |difference| and top-1 agreement over the prompt positions), next to the
+eager model's own change under 1e-7 relative noise on its input embeddings. The prompt is the start of the eval
+text: on random token ids, thresholded models are chaotic (1e-7 noise changed 44 % of the top-1 predictions of
+DAWS-50 in eager alone), on text they are not.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from sparsefx.codegen.cpu import prepare_cpu_decode
-from sparsefx.data import PROTOCOL, calibration_batches
+from sparsefx.data import PROTOCOL, calibration_batches, eval_windows
 from sparsefx.experiments import print_table, run_meta, write_results
 from sparsefx.models import load_model
 from sparsefx.passes.config import resolve_recipe
@@ -76,7 +79,8 @@ def main() -> None:
         bits[name] = next((r.details["bits_per_weight"] for r in reversed(result.reports)
                            if "bits_per_weight" in r.details), None)
         variants[name] = (model, effective)
-    prompt = torch.randint(100, 10000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    # the prompt: the start of the eval text (real text: see the module docstring on sensitivity)
+    prompt = eval_windows(tok, PROTOCOL)[:1, :args.prompt]
     diffs = {}
     if args.compile:
         for name, (model, effective) in list(variants.items()):
@@ -84,11 +88,16 @@ def main() -> None:
             compiled = torch.compile(model, backend=backend)
             with torch.inference_mode():
                 a, b = compiled(prompt).logits, model(prompt).logits
-                # thresholded routing is discontinuous: Inductor's reassociated fp32 sums (e.g. in RMSNorm) move
-                # some |x| across a threshold, so compare the prediction too, not only the logits
-                diffs[f"{name}+{backend}"] = {"max_abs_logit_diff_vs_eager": float((a - b).abs().max()),
-                                              "top1_agree_vs_eager": float((a.argmax(-1) == b.argmax(-1))
-                                                                           .float().mean())}
+                # Thresholded routing is discontinuous: Inductor's reassociated fp32 sums (e.g. in RMSNorm) can move
+                # an |x| across a threshold, and the change cascades. As the yardstick, the eager model's own change
+                # when its input embeddings get 1e-7 relative noise.
+                emb = model.get_input_embeddings()(prompt)
+                noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(1))
+                c = model(inputs_embeds=emb * (1 + 1e-7 * noise)).logits
+                diffs[f"{name}+{backend}"] = {
+                    "max_abs_logit_diff_vs_eager": float((a - b).abs().max()),
+                    "top1_agree_vs_eager": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+                    "eager_max_abs_diff_under_1e-7_noise": float((c - b).abs().max())}
             variants[f"{name}+{backend}"] = (compiled, effective)
     speeds: dict[str, list[float]] = {name: [] for name in variants}
     for name, (model, _) in variants.items():  # warm-up (kernel build, allocator, compiles for both shapes)

@@ -56,9 +56,13 @@ def cmd_eval(args) -> int:
             raise SparsefxError(f"{args.model} holds no tokenizer; re-run `sparsefx compress`")
     else:
         model, tok = load_model(args.model)
+    if args.compile:   # the sparsefx backend: compressed ops lowered to kernels, the rest compiled by Inductor
+        import torch
+
+        model.forward = torch.compile(model.forward, backend="sparsefx", dynamic=True)
     res = evaluate(model, tok, _protocol(args), speed=not args.no_speed, progress=not args.no_progress)
-    out = res.to_dict()
-    print(f"model            {args.model}")
+    out = {**res.to_dict(), "compiled": bool(args.compile)}
+    print(f"model            {args.model}{'  (torch.compile, backend sparsefx)' if args.compile else ''}")
     print(f"perplexity       {res.ppl:.4f}  ({res.tokens} predicted tokens)")
     if res.decode_tok_s:
         print(f"decode tokens/s  {res.decode_tok_s:.2f}  (batch 1, greedy, KV cache)")
@@ -200,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--level", type=float, help="structured artifacts: fraction of prunable parameters to remove "
                                                 "(any level the artifact's ranking covers)")
     e.add_argument("--json", help="also write the result to this JSON file")
+    e.add_argument("--compile", action="store_true",
+                   help='run the model through torch.compile(backend="sparsefx") (Inductor + the kernels)')
     common(e)
     e.set_defaults(fn=cmd_eval)
 

@@ -336,6 +336,8 @@ def sparsefx_backend(gm: GraphModule, example_inputs, options: dict | None = Non
         gm, extra = bind_artifact(gm, example_inputs, opts.artifact)  # a bad artifact is an error, not a fallback
     try:
         compiled = _compile(gm, [*example_inputs, *_static_fakes(extra)], family, opts.inductor)
+    except torch._dynamo.exc.RestartAnalysis:
+        raise     # Dynamo's own control flow (it re-traces, e.g. with scalars made tensors), not a failure
     except Exception as exc:   # lowering or compiling failed: the graph still runs, without kernels
         log.warning("sparsefx backend: could not compile this graph (%s: %s); running it eagerly",
                     type(exc).__name__, str(exc)[:300])
