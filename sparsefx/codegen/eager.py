@@ -19,6 +19,14 @@ from torch.fx import GraphModule
 from ..ir.annotate import LINEAR
 
 
+def _call_directly(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a module prepared by ``prepare_cpu_decode`` calls its ``decode_kernel`` as a plain function: the op
+    dispatcher costs tens of us per call (x 200 linears per decoded token). Not under torch.compile (the op is
+    traced) or autograd."""
+    return (module.decode_kernel is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
 class TieredLinear(nn.Module):
     """Eager twin of ``sparsefx::tiered_linear``: an ``nn.Linear`` whose inputs are routed into three tiers.
 
@@ -38,9 +46,8 @@ class TieredLinear(nn.Module):
         self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: (x [in], W.T, Wm.T, t_high, t_low) -> y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        if (self.decode_kernel is not None and x.numel() == self.in_features and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):   # under torch.compile the op (and its kernel) is traced
-            # one token: call the kernel directly (the op dispatcher costs ~tens of us, x 200 linears per token)
+        if x.numel() == self.in_features and _call_directly(self, x):
+            # one token: the C++ kernel itself (its signature is not the op's), skipping the op dispatcher
             y = self.decode_kernel(x.reshape(-1), self.weight.t(), self.weight_medium.t(), self.t_high, self.t_low)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
@@ -123,13 +130,6 @@ class ThresholdedAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"t={self.t:.4g}"
-
-
-def _call_directly(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a prepared module calls its op's CPU kernel as a plain function: the op dispatcher costs tens of us
-    per call (x 200 linears per decoded token). Not under torch.compile (the op is traced) or autograd."""
-    return (module.decode_kernel is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
 
 
 class QuantLinear(nn.Module):
