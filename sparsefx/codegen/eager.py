@@ -46,7 +46,8 @@ class TieredLinear(nn.Module):
         self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: (x [in], W.T, Wm.T, t_high, t_low) -> y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        if x.numel() == self.in_features and _call_directly(self, x):
+        # _call_directly first: it is False for unprepared modules, which the backend fx-traces (x is a Proxy there)
+        if _call_directly(self, x) and x.numel() == self.in_features:
             # one token: the C++ kernel itself (its signature is not the op's), skipping the op dispatcher
             y = self.decode_kernel(x.reshape(-1), self.weight.t(), self.weight_medium.t(), self.t_high, self.t_low)
             y = y.view(*x.shape[:-1], self.out_features)
