@@ -1,21 +1,33 @@
 """Triton kernels vs torch dense (cuBLAS) on a GPU, ratios from one run; bandwidth achieved.
 
-    python bench/kernel_triton.py                    # needs CUDA; writes bench/results/kernel_triton_<gpu>.csv/.json
+    python bench/kernel_triton.py [--tune]           # needs CUDA; writes bench/results/kernel_triton_<gpu>.csv/.json
 
 Decode shapes (batch 1) of DEVELOPERS.md, weights in bf16 (tiered) or packed codes (quant):
-  * tiered GEMV (TEAL-style single tier and DAWS's two tiers) at 0/40/50/75 % activation sparsity vs ``F.linear``;
-  * dequant GEMV at 4 and 3 bits (group 128, asymmetric) and DAM's fused low-rank epilogue (rank 64) vs bf16
-    ``F.linear``.
-Times are medians of ``triton.testing.do_bench`` (which flushes the L2 cache between calls: weights come from HBM, as
-in decode). Bandwidth = bytes the kernel must read / time, also as a fraction of a device-to-device copy's rate
-(the achievable peak, measured in the same run). Each kernel runs with its autotune-cache config when
-``sparsefx autotune`` has filled it, else its heuristic.
+  * tiered GEMV (TEAL-style single tier and DAWS's two tiers) at 0/40/50/75 % activation sparsity;
+  * dequant GEMV at 4 and 3 bits (group 128, asymmetric): the general kernel (``qmm``, element-wise dequantization)
+    and, at 4 bits, the GEMV kernel (``quant_gemv``, byte loads split in registers); DAM's whole linear (rank-64
+    4-bit factors: projection launch + main product with the low-rank epilogue).
+Every row is against the best dense bf16 path of the same run (``F.linear`` on ``[in]`` and on ``[1, in]``, the
+faster). Times are GPU time per call (``autotune.graph_us``): the calls of a variant run over enough copies of its
+weights to overflow L2 (weights come from HBM, as in decode) and are captured in a CUDA graph, so Python's launch
+overhead (tens of microseconds per kernel, more than a kernel takes) is not counted, as decode with CUDA graphs
+does not pay it. Bandwidth = bytes the kernel must read / time, also as a fraction of a device-to-device
+copy's rate (the achievable peak, measured in the same run). ``config``: ``heuristic`` (the launcher's default) or
+``tuned`` (``--tune`` first runs ``autotune.tune_triton`` over these shapes in bf16 and stores the winners in the
+autotune cache; rows then show both).
+
+``--smoke`` runs the same code on one tiny shape on CPU under ``TRITON_INTERPRET=1`` with wall-clock timing (and a
+throw-away autotune cache): it checks that the script runs (the test suite does this), its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,76 +36,149 @@ from torch.nn import functional as F
 from sparsefx.experiments import print_table, run_meta, write_results
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]     # [out, in]
+SMOKE_SHAPES = [(128, 256)]
 SPARSITIES = [0.0, 0.4, 0.5, 0.75]
+RANK = 64
 
 
-def _copy_gbs(do_bench) -> float:
-    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+def _wall_clock_us(fns) -> float:
+    """Microseconds of the first of ``fns`` by wall clock (``--smoke`` on CPU, where there are no CUDA graphs)."""
+    fn = fns[0]
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _copy_gbs(time_us, device, numel: int) -> float:
+    src = torch.empty(numel, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
+    return 2 * src.numel() / (time_us([lambda: dst.copy_(src)]) * 1e-6) / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tune", action="store_true", help="autotune these shapes first and time tuned configs too")
+    ap.add_argument("--reps", type=int, default=20, help="milliseconds of graph replays per config while tuning")
+    ap.add_argument("--tune-bits", type=int, nargs="+", default=[4, 3],
+                    help="bit widths of the quantized kernels to tune (others keep what the autotune cache has)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU under the Triton interpreter")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/kernel_triton.py needs a CUDA GPU (the CPU numbers are in bench/kernel_sparse_gemv.py)")
-    from triton.testing import do_bench
-
-    from sparsefx.codegen.triton.quant import Packed, quant_matmul
-    from sparsefx.codegen.triton.tiered import tiered_gemv
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"          # read when the kernel modules are first imported (below)
+        os.environ["SPARSEFX_AUTOTUNE_CACHE"] = os.path.join(tempfile.mkdtemp(), "autotune.json")
+        device, shapes, time_us, max_configs = "cpu", SMOKE_SHAPES, _wall_clock_us, 2
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench/kernel_triton.py needs a CUDA GPU (the CPU numbers are in bench/kernel_sparse_gemv.py; "
+                         "--smoke checks the script on CPU)")
+    else:
+        device, shapes, max_configs = "cuda", SHAPES, None
+    from sparsefx.codegen import autotune
+    from sparsefx.experiments import cold_copies
+    from sparsefx.codegen.triton import quant as tq
+    from sparsefx.codegen.triton import tiered as tt
     from sparsefx.ir.qformat import QuantSpec
     from sparsefx.passes.quant import quantize_rtn
 
-    peak = _copy_gbs(do_bench)
+    if args.tune:
+        wanted = {"tiered_gemv": {(i, o) for o, i in shapes},
+                  "quant_matmul": {(1, i, o, b) for o, i in shapes for b in args.tune_bits}
+                  | {(1, i, RANK, 4) for _, i in shapes}}
+        found = autotune.tune_triton(wanted, device, sparsities=(0.5,), reps=args.reps, max_configs=max_configs,
+                                     dtype=torch.bfloat16, progress=lambda r: print("tuned", r, flush=True))
+        autotune.store([{**r, "sparsity": None} for r in found], device)
+    configs = ["heuristic", "tuned"] if args.tune else ["heuristic"]
+
+    if not args.smoke:
+        time_us = autotune.graph_us
+    peak = _copy_gbs(time_us, device, 1 << (14 if args.smoke else 28))
     rows = []
 
-    def row(kernel, shape, variant, us, dense_us, nbytes):
-        gbs = nbytes / (us * 1e-6) / 1e9
-        rows.append({"kernel": kernel, "shape": f"{shape[0]}x{shape[1]}", "variant": variant, "us": round(us, 2),
-                     "dense_us": round(dense_us, 2), "speedup": round(dense_us / us, 3), "GB_s": round(gbs, 1),
-                     "frac_copy_bw": round(gbs / peak, 3)})
+    def copies(*tensors):
+        """Per cold copy, a tuple of copies of ``tensors`` (the first is the original)."""
+        n = 1 if args.smoke else cold_copies(sum(t.numel() * t.element_size() for t in tensors))
+        return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
-    for out_f, in_f in SHAPES:
-        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+    def bench(fn, sets) -> float:
+        """GPU microseconds of ``fn(*set)`` per call, over the cold copies ``sets``."""
+        return time_us([lambda c=c: fn(*c) for c in sets])
+
+    def row(kernel, shape, variant, config, us, dense_us, nbytes):
+        gbs = nbytes / (us * 1e-6) / 1e9
+        rows.append({"kernel": kernel, "shape": f"{shape[0]}x{shape[1]}", "variant": variant, "config": config,
+                     "us": round(us, 2), "dense_us": round(dense_us, 2), "speedup": round(dense_us / us, 3),
+                     "GB_s": round(gbs, 1), "frac_copy_bw": round(gbs / peak, 3)})
+
+    def packed(w, bits):
+        q = quantize_rtn(w.float().cpu(), QuantSpec(bits, 128))
+        return tq.Packed(q.packed.to(device), q.scales.to(device), q.zeros.to(device), bits, 128), q.nbytes
+
+    def packed_copies(*ps):
+        """Cold copies of packed matrices (codes, scales and zeros copied)."""
+        flat = [t for p in ps for t in (p.packed, p.scales, p.zeros)]
+        return [tuple(tq.Packed(*c[3 * i:3 * i + 3], p.bits, p.group) for i, p in enumerate(ps))
+                for c in copies(*flat)]
+
+    for out_f, in_f in shapes:
+        shape = (out_f, in_f)
+        w = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16)
         wt = w.t().contiguous()
         wm = (w * (torch.rand_like(w, dtype=torch.float32) > 0.5)).t().contiguous()
-        x = torch.randn(in_f, device="cuda", dtype=torch.bfloat16)
-        dense_us = do_bench(lambda: F.linear(x, w), return_mode="median") * 1e3
-        for s in SPARSITIES:
-            t = float(x.float().abs().quantile(s)) if s > 0 else 0.0
-            us = do_bench(lambda: tiered_gemv(x, wt, None, t, t), return_mode="median") * 1e3
-            row("tiered_gemv", (out_f, in_f), f"teal s={s:.2f}", us, dense_us, (1 - s) * wt.numel() * 2)
-            # DAWS: the same kept fraction split in two tiers (half high, half medium)
-            th = float(x.float().abs().quantile(min(0.99, s + (1 - s) / 2))) if s > 0 else 0.0
-            us = do_bench(lambda: tiered_gemv(x, wt, wm, th, t), return_mode="median") * 1e3
-            row("tiered_gemv", (out_f, in_f), f"daws s={s:.2f}", us, dense_us, (1 - s) * wt.numel() * 2)
+        x = torch.randn(in_f, device=device, dtype=torch.bfloat16)
+        ws, wts = copies(w), copies(wt, wm)
+        dense_us = min(bench(lambda w: F.linear(x, w), ws), bench(lambda w: F.linear(x[None], w), ws))
+        row("dense", shape, "F.linear bf16", "torch", dense_us, dense_us, w.numel() * 2)
+        for config in configs:
+            # heuristic: the launcher's default, passed explicitly; tuned: None, so the launcher reads the cache
+            tcfg = tt.default_gemv_config(in_f, out_f) if config == "heuristic" else None
+            for s in SPARSITIES:
+                t = float(x.float().abs().quantile(s)) if s > 0 else 0.0
+                us = bench(lambda wt, wm: tt.tiered_gemv(x, wt, None, t, t, config=tcfg), wts)
+                row("tiered_gemv", shape, f"teal s={s:.2f}", config, us, dense_us, (1 - s) * wt.numel() * 2)
+                # DAWS: the same kept fraction split in two tiers (half high, half medium)
+                th = float(x.float().abs().quantile(min(0.99, s + (1 - s) / 2))) if s > 0 else 0.0
+                us = bench(lambda wt, wm: tt.tiered_gemv(x, wt, wm, th, t, config=tcfg), wts)
+                row("tiered_gemv", shape, f"daws s={s:.2f}", config, us, dense_us, (1 - s) * wt.numel() * 2)
+        del ws, wts
         xq = x[None]
+        pa, a_bytes = packed(torch.randn(RANK, out_f), 4)
+        pb, b_bytes = packed(torch.randn(RANK, in_f), 4)
+        d = torch.ones(RANK, device=device, dtype=torch.float16)
         for bits in (4, 3):
-            qw = quantize_rtn(w.float().cpu(), QuantSpec(bits, 128))
-            p = Packed(qw.packed.cuda(), qw.scales.cuda(), qw.zeros.cuda(), bits, 128)
-            us = do_bench(lambda: quant_matmul(xq, p), return_mode="median") * 1e3
-            row("quant_matmul", (out_f, in_f), f"int{bits} g128", us, dense_us, qw.nbytes)
-            r = 64
-            at = quantize_rtn(torch.randn(r, out_f), QuantSpec(4, 128))
-            b = quantize_rtn(torch.randn(r, in_f), QuantSpec(4, 128))
-            pa = Packed(at.packed.cuda(), at.scales.cuda(), at.zeros.cuda(), 4, 128)
-            pb = Packed(b.packed.cuda(), b.scales.cuda(), b.zeros.cuda(), 4, 128)
-            d = torch.ones(r, device="cuda", dtype=torch.float16)
+            p, q_bytes = packed(w, bits)
+            ps, dams = packed_copies(p), packed_copies(p, pa, pb)
+            gemv = tq.gemv_eligible(1, p)
+            for config in configs:
+                heur = config == "heuristic"
+                # the general kernel (tuned only where the GEMV kernel does not take the shape)
+                if heur or not gemv:
+                    qcfg = tq.default_config(1, in_f, out_f) if heur else None
+                    us = bench(lambda p: tq.quant_matmul(xq, p, config=qcfg), ps)
+                    row("quant_matmul", shape, f"int{bits} g128 qmm", config, us, dense_us, q_bytes)
+                if gemv:
+                    gcfg = tq.default_gemv_config(in_f, out_f) if heur else None
+                    us = bench(lambda p: tq.quant_gemv(xq, p, config=gcfg), ps)
+                    row("quant_matmul", shape, f"int{bits} g128 gemv", config, us, dense_us, q_bytes)
 
-            def dam():
-                tproj = quant_matmul(xq, pb, colscale=d)
-                return quant_matmul(xq, p, lowrank=(tproj, pa))
+                def dam(p, pa, pb):   # what sparsefx::triton_lowrank_quant_linear launches for one token
+                    proj = tq.quant_gemv(xq, pb, colscale=d, config=tq.default_gemv_config(in_f, RANK) if heur else None)
+                    if gemv:
+                        return tq.quant_gemv(xq, p, lowrank=(proj, pa),
+                                             config=tq.default_gemv_config(in_f, out_f) if heur else None)
+                    return tq.quant_matmul(xq, p, lowrank=(proj, pa),
+                                           config=tq.default_config(1, in_f, out_f) if heur else None)
 
-            us = do_bench(dam, return_mode="median") * 1e3
-            row("dam_fused", (out_f, in_f), f"int{bits} g128 + rank {r} int4", us, dense_us,
-                qw.nbytes + at.nbytes + b.nbytes)
-    gpu = torch.cuda.get_device_name()
+                us = bench(dam, dams)
+                row("dam_fused", shape, f"int{bits} g128 + rank {RANK} int4", config, us, dense_us,
+                    q_bytes + a_bytes + b_bytes)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpret"
     print_table(rows, f"Triton kernels on {gpu} (copy bandwidth {peak:.0f} GB/s)")
     stem = "kernel_triton_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
-    write_results(args.out, stem, rows, run_meta(device=gpu, copy_gbs=round(peak, 1)))
+    write_results(args.out, stem, rows, run_meta(device=gpu, copy_gbs=round(peak, 1), tuned=args.tune))
 
 
 if __name__ == "__main__":

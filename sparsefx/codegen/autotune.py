@@ -135,7 +135,8 @@ def store(results: list[dict], device: torch.device | str, path: Path | None = N
 
 def model_shapes(model: torch.nn.Module) -> dict[str, set]:
     """The kernel shapes a model needs, by kernel: ``tiered_gemv`` ``(in, out)`` for its linears (every
-    ``nn.Linear`` or ``TieredLinear``), ``quant_matmul`` ``(1, in, out, bits)`` for its quantized linears.
+    ``nn.Linear`` or ``TieredLinear``), ``quant_matmul`` ``(1, in, out, bits)`` for its quantized linears (tuned
+    as ``quant_gemv`` ``(in, out, bits)`` where the GEMV kernel takes them).
 
     Example:
         >>> model_shapes(tiny_model("llama"))["tiered_gemv"]  # doctest: +SKIP
@@ -155,22 +156,41 @@ def model_shapes(model: torch.nn.Module) -> dict[str, set]:
     return shapes
 
 
-def _bench(fn, reps: int, cuda: bool) -> float:
-    """Median microseconds of ``fn`` (CUDA: triton's do_bench; CPU: wall clock, after a warm-up call)."""
+def _wall_us(fn, reps: int) -> float:
+    """Median wall-clock microseconds of ``fn`` after a warm-up call (CPU)."""
     import statistics
     import time
 
     fn()
-    if cuda:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, rep=max(20, reps), return_mode="median")) * 1e3
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
+
+
+def graph_us(fns: list, rep_ms: int = 20) -> float:
+    """GPU microseconds per call of ``fns`` (calls of one kernel, each over its own copy of the weights, so that
+    weights come from device memory, not L2, as in decode), timed as CUDA-graph replays: a Python launch costs
+    tens of microseconds, more than a decode GEMV's kernel, and decode hides it the same way (CUDA graphs,
+    ``torch.compile(mode="reduce-overhead")``). Median of ``triton.testing.do_bench_cudagraph``."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(lambda: [f() for f in fns], rep=rep_ms, return_mode="median")) * 1e3 / len(fns)
+
+
+def _time(fns: list, reps: int, cuda: bool) -> float:
+    return graph_us(fns, rep_ms=max(20, reps)) if cuda else _wall_us(fns[0], reps)
+
+
+def _copies(t: torch.Tensor | None, nbytes: float, cuda: bool) -> list:
+    """Copies of ``t`` adding up to well past the GPU's L2 (``experiments.COLD_BYTES``); one on CPU (tuning there
+    times the C++ kernels elsewhere)."""
+    from ..experiments import cold_copies
+
+    n = cold_copies(nbytes) if cuda else 1
+    return [t] + [None if t is None else t.clone() for _ in range(n - 1)]
 
 
 def _tiered_inputs(k: int, n: int, sparsity: float, device, dtype):
@@ -184,7 +204,8 @@ def _tiered_inputs(k: int, n: int, sparsity: float, device, dtype):
 
 def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 50, max_configs: int | None = None,
                 dtype=torch.float16, progress=None) -> list[dict]:
-    """Time every config of the Triton kernels on each shape (and sparsity bin); return the best per key."""
+    """Time every config of the Triton kernels on each shape (and sparsity bin) with cold weights (``graph_us``);
+    return the best per key."""
     from .triton import quant as tq
     from .triton import tiered as tt
 
@@ -193,12 +214,13 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
     for k, n in sorted(shapes.get("tiered_gemv", ())):
         for s in sparsities:
             x, wt, t = _tiered_inputs(k, n, s, device, dtype)
+            wts = _copies(wt, wt.numel() * wt.element_size(), cuda)
             best = None
             for cfg in tt.gemv_configs()[:max_configs]:
-                us = _bench(lambda: tt.tiered_gemv(x, wt, None, t, t, config=cfg), reps, cuda)
+                us = _time([lambda w=w: tt.tiered_gemv(x, w, None, t, t, config=cfg) for w in wts], reps, cuda)
                 if best is None or us < best[1]:
                     best = (cfg, us)
-            dense = _bench(lambda: wt.t() @ x, reps, cuda)
+            dense = _time([lambda w=w: w.t() @ x for w in wts], reps, cuda)
             results.append({"kernel": "tiered_gemv", "shape": (k, n), "sparsity": s, "config": best[0],
                             "us": round(best[1], 2), "dense_us": round(dense, 2)})
             if progress:
@@ -209,16 +231,24 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
 
         group = next(gs for gs in (128, 64, 32, 96, 192) if k % gs == 0)
         qw = quantize_rtn(torch.randn(n, k), QuantSpec(bits, group))
-        packed = tq.Packed(qw.packed.to(device), qw.scales.to(device), qw.zeros.to(device), bits, group)
+        packed = [tq.Packed(p, qw.scales.to(device), qw.zeros.to(device), bits, group)
+                  for p in _copies(qw.packed.to(device), qw.nbytes, cuda)]
         x = torch.randn(m, k, device=device, dtype=dtype)
+        if tq.gemv_eligible(m, packed[0]):     # one token: the GEMV kernel, keyed without the row count
+            kernel, key, candidates = "quant_gemv", (k, n, bits), tq.gemv_configs()
+            run = tq.quant_gemv
+        else:
+            kernel, key = "quant_matmul", (m, k, n, bits)
+            candidates = [c for c in tq.configs() if (c["BLOCK_M"] == 1) == (m == 1)]
+            run = tq.quant_matmul
         best = None
-        for cfg in [c for c in tq.configs() if (c["BLOCK_M"] == 1) == (m == 1)][:max_configs]:
-            us = _bench(lambda: tq.quant_matmul(x, packed, config=cfg), reps, cuda)
+        for cfg in candidates[:max_configs]:
+            us = _time([lambda p=p: run(x, p, config=cfg) for p in packed], reps, cuda)
             if best is None or us < best[1]:
                 best = (cfg, us)
-        w = torch.randn(n, k, device=device, dtype=dtype)
-        dense = _bench(lambda: x @ w.t(), reps, cuda)
-        results.append({"kernel": "quant_matmul", "shape": (m, k, n, bits), "sparsity": None, "config": best[0],
+        ws = _copies(torch.randn(n, k, device=device, dtype=dtype), n * k * x.element_size(), cuda)
+        dense = _time([lambda w=w: x @ w.t() for w in ws], reps, cuda)
+        results.append({"kernel": kernel, "shape": key, "sparsity": None, "config": best[0],
                         "us": round(best[1], 2), "dense_us": round(dense, 2)})
         if progress:
             progress(results[-1])
@@ -239,8 +269,8 @@ def tune_cpu(shapes: dict[str, set], sparsities=(0.25, 0.4, 0.5, 0.6, 0.75), rep
         for s in sparsities:
             x, wt, t = _tiered_inputs(k, n, s, "cpu", torch.float32)
             w = wt.t()
-            sparse = _bench(lambda: tiered_gemv(x, wt, None, t, t), reps, cuda=False)
-            dense = _bench(lambda: torch.mv(w, x), reps, cuda=False)
+            sparse = _wall_us(lambda: tiered_gemv(x, wt, None, t, t), reps)
+            dense = _wall_us(lambda: torch.mv(w, x), reps)
             wins.append((s, sparse, dense))
             if progress:
                 progress({"kernel": "cpu_tiered_gemv", "shape": (k, n), "sparsity": s, "us": round(sparse, 2),
@@ -258,5 +288,5 @@ def tune_cpu(shapes: dict[str, set], sparsities=(0.25, 0.4, 0.5, 0.6, 0.75), rep
     return results
 
 
-__all__ = ["SPARSITY_BINS", "cache_path", "device_name", "lookup", "model_shapes", "shape_key", "sparsity_bin", "store",
+__all__ = ["SPARSITY_BINS", "cache_path", "device_name", "graph_us", "lookup", "model_shapes", "shape_key", "sparsity_bin", "store",
            "tune_cpu", "tune_triton"]

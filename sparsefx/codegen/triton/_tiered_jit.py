@@ -8,7 +8,8 @@ from ._tile_jit import output_tile
 
 @triton.jit
 def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, swm_k, swm_n, k_chunk,
-         HAS_MEDIUM: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+         HAS_MEDIUM: tl.constexpr, SAME_DTYPE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+         BLOCK_K: tl.constexpr):
     # y[n] (+)= sum over this program's k of tiered x[k] * Wt[k, n]; one program = BLOCK_N outputs x k_chunk
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -21,16 +22,23 @@ def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, swm_k, 
         k_ok = (k < K) & (k < k_begin + k_chunk)
         x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         a = tl.abs(x)
-        high = k_ok & (a >= t_high)
-        # masked rows are not fetched: the saving of activation sparsity
-        w = tl.load(wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n, mask=high[:, None] & n_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(w * tl.where(high, x, 0.0)[:, None], axis=0)
-        if HAS_MEDIUM:
+        if HAS_MEDIUM and SAME_DTYPE:
+            # one load per kept row, from the matrix of its tier (the tiers are exclusive): the registers and
+            # instructions of a single tier
+            kept = k_ok & (a >= t_low)
+            ptrs = tl.where((a >= t_high)[:, None], wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n,
+                            wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n)
+        else:
+            kept = k_ok & (a >= t_high)
+            ptrs = wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n
+        # masked rows are not fetched: the saving of activation sparsity; weights are read once (evict first)
+        w = tl.load(ptrs, mask=kept[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        acc += tl.sum(w.to(tl.float32) * tl.where(kept, x, 0.0)[:, None], axis=0)
+        if HAS_MEDIUM and not SAME_DTYPE:   # medium weights in another dtype: their own load
             medium = k_ok & (a >= t_low) & (a < t_high)
-            wm = tl.load(wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n,
-                         mask=medium[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(wm * tl.where(medium, x, 0.0)[:, None], axis=0)
+            wm = tl.load(wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n, mask=medium[:, None] & n_ok[None, :],
+                         other=0.0, eviction_policy="evict_first")
+            acc += tl.sum(wm.to(tl.float32) * tl.where(medium, x, 0.0)[:, None], axis=0)
     if ATOMIC:
         tl.atomic_add(y_ptr + n, acc, mask=n_ok)
     else:

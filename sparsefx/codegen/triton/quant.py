@@ -15,7 +15,11 @@ which is the point of a quantized GEMV (4-bit codes are a quarter of fp16's byte
 rank-r projection ``t = (x deq(B)^T) * d`` (``colscale = d``), then the main product with ``t deq(A^T)`` fused as
 the epilogue. ``sparsefx::quant_linear`` is the main product alone.
 
-Batch 1 (decode) multiplies by broadcasting and summing (``tl.dot`` needs 16 rows); more rows use ``tl.dot``.
+One token (decode) with 2/4/8-bit codes in power-of-two groups takes the GEMV kernel ``quant_gemv``: each program
+owns ``BLOCK_N`` weight rows and reads their codes as whole bytes (one coalesced segment per row), splits them in
+registers, dots them with x per group and applies scale and zero once per group (``sum scale * (x.codes - zero *
+sum x)``). Everything else (3-bit codes, groups of 96/192, several rows) takes the general kernel ``qmm``, which
+dequantizes element by element: broadcast-and-sum for a few rows, ``tl.dot`` beyond (it needs 16 rows).
 A ``SPLIT_K`` > 1 splits the K loop between programs that add fp32 partial sums with atomics (the epilogue and
 bias are added by the first split only).
 """
@@ -27,10 +31,10 @@ import torch
 from . import check_device, output_buffer
 
 
-def _kernel():
+def _kernel(name: str = "qmm"):
     from . import _quant_jit
 
-    return _quant_jit.qmm
+    return getattr(_quant_jit, name)
 
 
 class Packed:
@@ -85,17 +89,42 @@ def default_config(m: int, k: int, n: int) -> dict:
     return {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4}
 
 
-def quant_matmul(x: torch.Tensor, main: Packed | None, bias: torch.Tensor | None = None,
-                 colscale: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, Packed] | None = None,
-                 config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x: [M, K]`` times the dequantized transpose of ``main`` (``[N, K]``), times ``colscale`` per column, plus
-    ``t @ deq(at)`` for ``lowrank = (t [M, R], at [R, N])``, plus ``bias`` -> fp32 ``[M, N]`` (written into
-    ``out`` when given).
+def gemv_configs() -> list[dict]:
+    """Configs ``sparsefx autotune`` tries for ``quant_gemv``: weight rows per program, K block, K splits."""
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4 if bn <= 16 else 8}
+            for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4, 8, 16) if bn * bk <= 16384]
 
-    Example:
-        >>> quant_matmul(x, Packed(qw.packed, qw.scales, qw.zeros, 4, 64))  # doctest: +SKIP
-    """
-    qmm = _kernel()
+
+# A decode GEMV is latency bound unless enough loads are in flight: about 16 programs per SM of a large GPU.
+TARGET_PROGRAMS = 2048
+
+
+def _split_for(blocks: int, k: int, block_k: int) -> int:
+    return max(1, min(32, -(-TARGET_PROGRAMS // blocks), k // block_k))
+
+
+def default_gemv_config(k: int, n: int) -> dict:
+    """Heuristic for ``quant_gemv`` without an autotune entry: 16 rows x 512 codes per step (8 x 256 for a rank-64
+    projection; what H100 tuning picked) and the K loop split until there are about ``TARGET_PROGRAMS`` programs."""
+    block_n, block_k = (16, 512) if n >= 1024 else (8, 256)
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": _split_for(-(-n // block_n), k, block_k),
+            "num_warps": 4}
+
+
+def gemv_eligible(m: int, main: Packed | None) -> bool:
+    """Whether ``quant_gemv`` can run: one row, 2/4/8-bit codes in power-of-two groups of at least 32."""
+    return (m == 1 and main is not None and main.bits in (2, 4, 8) and main.group >= 32
+            and main.group & (main.group - 1) == 0)
+
+
+def _lowrank_args(lowrank, m: int, dummy):
+    if lowrank is None:
+        return dummy, 0, 0, (dummy, dummy, dummy, 0, 1), (16, 1, True)
+    t = lowrank[0].contiguous()
+    return t, t.shape[1], t.stride(0), lowrank[1].args(), lowrank[1].constexprs()
+
+
+def _check(x, main, lowrank) -> tuple[int, int, int]:
     check_device(x)
     if x.dim() != 2:
         raise ValueError(f"quant_matmul: x must be [M, K], got {tuple(x.shape)}")
@@ -108,33 +137,81 @@ def quant_matmul(x: torch.Tensor, main: Packed | None, bias: torch.Tensor | None
     if lowrank is not None and (lowrank[1].cols != n or lowrank[0].shape != (m, lowrank[1].rows)):
         raise ValueError(f"quant_matmul: low-rank part t {tuple(lowrank[0].shape)} x A^T "
                          f"[{lowrank[1].rows}, {lowrank[1].cols}] does not fit [{m}, {n}]")
+    return m, k, n
+
+
+def _split(k: int, block_k: int, split: int) -> tuple[int, int]:
+    """Each K split's length (a whole number of blocks, so splits do not overlap) and the number of splits."""
+    k_chunk = -(-(-(-k // max(1, split))) // block_k) * block_k
+    return k_chunk, -(-k // k_chunk)
+
+
+def quant_gemv(x: torch.Tensor, main: Packed, bias: torch.Tensor | None = None,
+               colscale: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, Packed] | None = None,
+               config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``quant_matmul`` for one token (``x: [1, K]``) with 2/4/8-bit codes in power-of-two groups (see
+    ``gemv_eligible``), through the GEMV kernel -> fp32 ``[1, N]``.
+
+    Example:
+        >>> quant_gemv(x[:1], Packed(qw.packed, qw.scales, qw.zeros, 4, 128))  # doctest: +SKIP
+    """
+    m, k, n = _check(x, main, lowrank)
+    if not gemv_eligible(m, main):
+        raise ValueError(f"quant_gemv takes one row of 2/4/8-bit codes in power-of-two groups >= 32; got {m} rows "
+                         f"of {None if main is None else main.bits}-bit codes in groups of "
+                         f"{None if main is None else main.group} (use quant_matmul)")
+    from ..autotune import lookup
+
+    cfg = config or lookup("quant_gemv", x.device, (k, n, main.bits)) or default_gemv_config(k, n)
+    k_chunk, split = _split(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
+    y = output_buffer(out, (1, n), x.device, zero=split > 1)
+    dummy = y
+    t, r, _, a_args, (a_bits, a_group, a_sym) = _lowrank_args(lowrank, m, dummy)
+    packed, scales, zeros, p_stride, n_groups = main.args()
+    grid = (-(-n // cfg["BLOCK_N"]), split)
+    _kernel("qgemv")[grid](
+        x.contiguous(), y, n, k, packed, scales, zeros, p_stride, n_groups, t, r, *a_args,
+        dummy if colscale is None else colscale.contiguous(), dummy if bias is None else bias.contiguous(), k_chunk,
+        BITS=main.bits, GROUP=main.group, SYM=main.zeros is None, A_BITS=a_bits, A_GROUP=a_group, A_SYM=a_sym,
+        HAS_LR=lowrank is not None, HAS_COLSCALE=colscale is not None, HAS_BIAS=bias is not None, ATOMIC=split > 1,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return y
+
+
+def quant_matmul(x: torch.Tensor, main: Packed | None, bias: torch.Tensor | None = None,
+                 colscale: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, Packed] | None = None,
+                 config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x: [M, K]`` times the dequantized transpose of ``main`` (``[N, K]``), times ``colscale`` per column, plus
+    ``t @ deq(at)`` for ``lowrank = (t [M, R], at [R, N])``, plus ``bias`` -> fp32 ``[M, N]`` (written into
+    ``out`` when given).
+
+    One token with 2/4/8-bit codes in power-of-two groups goes to ``quant_gemv`` unless a ``config`` of this
+    kernel is given.
+
+    Example:
+        >>> quant_matmul(x, Packed(qw.packed, qw.scales, qw.zeros, 4, 64))  # doctest: +SKIP
+    """
+    m, k, n = _check(x, main, lowrank)
+    if config is None and gemv_eligible(m, main):
+        return quant_gemv(x, main, bias, colscale, lowrank, out=out)
     from ..autotune import lookup
 
     cfg = config or lookup("quant_matmul", x.device, (m, k, n, main.bits if main else 0)) or default_config(m, k, n)
-    block_k = cfg["BLOCK_K"]
-    split = max(1, cfg["SPLIT_K"]) if main is not None else 1
-    k_chunk = -(-(-(-k // split)) // block_k) * block_k
-    split = -(-k // k_chunk)
+    k_chunk, split = _split(k, cfg["BLOCK_K"], cfg["SPLIT_K"] if main is not None else 1)
     y = output_buffer(out, (m, n), x.device, zero=split > 1)
     x = x.contiguous()
     dummy = y                                  # stands in for absent pointers (never read: constexpr-guarded)
     p_args = main.args() if main is not None else (dummy, dummy, dummy, 0, 1)
     bits, group, sym = main.constexprs() if main is not None else (16, 1, True)
-    if lowrank is not None:
-        t = lowrank[0].contiguous()
-        a_args = lowrank[1].args()
-        a_bits, a_group, a_sym = lowrank[1].constexprs()
-        r, st_m = t.shape[1], t.stride(0)
-    else:
-        t, a_args, (a_bits, a_group, a_sym), r, st_m = dummy, (dummy, dummy, dummy, 0, 1), (16, 1, True), 0, 0
+    t, r, st_m, a_args, (a_bits, a_group, a_sym) = _lowrank_args(lowrank, m, dummy)
     use_dot = cfg["BLOCK_M"] >= 16
     grid = (-(-m // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"]), split)
-    qmm[grid](x, y, m, n, k, x.stride(0), *p_args, t, r, st_m, *a_args,
+    _kernel("qmm")[grid](x, y, m, n, k, x.stride(0), *p_args, t, r, st_m, *a_args,
               dummy if colscale is None else colscale.contiguous(), dummy if bias is None else bias.contiguous(),
               k_chunk, BITS=bits, GROUP=group, SYM=sym, HAS_MAIN=main is not None, A_BITS=a_bits, A_GROUP=a_group,
               A_SYM=a_sym, HAS_LR=lowrank is not None, HAS_COLSCALE=colscale is not None, HAS_BIAS=bias is not None,
-              ATOMIC=split > 1, USE_DOT=use_dot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-              num_warps=cfg["num_warps"])
+              ATOMIC=split > 1, USE_DOT=use_dot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+              BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return y
 
 
@@ -190,5 +267,6 @@ def _(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_s
     return x.new_empty((*x.shape[:-1], out))
 
 
-__all__ = ["Packed", "configs", "default_config", "quant_matmul", "quant_matmul_reference", "triton_lowrank_quant_linear",
+__all__ = ["Packed", "configs", "default_config", "default_gemv_config", "gemv_configs", "gemv_eligible", "quant_gemv",
+           "quant_matmul", "quant_matmul_reference", "triton_lowrank_quant_linear",
            "triton_quant_linear"]

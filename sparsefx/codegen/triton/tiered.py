@@ -34,19 +34,18 @@ def _kernels():
 
 
 def gemv_configs() -> list[dict]:
-    """Configs ``sparsefx autotune`` tries for the GEMV: output block, K block, split of the K loop, warps."""
+    """Configs ``sparsefx autotune`` tries for the GEMV: output block, K block, split of the K loop."""
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w}
-            for bn in (64, 128, 256) for bk in (16, 32, 64) for sk in (1, 4, 8) for w in (4, 8)
-            if bn * bk <= 8192]
+            for bn in (64, 128, 256) for bk in (32, 64, 128) for sk in (1, 4, 16, 32) for w in (4, 8)]
 
 
 def default_gemv_config(k: int, n: int) -> dict:
-    """Heuristic when the autotune cache has no entry: enough programs to fill a GPU (about 4 per SM of a large
-    part) by splitting K when ``out`` alone gives too few blocks."""
-    block_n = 128 if n >= 2048 else 64
-    blocks = -(-n // block_n)
-    split = max(1, min(16, 512 // blocks, k // 256))
-    return {"BLOCK_N": block_n, "BLOCK_K": 32, "SPLIT_K": split, "num_warps": 4}
+    """Heuristic when the autotune cache has no entry: 64 x 128 tiles and the K loop split until there are about
+    ``TARGET_PROGRAMS`` programs (a decode GEMV needs many loads in flight to approach the memory bandwidth; the
+    tile is what H100 tuning picked for every decode shape, ``bench/results/kernel_triton_*``)."""
+    from .quant import _split_for
+
+    return {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": _split_for(-(-n // 64), k, 128), "num_warps": 4}
 
 
 def gemm_configs() -> list[dict]:
@@ -95,7 +94,8 @@ def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_h
     x = x.contiguous()
     grid = (-(-n // cfg["BLOCK_N"]), split)
     gemv[grid](x, wt, wm, y, k, n, float(t_high), float(t_low), wt.stride(0), wt.stride(1), wm.stride(0),
-               wm.stride(1), k_chunk, HAS_MEDIUM=has_medium, ATOMIC=split > 1, BLOCK_N=cfg["BLOCK_N"],
+               wm.stride(1), k_chunk, HAS_MEDIUM=has_medium, SAME_DTYPE=wm.dtype == wt.dtype, ATOMIC=split > 1,
+               BLOCK_N=cfg["BLOCK_N"],
                BLOCK_K=block_k, num_warps=cfg["num_warps"])
     return y.to(x.dtype)
 

@@ -7,7 +7,8 @@ pytest.importorskip("triton")
 
 import sparsefx.ir.ops  # noqa: E402,F401  (registers sparsefx::quant_linear / lowrank_quant_linear)
 from sparsefx.codegen.triton.quant import (  # noqa: E402
-    Packed, default_config, quant_matmul, quant_matmul_reference, triton_lowrank_quant_linear, triton_quant_linear)
+    Packed, default_config, default_gemv_config, gemv_eligible, quant_gemv, quant_matmul, quant_matmul_reference,
+    triton_lowrank_quant_linear, triton_quant_linear)
 from sparsefx.ir.qformat import QuantSpec  # noqa: E402
 from sparsefx.passes.quant import quantize_rtn  # noqa: E402
 
@@ -57,6 +58,58 @@ def test_lowrank_op_matches_the_ir_op(factor_bits, with_main, lead):
     args = (x, *m_args, *at, d, *b, bias, 3, 32, factor_bits, 32)
     ref = torch.ops.sparsefx.lowrank_quant_linear(*args)
     torch.testing.assert_close(triton_lowrank_quant_linear(*args), ref, rtol=1e-5, atol=1e-4)
+
+
+GEMV_CONFIGS = [None, {"BLOCK_N": 4, "BLOCK_K": 128, "SPLIT_K": 3, "num_warps": 2},   # split-K, atomics
+                {"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4}]  # block wider than a group
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 256])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gemv_kernel_matches_reference(bits, group, symmetric):
+    n, k = 37, 2 * 256 + (group if group < 256 else 0)          # 37 rows: not a block multiple; k not a block multiple
+    p = _packed(n, k, bits, group, symmetric, seed=bits + group)
+    assert gemv_eligible(1, p)
+    g = torch.Generator().manual_seed(bits * group)
+    x, bias, cs = (torch.randn(1, k, generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE),
+                   torch.rand(n, generator=g).to(DEVICE))
+    ref = quant_matmul_reference(x, p, bias, cs)
+    for cfg in GEMV_CONFIGS:
+        out = torch.full((1, n), float("nan"), device=DEVICE)
+        torch.testing.assert_close(quant_gemv(x, p, bias, cs, config=cfg, out=out), ref, rtol=1e-5, atol=1e-4)
+    # one row of eligible codes takes the GEMV kernel through quant_matmul too
+    torch.testing.assert_close(quant_matmul(x, p, bias, cs), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("factor_bits", [16, 4])
+def test_gemv_kernel_lowrank_epilogue(factor_bits):
+    n, k, r = 53, 256, 19
+    main = _packed(n, k, 4, 128, False, seed=7)
+    g = torch.Generator().manual_seed(factor_bits)
+    if factor_bits == 16:
+        at = Packed(torch.randn(r, n, generator=g).half().to(DEVICE), None, None, 16, 1)
+    else:
+        at = _packed(r, 64 * 1, 4, 32, False, seed=8)              # 64 outputs: groups of 32 along n
+        main = _packed(64, k, 4, 128, False, seed=7)
+        n = 64
+    t, x = torch.randn(1, r, generator=g).to(DEVICE), torch.randn(1, k, generator=g).to(DEVICE)
+    ref = quant_matmul_reference(x, main, lowrank=(t, at))
+    for cfg in GEMV_CONFIGS:
+        out = torch.full((1, n), float("nan"), device=DEVICE)
+        torch.testing.assert_close(quant_gemv(x, main, lowrank=(t, at), config=cfg, out=out), ref,
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_kernel_refuses_what_it_cannot_take():
+    three = _packed(8, 96, 3, 32, False, seed=0)
+    odd_group = _packed(8, 192, 4, 96, False, seed=0)
+    assert not gemv_eligible(1, three) and not gemv_eligible(1, odd_group)
+    assert not gemv_eligible(2, _packed(8, 64, 4, 32, False, seed=0))
+    with pytest.raises(ValueError, match="quant_gemv takes one row"):
+        quant_gemv(torch.randn(1, 96, device=DEVICE), three)
+    # the heuristic splits K until a large GPU has enough programs: more splits for fewer row blocks
+    assert default_gemv_config(4096, 64)["SPLIT_K"] > default_gemv_config(4096, 4096)["SPLIT_K"] > 1
 
 
 def test_quant_linear_op_compiles_with_inductor():
