@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tune", action="store_true", help="autotune these shapes first and time tuned configs too")
     ap.add_argument("--reps", type=int, default=20, help="milliseconds of graph replays per config while tuning")
-    ap.add_argument("--tune-bits", type=int, nargs="+", default=[4, 3],
+    ap.add_argument("--tune-bits", type=int, nargs="*", default=[4, 3],
                     help="bit widths of the quantized kernels to tune (others keep what the autotune cache has)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU under the Triton interpreter")
     args = ap.parse_args()
@@ -87,7 +87,7 @@ def main() -> None:
     if args.tune:
         wanted = {"tiered_gemv": {(i, o) for o, i in shapes},
                   "quant_matmul": {(1, i, o, b) for o, i in shapes for b in args.tune_bits}
-                  | {(1, i, RANK, 4) for _, i in shapes}}
+                  | {(1, i, RANK, 4) for _, i in shapes if 4 in args.tune_bits}}
         found = autotune.tune_triton(wanted, device, sparsities=(0.5,), reps=args.reps, max_configs=max_configs,
                                      dtype=torch.bfloat16, progress=lambda r: print("tuned", r, flush=True))
         autotune.store([{**r, "sparsity": None} for r in found], device)

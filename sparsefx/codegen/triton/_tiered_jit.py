@@ -46,6 +46,52 @@ def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, swm_k, 
 
 
 @triton.jit
+def compact(x_ptr, idx_ptr, count_ptr, K, t_low, BLOCK: tl.constexpr):
+    # one program: the kept channels (|x| >= t_low) in ascending order into idx, their number into count
+    total = 0
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        keep = (k < K) & (tl.abs(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)) >= t_low)
+        pos = total + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(idx_ptr + pos, k, mask=keep)
+        total += tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(count_ptr, total)
+
+
+@triton.jit
+def gemv_gather(x_ptr, idx_ptr, count_ptr, wt_ptr, wmt_ptr, y_ptr, N, t_high, sw_k, sw_n, swm_k, swm_n,
+                HAS_MEDIUM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # y[n] (+)= sum over this program's share of the kept channels idx[:count] of x[k] * (Wt or Wmt)[k, n]:
+    # every loaded row is a kept one, so a program's loop is as long as its share of the kept rows
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    count = tl.load(count_ptr)
+    chunk = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_K) * BLOCK_K
+    begin = pid_k * chunk
+    end = tl.minimum(count, begin + chunk)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j0 in range(begin, end, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        j_ok = j < end
+        k = tl.load(idx_ptr + j, mask=j_ok, other=0)
+        x = tl.load(x_ptr + k, mask=j_ok, other=0.0).to(tl.float32)
+        if HAS_MEDIUM:
+            ptrs = tl.where((tl.abs(x) >= t_high)[:, None], wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n,
+                            wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n)
+        else:
+            ptrs = wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n
+        w = tl.load(ptrs, mask=j_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        acc += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + n, acc, mask=n_ok)
+    else:
+        tl.store(y_ptr + n, acc, mask=n_ok)
+
+
+@triton.jit
 def gemm(x_ptr, idx_ptr, wt_ptr, wmt_ptr, y_ptr, M, N, n_idx, t_high, t_low, sx_m, sw_k, sw_n, swm_k, swm_n,
          HAS_MEDIUM: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_K: tl.constexpr):

@@ -33,10 +33,16 @@ def _kernels():
     return _tiered_jit.gemv, _tiered_jit.gemm
 
 
+def _gather_kernels():
+    from . import _tiered_jit
+
+    return _tiered_jit.compact, _tiered_jit.gemv_gather
+
+
 def gemv_configs() -> list[dict]:
     """Configs ``sparsefx autotune`` tries for the GEMV: output block, K block, split of the K loop."""
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w}
-            for bn in (64, 128, 256) for bk in (32, 64, 128) for sk in (1, 4, 16, 32) for w in (4, 8)]
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "GATHER": g}
+            for bn in (64, 128) for bk in (64, 128) for sk in (4, 8, 16, 32) for g in (0, 1)]
 
 
 def default_gemv_config(k: int, n: int) -> dict:
@@ -76,7 +82,6 @@ def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_h
         >>> tiered_gemv(torch.tensor([3., 1., 0.1]), w.t(), None, 2.0, 0.5)  # doctest: +SKIP
         tensor([3., 0., 0.])
     """
-    gemv, _ = _kernels()
     check_device(x, wt)
     if x.dim() != 1 or wt.dim() != 2 or wt.shape[0] != x.shape[0]:
         raise ValueError(f"tiered_gemv: x must be [in] and wt [in, out]; got {tuple(x.shape)} and {tuple(wt.shape)}")
@@ -84,19 +89,38 @@ def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_h
         raise ValueError(f"tiered_gemv: wmt {tuple(wmt.shape)} must match wt {tuple(wt.shape)}")
     k, n = wt.shape
     cfg = _config("tiered_gemv", (k, n), default_gemv_config(k, n), x.device, config)
+    has_medium = wmt is not None and t_low < t_high
+    wm = wmt if has_medium else wt
+    x = x.contiguous()
+    if cfg.get("GATHER") and (not has_medium or wm.dtype == wt.dtype):
+        return _gather_gemv(x, wt, wm, has_medium, t_high, t_low, cfg, out)
+    gemv, _ = _kernels()
     block_k, split = cfg["BLOCK_K"], max(1, cfg["SPLIT_K"])
     # each program's K range is a whole number of BLOCK_K so that ranges do not overlap
     k_chunk = -(-(-(-k // split)) // block_k) * block_k
     split = -(-k // k_chunk)
     y = output_buffer(out, (n,), x.device, zero=split > 1)
-    has_medium = wmt is not None and t_low < t_high
-    wm = wmt if has_medium else wt
-    x = x.contiguous()
     grid = (-(-n // cfg["BLOCK_N"]), split)
     gemv[grid](x, wt, wm, y, k, n, float(t_high), float(t_low), wt.stride(0), wt.stride(1), wm.stride(0),
                wm.stride(1), k_chunk, HAS_MEDIUM=has_medium, SAME_DTYPE=wm.dtype == wt.dtype, ATOMIC=split > 1,
-               BLOCK_N=cfg["BLOCK_N"],
-               BLOCK_K=block_k, num_warps=cfg["num_warps"])
+               BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, num_warps=cfg["num_warps"])
+    return y.to(x.dtype)
+
+
+def _gather_gemv(x, wt, wm, has_medium: bool, t_high: float, t_low: float, cfg: dict, out) -> torch.Tensor:
+    """``GATHER`` configs: one program lists the kept channels on the device (no host sync), then the GEMV's
+    programs split that list, so every row a program loads is a kept one."""
+    compact, gemv = _gather_kernels()
+    k, n = wt.shape
+    idx = torch.empty(k, dtype=torch.int32, device=x.device)
+    count = torch.empty(1, dtype=torch.int32, device=x.device)
+    compact[(1,)](x, idx, count, k, float(t_low if has_medium else t_high), BLOCK=1024, num_warps=4)
+    split = max(1, cfg["SPLIT_K"])
+    y = output_buffer(out, (n,), x.device, zero=split > 1)
+    gemv[(-(-n // cfg["BLOCK_N"]), split)](
+        x, idx, count, wt, wm, y, n, float(t_high), wt.stride(0), wt.stride(1), wm.stride(0), wm.stride(1),
+        HAS_MEDIUM=has_medium, SPLIT=split, ATOMIC=split > 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"])
     return y.to(x.dtype)
 
 

@@ -31,7 +31,10 @@ def test_runs_here():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k,n", [(67, 45), (128, 1), (1, 33), (257, 131)])
 @pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 4},
-                                    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4}])
+                                    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4},
+                                    # kept channels listed on the device, the list split between programs
+                                    {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 4, "GATHER": 1},
+                                    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4, "GATHER": 1}])
 def test_gemv_matches_reference(k, n, dtype, config):
     x, w, wm = _case(k, n, dtype, seed=k * n)
     t_high, t_low = 1.0, 0.4
@@ -39,6 +42,20 @@ def test_gemv_matches_reference(k, n, dtype, config):
     y = tiered_gemv(x, w.t(), wm.t(), t_high, t_low, config=config, out=out)
     ref = tiered_linear_reference(x[None].float(), w.float(), wm.float(), None, t_high, t_low)[0]
     torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+    # one tier (TEAL): only |x| >= t_high counts, also when the kernel lists the kept channels itself
+    y = tiered_gemv(x, w.t(), None, t_high, t_low, config=config, out=torch.full((n,), float("nan"), device=DEVICE))
+    ref = w.float() @ torch.where(x.float().abs() >= t_high, x.float(), 0.0)
+    torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+
+
+def test_gemv_gather_lists_a_long_input_in_several_blocks():
+    # the on-device compaction walks x in blocks of 1024: a longer input, all kept, some kept, none kept
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2500, generator=g).to(DEVICE), torch.randn(40, 2500, generator=g).to(DEVICE)
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4, "GATHER": 1}
+    for t in (0.0, 0.7, 1e9):
+        ref = w @ torch.where(x.abs() >= t, x, 0.0)
+        torch.testing.assert_close(tiered_gemv(x, w.t(), None, t, t, config=cfg), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_gemv_layouts_tiers_and_medium_dtype():
