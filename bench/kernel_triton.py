@@ -3,7 +3,8 @@
     python bench/kernel_triton.py [--tune]           # needs CUDA; writes bench/results/kernel_triton_<gpu>.csv/.json
 
 Decode shapes (batch 1) of DEVELOPERS.md, weights in bf16 (tiered) or packed codes (quant):
-  * tiered GEMV (TEAL-style single tier and DAWS's two tiers) at 0/40/50/75 % activation sparsity;
+  * tiered GEMV (TEAL-style single tier and DAWS's two tiers) at 0/40/50/75 % activation sparsity, over ``W.T`` and
+    over ``block_layout(W.T, 64)`` (``blocked``: each output block's rows contiguous);
   * dequant GEMV at 4 and 3 bits (group 128, asymmetric): the general kernel (``qmm``, element-wise dequantization)
     and, at 4 bits, the GEMV kernel (``quant_gemv``, byte loads split in registers); DAM's whole linear (rank-64
     4-bit factors: projection launch + main product with the low-rank epilogue).
@@ -39,6 +40,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]     # [out, in]
 SMOKE_SHAPES = [(128, 256)]
 SPARSITIES = [0.0, 0.4, 0.5, 0.75]
 RANK = 64
+BLOCKED_N = 64        # output block of the blocked weight layout (tiered_gemv's programs then own 64 outputs)
 
 
 def _wall_clock_us(fns) -> float:
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tune", action="store_true", help="autotune these shapes first and time tuned configs too")
     ap.add_argument("--reps", type=int, default=20, help="milliseconds of graph replays per config while tuning")
+    ap.add_argument("--cached", action="store_true", help="time tuned configs from the autotune cache as it is")
     ap.add_argument("--tune-bits", type=int, nargs="*", default=[4, 3],
                     help="bit widths of the quantized kernels to tune (others keep what the autotune cache has)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU under the Triton interpreter")
@@ -91,7 +94,7 @@ def main() -> None:
         found = autotune.tune_triton(wanted, device, sparsities=(0.5,), reps=args.reps, max_configs=max_configs,
                                      dtype=torch.bfloat16, progress=lambda r: print("tuned", r, flush=True))
         autotune.store([{**r, "sparsity": None} for r in found], device)
-    configs = ["heuristic", "tuned"] if args.tune else ["heuristic"]
+    configs = ["heuristic", "tuned"] if args.tune or args.cached else ["heuristic"]
 
     if not args.smoke:
         time_us = autotune.graph_us
@@ -130,6 +133,7 @@ def main() -> None:
         wm = (w * (torch.rand_like(w, dtype=torch.float32) > 0.5)).t().contiguous()
         x = torch.randn(in_f, device=device, dtype=torch.bfloat16)
         ws, wts = copies(w), copies(wt, wm)
+        blocked = copies(tt.block_layout(wt, BLOCKED_N), tt.block_layout(wm, BLOCKED_N))
         dense_us = min(bench(lambda w: F.linear(x, w), ws), bench(lambda w: F.linear(x[None], w), ws))
         row("dense", shape, "F.linear bf16", "torch", dense_us, dense_us, w.numel() * 2)
         for config in configs:
@@ -143,7 +147,12 @@ def main() -> None:
                 th = float(x.float().abs().quantile(min(0.99, s + (1 - s) / 2))) if s > 0 else 0.0
                 us = bench(lambda wt, wm: tt.tiered_gemv(x, wt, wm, th, t, config=tcfg), wts)
                 row("tiered_gemv", shape, f"daws s={s:.2f}", config, us, dense_us, (1 - s) * wt.numel() * 2)
-        del ws, wts
+                # the same over the blocked layout (each output block's rows contiguous)
+                us = bench(lambda wt, wm: tt.tiered_gemv(x, wt, None, t, t, config=tcfg, n_out=out_f), blocked)
+                row("tiered_gemv", shape, f"teal blocked s={s:.2f}", config, us, dense_us, (1 - s) * wt.numel() * 2)
+                us = bench(lambda wt, wm: tt.tiered_gemv(x, wt, wm, th, t, config=tcfg, n_out=out_f), blocked)
+                row("tiered_gemv", shape, f"daws blocked s={s:.2f}", config, us, dense_us, (1 - s) * wt.numel() * 2)
+        del ws, wts, blocked
         xq = x[None]
         pa, a_bytes = packed(torch.randn(RANK, out_f), 4)
         pb, b_bytes = packed(torch.randn(RANK, in_f), 4)

@@ -7,7 +7,7 @@ from ._tile_jit import output_tile
 
 
 @triton.jit
-def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, swm_k, swm_n, k_chunk,
+def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, sw_b, swm_k, swm_n, swm_b, k_chunk,
          HAS_MEDIUM: tl.constexpr, SAME_DTYPE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_K: tl.constexpr):
     # y[n] (+)= sum over this program's k of tiered x[k] * Wt[k, n]; one program = BLOCK_N outputs x k_chunk
@@ -15,6 +15,10 @@ def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, swm_k, 
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
+    # column offsets of this program's block: n * s_n in the plain layout (s_b = BLOCK_N * s_n); in the blocked
+    # layout ([out blocks, in, BLOCK_N], ``block_layout``) a block's rows are contiguous
+    cols = pid_n * sw_b + tl.arange(0, BLOCK_N) * sw_n
+    cols_m = pid_n * swm_b + tl.arange(0, BLOCK_N) * swm_n
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * k_chunk
     for k0 in range(k_begin, k_begin + k_chunk, BLOCK_K):
@@ -26,17 +30,17 @@ def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, swm_k, 
             # one load per kept row, from the matrix of its tier (the tiers are exclusive): the registers and
             # instructions of a single tier
             kept = k_ok & (a >= t_low)
-            ptrs = tl.where((a >= t_high)[:, None], wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n,
-                            wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n)
+            ptrs = tl.where((a >= t_high)[:, None], wt_ptr + k[:, None] * sw_k + cols[None, :],
+                            wmt_ptr + k[:, None] * swm_k + cols_m[None, :])
         else:
             kept = k_ok & (a >= t_high)
-            ptrs = wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n
+            ptrs = wt_ptr + k[:, None] * sw_k + cols[None, :]
         # masked rows are not fetched: the saving of activation sparsity; weights are read once (evict first)
         w = tl.load(ptrs, mask=kept[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         acc += tl.sum(w.to(tl.float32) * tl.where(kept, x, 0.0)[:, None], axis=0)
         if HAS_MEDIUM and not SAME_DTYPE:   # medium weights in another dtype: their own load
             medium = k_ok & (a >= t_low) & (a < t_high)
-            wm = tl.load(wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n, mask=medium[:, None] & n_ok[None, :],
+            wm = tl.load(wmt_ptr + k[:, None] * swm_k + cols_m[None, :], mask=medium[:, None] & n_ok[None, :],
                          other=0.0, eviction_policy="evict_first")
             acc += tl.sum(wm.to(tl.float32) * tl.where(medium, x, 0.0)[:, None], axis=0)
     if ATOMIC:
@@ -59,15 +63,17 @@ def compact(x_ptr, idx_ptr, count_ptr, K, t_low, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def gemv_gather(x_ptr, idx_ptr, count_ptr, wt_ptr, wmt_ptr, y_ptr, N, t_high, sw_k, sw_n, swm_k, swm_n,
-                HAS_MEDIUM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def gemv_gather(x_ptr, idx_ptr, count_ptr, wt_ptr, wmt_ptr, y_ptr, N, t_high, sw_k, sw_n, sw_b, swm_k, swm_n,
+                swm_b, HAS_MEDIUM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[n] (+)= sum over this program's share of the kept channels idx[:count] of x[k] * (Wt or Wmt)[k, n]:
     # every loaded row is a kept one, so a program's loop is as long as its share of the kept rows
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
+    cols = pid_n * sw_b + tl.arange(0, BLOCK_N) * sw_n
+    cols_m = pid_n * swm_b + tl.arange(0, BLOCK_N) * swm_n
     count = tl.load(count_ptr)
     chunk = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_K) * BLOCK_K
     begin = pid_k * chunk
@@ -79,10 +85,10 @@ def gemv_gather(x_ptr, idx_ptr, count_ptr, wt_ptr, wmt_ptr, y_ptr, N, t_high, sw
         k = tl.load(idx_ptr + j, mask=j_ok, other=0)
         x = tl.load(x_ptr + k, mask=j_ok, other=0.0).to(tl.float32)
         if HAS_MEDIUM:
-            ptrs = tl.where((tl.abs(x) >= t_high)[:, None], wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n,
-                            wmt_ptr + k[:, None] * swm_k + n[None, :] * swm_n)
+            ptrs = tl.where((tl.abs(x) >= t_high)[:, None], wt_ptr + k[:, None] * sw_k + cols[None, :],
+                            wmt_ptr + k[:, None] * swm_k + cols_m[None, :])
         else:
-            ptrs = wt_ptr + k[:, None] * sw_k + n[None, :] * sw_n
+            ptrs = wt_ptr + k[:, None] * sw_k + cols[None, :]
         w = tl.load(ptrs, mask=j_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         acc += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
     if ATOMIC:

@@ -71,11 +71,38 @@ def _config(kernel: str, shape: tuple, default: dict, device: torch.device, conf
     return lookup(kernel, device, shape) or default
 
 
+def block_layout(wt: torch.Tensor, block_n: int) -> torch.Tensor:
+    """``W.T`` (``[in, out]``) stored by blocks of ``block_n`` outputs: ``[ceil(out / block_n), in, block_n]``
+    (zero-padded), so that the rows a GEMV program reads for its output block are contiguous in memory: at 50 %
+    activation sparsity it skips every other short segment of one stream instead of gathering segments a full
+    row apart. ``tiered_gemv`` takes it in place of ``wt`` (its programs then own ``block_n`` outputs).
+
+    Example:
+        >>> block_layout(torch.arange(6.).reshape(2, 3), 2)[1]
+        tensor([[2., 0.],
+                [5., 0.]])
+    """
+    k, n = wt.shape
+    blocks = -(-n // block_n)
+    padded = torch.zeros(k, blocks * block_n, dtype=wt.dtype, device=wt.device)
+    padded[:, :n] = wt
+    return padded.reshape(k, blocks, block_n).permute(1, 0, 2).contiguous()
+
+
+def _strides(wt: torch.Tensor, block_n: int) -> tuple[int, int, int]:
+    """(s_k, s_n, s_b) of a plain ``[in, out]`` or blocked ``[blocks, in, block_n]`` weight."""
+    if wt.dim() == 3:
+        return wt.stride(1), wt.stride(2), wt.stride(0)
+    return wt.stride(0), wt.stride(1), block_n * wt.stride(1)
+
+
 def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_high: float, t_low: float,
-                config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                config: dict | None = None, out: torch.Tensor | None = None, n_out: int | None = None) -> torch.Tensor:
     """One token through a tiered linear: ``x: [in]``, ``wt: [in, out]`` (``W.T``, any strides), ``wmt`` the
     medium weights the same way or None (no medium tier) -> ``y: [out]`` in x's dtype (fp32 accumulation).
     ``out``: an fp32 ``[out]`` buffer to write (tests poison it to catch outputs the kernel never writes).
+    ``wt`` (and ``wmt``) may be in ``block_layout`` (``[blocks, in, block_n]``, ``n_out`` = the true ``out``); the
+    programs then own ``block_n`` outputs whatever the config says.
 
     Example:
         >>> w = torch.eye(3)
@@ -83,17 +110,23 @@ def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_h
         tensor([3., 0., 0.])
     """
     check_device(x, wt)
-    if x.dim() != 1 or wt.dim() != 2 or wt.shape[0] != x.shape[0]:
-        raise ValueError(f"tiered_gemv: x must be [in] and wt [in, out]; got {tuple(x.shape)} and {tuple(wt.shape)}")
+    blocked = wt.dim() == 3
+    k = wt.shape[1] if blocked else wt.shape[0]
+    n = (n_out or wt.shape[0] * wt.shape[2]) if blocked else wt.shape[1]
+    if x.dim() != 1 or wt.dim() not in (2, 3) or k != x.shape[0]:
+        raise ValueError(f"tiered_gemv: x must be [in] and wt [in, out] (or block_layout); got {tuple(x.shape)} and "
+                         f"{tuple(wt.shape)}")
     if wmt is not None and wmt.shape != wt.shape:
         raise ValueError(f"tiered_gemv: wmt {tuple(wmt.shape)} must match wt {tuple(wt.shape)}")
-    k, n = wt.shape
     cfg = _config("tiered_gemv", (k, n), default_gemv_config(k, n), x.device, config)
+    if blocked:
+        cfg = {**cfg, "BLOCK_N": wt.shape[2]}
     has_medium = wmt is not None and t_low < t_high
     wm = wmt if has_medium else wt
     x = x.contiguous()
+    strides = (*_strides(wt, cfg["BLOCK_N"]), *_strides(wm, cfg["BLOCK_N"]))
     if cfg.get("GATHER") and (not has_medium or wm.dtype == wt.dtype):
-        return _gather_gemv(x, wt, wm, has_medium, t_high, t_low, cfg, out)
+        return _gather_gemv(x, wt, wm, k, n, strides, has_medium, t_high, t_low, cfg, out)
     gemv, _ = _kernels()
     block_k, split = cfg["BLOCK_K"], max(1, cfg["SPLIT_K"])
     # each program's K range is a whole number of BLOCK_K so that ranges do not overlap
@@ -101,26 +134,25 @@ def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_h
     split = -(-k // k_chunk)
     y = output_buffer(out, (n,), x.device, zero=split > 1)
     grid = (-(-n // cfg["BLOCK_N"]), split)
-    gemv[grid](x, wt, wm, y, k, n, float(t_high), float(t_low), wt.stride(0), wt.stride(1), wm.stride(0),
-               wm.stride(1), k_chunk, HAS_MEDIUM=has_medium, SAME_DTYPE=wm.dtype == wt.dtype, ATOMIC=split > 1,
-               BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, num_warps=cfg["num_warps"])
+    gemv[grid](x, wt, wm, y, k, n, float(t_high), float(t_low), *strides, k_chunk, HAS_MEDIUM=has_medium,
+               SAME_DTYPE=wm.dtype == wt.dtype, ATOMIC=split > 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+               num_warps=cfg["num_warps"])
     return y.to(x.dtype)
 
 
-def _gather_gemv(x, wt, wm, has_medium: bool, t_high: float, t_low: float, cfg: dict, out) -> torch.Tensor:
+def _gather_gemv(x, wt, wm, k: int, n: int, strides, has_medium: bool, t_high: float, t_low: float, cfg: dict,
+                 out) -> torch.Tensor:
     """``GATHER`` configs: one program lists the kept channels on the device (no host sync), then the GEMV's
     programs split that list, so every row a program loads is a kept one."""
     compact, gemv = _gather_kernels()
-    k, n = wt.shape
     idx = torch.empty(k, dtype=torch.int32, device=x.device)
     count = torch.empty(1, dtype=torch.int32, device=x.device)
     compact[(1,)](x, idx, count, k, float(t_low if has_medium else t_high), BLOCK=1024, num_warps=4)
     split = max(1, cfg["SPLIT_K"])
     y = output_buffer(out, (n,), x.device, zero=split > 1)
     gemv[(-(-n // cfg["BLOCK_N"]), split)](
-        x, idx, count, wt, wm, y, n, float(t_high), wt.stride(0), wt.stride(1), wm.stride(0), wm.stride(1),
-        HAS_MEDIUM=has_medium, SPLIT=split, ATOMIC=split > 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"])
+        x, idx, count, wt, wm, y, n, float(t_high), *strides, HAS_MEDIUM=has_medium, SPLIT=split, ATOMIC=split > 1,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return y.to(x.dtype)
 
 
@@ -187,5 +219,5 @@ def _(x, weight, weight_medium, bias, t_high, t_low):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-__all__ = ["DENSE_ABOVE", "default_gemm_config", "default_gemv_config", "gemm_configs", "gemv_configs",
+__all__ = ["DENSE_ABOVE", "block_layout", "default_gemm_config", "default_gemv_config", "gemm_configs", "gemv_configs",
            "kept_channels", "tiered_gemm", "tiered_gemv", "triton_tiered_linear"]

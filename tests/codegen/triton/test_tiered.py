@@ -7,7 +7,7 @@ pytest.importorskip("triton")
 
 from sparsefx.codegen.triton import available  # noqa: E402
 from sparsefx.codegen.triton.tiered import (  # noqa: E402
-    DENSE_ABOVE, default_gemv_config, kept_channels, tiered_gemm, tiered_gemv, triton_tiered_linear)
+    DENSE_ABOVE, block_layout, default_gemv_config, kept_channels, tiered_gemm, tiered_gemv, triton_tiered_linear)
 from sparsefx.ir.ops import tiered_linear_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,6 +46,19 @@ def test_gemv_matches_reference(k, n, dtype, config):
     y = tiered_gemv(x, w.t(), None, t_high, t_low, config=config, out=torch.full((n,), float("nan"), device=DEVICE))
     ref = w.float() @ torch.where(x.float().abs() >= t_high, x.float(), 0.0)
     torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("gather", [0, 1])
+def test_gemv_over_the_blocked_layout(gather):
+    # [blocks, in, block_n] storage (the last block padded) gives the plain layout's result, both tiers
+    x, w, wm = _case(150, 45, torch.float32, seed=11)
+    ref = tiered_linear_reference(x[None], w, wm, None, 1.0, 0.4)[0]
+    wt, wmt = block_layout(w.t(), 16), block_layout(wm.t(), 16)
+    assert wt.shape == (3, 150, 16)
+    cfg = {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4, "GATHER": gather}   # BLOCK_N: the layout's
+    out = torch.full((45,), float("nan"), device=DEVICE)
+    y = tiered_gemv(x, wt, wmt, 1.0, 0.4, config=cfg, out=out, n_out=45)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_gemv_gather_lists_a_long_input_in_several_blocks():
