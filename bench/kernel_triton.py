@@ -187,7 +187,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpret"
     print_table(rows, f"Triton kernels on {gpu} (copy bandwidth {peak:.0f} GB/s)")
     stem = "kernel_triton_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
-    write_results(args.out, stem, rows, run_meta(device=gpu, copy_gbs=round(peak, 1), tuned=args.tune))
+    tuned = "re-tuned" if args.tune else "from the cache" if args.cached else "no"
+    write_results(args.out, stem, rows, run_meta(device=gpu, copy_gbs=round(peak, 1), tuned=tuned))
 
 
 if __name__ == "__main__":
