@@ -7,18 +7,23 @@ from ._tile_jit import output_tile
 
 
 @triton.jit
+def column_block(N, sw_n, sw_b, swm_n, swm_b, BLOCK_N: tl.constexpr):
+    # a GEMV program's K split, its outputs n (and which exist), and their column offsets in W.T and W_medium.T:
+    # n * s_n in the plain layout (s_b = BLOCK_N * s_n); in the blocked layout ([out blocks, in, BLOCK_N],
+    # ``block_layout``) a block's rows are contiguous
+    pid_n = tl.program_id(0)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * sw_b + tl.arange(0, BLOCK_N) * sw_n
+    cols_m = pid_n * swm_b + tl.arange(0, BLOCK_N) * swm_n
+    return tl.program_id(1), n, n < N, cols, cols_m
+
+
+@triton.jit
 def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, sw_b, swm_k, swm_n, swm_b, k_chunk,
          HAS_MEDIUM: tl.constexpr, SAME_DTYPE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_K: tl.constexpr):
     # y[n] (+)= sum over this program's k of tiered x[k] * Wt[k, n]; one program = BLOCK_N outputs x k_chunk
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    # column offsets of this program's block: n * s_n in the plain layout (s_b = BLOCK_N * s_n); in the blocked
-    # layout ([out blocks, in, BLOCK_N], ``block_layout``) a block's rows are contiguous
-    cols = pid_n * sw_b + tl.arange(0, BLOCK_N) * sw_n
-    cols_m = pid_n * swm_b + tl.arange(0, BLOCK_N) * swm_n
+    pid_k, n, n_ok, cols, cols_m = column_block(N, sw_n, sw_b, swm_n, swm_b, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * k_chunk
     for k0 in range(k_begin, k_begin + k_chunk, BLOCK_K):
@@ -68,12 +73,7 @@ def gemv_gather(x_ptr, idx_ptr, count_ptr, wt_ptr, wmt_ptr, y_ptr, N, t_high, sw
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[n] (+)= sum over this program's share of the kept channels idx[:count] of x[k] * (Wt or Wmt)[k, n]:
     # every loaded row is a kept one, so a program's loop is as long as its share of the kept rows
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    cols = pid_n * sw_b + tl.arange(0, BLOCK_N) * sw_n
-    cols_m = pid_n * swm_b + tl.arange(0, BLOCK_N) * swm_n
+    pid_k, n, n_ok, cols, cols_m = column_block(N, sw_n, sw_b, swm_n, swm_b, BLOCK_N)
     count = tl.load(count_ptr)
     chunk = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_K) * BLOCK_K
     begin = pid_k * chunk
