@@ -12,7 +12,9 @@ Every method rewrites a linear into ``sparsefx::lowrank_quant_linear``: ``W ≈ 
              Three orders are tried per layer and the one with the lowest output error on the calibration inputs
              is kept: factors of W first, then GPTQ on ``W - A_q B_q``; the same with ``d`` fitted before GPTQ (a
              smaller residual when the factors are coarse); or GPTQ of W first and factors of its residual (the
-             q_then_l order). The report counts which order each linear took.
+             q_then_l order). A fourth candidate spends the whole budget on quantized factors (no main weight,
+             about ``budget / factor bits`` of the full rank, d fitted to W): at ≈ 2 bits per weight a 2-bit main
+             weight loses more than it buys. The report counts which order each linear took.
 
 The rank is the largest that keeps each linear within ``budget`` stored bits per weight: the main weight's codes,
 scales and zeros (``bits``/``group_size``), plus per rank unit the factor column and row (fp16, or packed at
@@ -127,6 +129,10 @@ class Decomposition:
     b: torch.Tensor | QuantizedWeight        # [r, in]
     order: str = ""                          # dam: which order produced it (reported)
 
+    @property
+    def rank(self) -> int:
+        return self.d.numel()
+
     @staticmethod
     def _dense(t) -> torch.Tensor:
         return t.dequantize() if isinstance(t, QuantizedWeight) else t.float()
@@ -148,9 +154,9 @@ def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, r
     method = config.method
     w = w.float()
 
-    def factors(target):
+    def factors(target, r=rank):
         """Balanced factors (``A' B'``, d folded in) of the best rank-r approximation of ``target``."""
-        a, d, b = whitened_svd_factors(target, gram, rank) if config.whiten else svd_factors(target, rank)
+        a, d, b = whitened_svd_factors(target, gram, r) if config.whiten else svd_factors(target, r)
         return balance(a, d, b)
 
     def gptq(target):
@@ -177,7 +183,8 @@ def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, r
 
     def glued(order, main, at_q, b_q, aq, bq):
         """The decomposition with d fitted to what ``main`` leaves (least squares: never worse than d = 1)."""
-        d = fit_diagonal(w - main.dequantize(), aq, bq, gram).half() if adhesive else ones
+        target = w if main is None else w - main.dequantize()
+        d = fit_diagonal(target, aq, bq, gram).half() if adhesive else torch.ones(aq.shape[1], dtype=torch.float16)
         return Decomposition(main, at_q, d, b_q, order)
 
     cands = []
@@ -191,6 +198,11 @@ def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, r
     # quantization first: GPTQ of W, factors of its residual (what q_then_l does, with quantized factors)
     main = gptq(w)
     cands.append(glued("q_first", main, *quantized(*factors(w - main.dequantize()))))
+    # factors only: the main weight's bytes buy rank instead
+    out_f, in_f = w.shape
+    rank_all = min(int(config.budget * out_f * in_f // config.rank_bits(out_f, in_f)), out_f, in_f)
+    if rank_all > rank:
+        cands.append(glued("factors_only", None, *quantized(*factors(w, rank_all))))
     return min(cands, key=lambda c: output_error(c.dense() - w, gram))
 
 
@@ -222,11 +234,11 @@ class _LowRankQuantPass(LinearRewritePass):
         dec = decompose(cfg, get_param(gm, info.param), gram.for_role(info.role, cfg.v_sink), rank)
         new = replace_linear(gm, node, info, torch.ops.sparsefx.lowrank_quant_linear.default, _tensors(dec),
                              (cfg.bits, cfg.group_size, cfg.factor_bits, cfg.factor_group))
-        new.meta[LOWRANK] = {"rank": rank, "bytes": dec.nbytes,
+        new.meta[LOWRANK] = {"rank": dec.rank, "bytes": dec.nbytes,
                              "bits_per_weight": dec.nbytes * 8 / (info.in_features * info.out_features)}
         if dec.order:
             self.orders[dec.order] = self.orders.get(dec.order, 0) + 1
-        return dec.nbytes, {"rank": rank, **({"order": dec.order} if dec.order else {})}
+        return dec.nbytes, {"rank": dec.rank, **({"order": dec.order} if dec.order else {})}
 
     def run(self, gm, ctx):
         self.orders: dict[str, int] = {}

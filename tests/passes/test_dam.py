@@ -82,6 +82,24 @@ def test_adhesive_and_whitening_lower_the_layer_output_error():
     assert err(QThenLConfig(**base), 16) < gptq_only and err(LThenQConfig(**base), 16) < gptq_only
 
 
+def test_dam_spends_the_budget_on_factors_when_that_loses_least():
+    # an exactly rank-12 weight: 4-bit factors at full rank 12 cost about 3.7 bits per weight here and lose only their
+    # rounding; a 2-bit main weight plus rank 5 loses far more. With the whole budget in factors DAM must take them
+    x, _ = _layer_data(seed=5)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(96, 12, generator=g) @ torch.randn(12, 64, generator=g)
+    h = x.T @ x
+    cfg = DamConfig(budget=4.0, bits=2, group_size=32, factor_group=32)
+    rank = min(cfg.rank_for(96, 64), 96, 64)
+    dec = decompose(cfg, w, h, rank)
+    assert dec.order == "factors_only" and dec.main is None and dec.rank > rank
+    assert dec.nbytes * 8 <= cfg.budget * w.numel()                       # still within the budget
+    rel = float((x @ (dec.dense() - w).T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    assert rel < 0.02                                                      # 4-bit factor rounding only
+    # where a main weight pays (a full-rank weight), a main-weight order is kept
+    assert decompose(cfg, torch.randn(96, 64, generator=g), h, rank).main is not None
+
+
 def test_budget_errors_name_the_linear_and_the_need():
     with pytest.raises(RecipeError, match=r"q_then_l.budget 3.0 leaves no room .*q_proj"):
         compress(tiny_model("llama"), Recipe.from_yaml("passes: [{method: q_then_l, budget: 3.0, bits: 2, "
