@@ -7,7 +7,8 @@ Decode shapes (batch 1) of DEVELOPERS.md, weights in bf16 (tiered) or packed cod
     over ``block_layout(W.T, 64)`` (``blocked``: each output block's rows contiguous);
   * dequant GEMV at 4 and 3 bits (group 128, asymmetric): the general kernel (``qmm``, element-wise dequantization)
     and, at 4 bits, the GEMV kernel (``quant_gemv``, byte loads split in registers); DAM's whole linear (rank-64
-    4-bit factors: projection launch + main product with the low-rank epilogue).
+    4-bit factors: projection launch + main product with the low-rank epilogue);
+  * N:M (2:4, 4:8) matmul over values + uint8 in-group indices (a magnitude mask of the same weight).
 Every row is against the best dense bf16 path of the same run (``F.linear`` on ``[in]`` and on ``[1, in]``, the
 faster). Times are GPU time per call (``autotune.graph_us``): the calls of a variant run over enough copies of its
 weights to overflow L2 (weights come from HBM, as in decode) and are captured in a CUDA graph, so Python's launch
@@ -69,6 +70,9 @@ def main() -> None:
     ap.add_argument("--cached", action="store_true", help="time tuned configs from the autotune cache as it is")
     ap.add_argument("--tune-bits", type=int, nargs="*", default=[4, 3],
                     help="bit widths of the quantized kernels to tune (others keep what the autotune cache has)")
+    ap.add_argument("--kernels", nargs="+", choices=["tiered", "quant", "nm"], default=["tiered", "quant", "nm"],
+                    help="which kernels to time (dense is always timed)")
+    ap.add_argument("--tag", default="", help="results file: bench/results/kernel_triton_<tag>_<gpu>.csv/.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU under the Triton interpreter")
     args = ap.parse_args()
     if args.smoke:
@@ -82,6 +86,7 @@ def main() -> None:
         device, shapes, max_configs = "cuda", SHAPES, None
     from sparsefx.codegen import autotune
     from sparsefx.experiments import cold_copies
+    from sparsefx.codegen.triton import nm as tn
     from sparsefx.codegen.triton import quant as tq
     from sparsefx.codegen.triton import tiered as tt
     from sparsefx.ir.qformat import QuantSpec
@@ -136,7 +141,7 @@ def main() -> None:
         blocked = copies(tt.block_layout(wt, BLOCKED_N), tt.block_layout(wm, BLOCKED_N))
         dense_us = min(bench(lambda w: F.linear(x, w), ws), bench(lambda w: F.linear(x[None], w), ws))
         row("dense", shape, "F.linear bf16", "torch", dense_us, dense_us, w.numel() * 2)
-        for config in configs:
+        for config in configs if "tiered" in args.kernels else []:
             # heuristic: the launcher's default, passed explicitly; tuned: None, so the launcher reads the cache
             tcfg = tt.default_gemv_config(in_f, out_f) if config == "heuristic" else None
             for s in SPARSITIES:
@@ -153,11 +158,20 @@ def main() -> None:
                 us = bench(lambda wt, wm: tt.tiered_gemv(x, wt, wm, th, t, config=tcfg, n_out=out_f), blocked)
                 row("tiered_gemv", shape, f"daws blocked s={s:.2f}", config, us, dense_us, (1 - s) * wt.numel() * 2)
         del ws, wts, blocked
+        for n_keep, m_group in ((2, 4), (4, 8)) if "nm" in args.kernels else []:
+            # magnitude N:M mask (keep the n largest of every m inputs), packed as values + uint8 in-group indices
+            groups = w.reshape(out_f, -1, m_group)
+            keep = groups.abs().argsort(-1, descending=True)[..., :n_keep]
+            masked = torch.zeros_like(groups).scatter_(-1, keep, groups.gather(-1, keep)).reshape(out_f, in_f)
+            values, index = tn.pack_nm(masked, n_keep, m_group)
+            us = bench(lambda v, i: tn.nm_matmul(x[None], v, i, n_keep, m_group), copies(values, index))
+            row("nm_matmul", shape, f"{n_keep}:{m_group}", "heuristic", us, dense_us,
+                values.numel() * values.element_size() + index.numel())
         xq = x[None]
         pa, a_bytes = packed(torch.randn(RANK, out_f), 4)
         pb, b_bytes = packed(torch.randn(RANK, in_f), 4)
         d = torch.ones(RANK, device=device, dtype=torch.float16)
-        for bits in (4, 3):
+        for bits in (4, 3) if "quant" in args.kernels else ():
             p, q_bytes = packed(w, bits)
             ps, dams = packed_copies(p), packed_copies(p, pa, pb)
             gemv = tq.gemv_eligible(1, p)
@@ -186,7 +200,7 @@ def main() -> None:
                     q_bytes + a_bytes + b_bytes)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpret"
     print_table(rows, f"Triton kernels on {gpu} (copy bandwidth {peak:.0f} GB/s)")
-    stem = "kernel_triton_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
+    stem = "kernel_triton_" + (f"{args.tag}_" if args.tag else "") + re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
     tuned = "re-tuned" if args.tune else "from the cache" if args.cached else "no"
     write_results(args.out, stem, rows, run_meta(device=gpu, copy_gbs=round(peak, 1), tuned=tuned))
 

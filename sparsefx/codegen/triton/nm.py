@@ -66,12 +66,19 @@ def nm_matmul_reference(x: torch.Tensor, values: torch.Tensor, index: torch.Tens
 
 
 def configs() -> list[dict]:
-    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_J": bj, "num_warps": w}
-            for bm in (1, 4, 16) for bn in (32, 64, 128) for bj in (32, 64) for w in (4, 8)]
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk, "num_warps": w}
+            for bm in (1, 4, 16) for bn in (32, 64, 128) for bj in (32, 64) for sk in (1, 8) for w in (4, 8)]
 
 
-def default_config(rows: int) -> dict:
-    return {"BLOCK_M": 1 if rows == 1 else 4, "BLOCK_N": 64, "BLOCK_J": 32, "num_warps": 4}
+def default_config(rows: int, kept: int = 0, out_f: int = 0) -> dict:
+    """Heuristic without an autotune entry: the kept-weight loop split until a large GPU has enough programs
+    (``quant.TARGET_PROGRAMS``) when the row and output blocks alone are too few (decode)."""
+    from .quant import _split_for
+
+    block_m = 1 if rows == 1 else 4
+    blocks = -(-rows // block_m) * -(-out_f // 64) if out_f else 0
+    split = _split_for(blocks, kept, 64) if blocks else 1
+    return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_J": 64, "SPLIT_K": split, "num_warps": 4}
 
 
 def nm_matmul(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
@@ -90,12 +97,16 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
 
     rows, k = x.shape
     out_f, kept = values.shape
-    cfg = config or lookup("nm_matmul", x.device, (rows, k, out_f, n, m)) or default_config(rows)
-    y = output_buffer(out, (rows, out_f), x.device)
+    cfg = (config or lookup("nm_matmul", x.device, (rows, k, out_f, n, m))
+           or default_config(rows, kept, out_f))
+    # each split's share of the kept weights is a whole number of BLOCK_J, so that shares do not overlap
+    j_chunk = -(-(-(-kept // max(1, cfg.get("SPLIT_K", 1)))) // cfg["BLOCK_J"]) * cfg["BLOCK_J"]
+    split = -(-kept // j_chunk)
+    y = output_buffer(out, (rows, out_f), x.device, zero=split > 1)
     x = x.contiguous()
-    grid = (-(-rows // cfg["BLOCK_M"]), -(-out_f // cfg["BLOCK_N"]))
+    grid = (-(-rows // cfg["BLOCK_M"]), -(-out_f // cfg["BLOCK_N"]), split)
     _kernel()[grid](x, values.contiguous(), index.contiguous(), y, y if bias is None else bias.contiguous(),
-                    rows, out_f, kept, k, N_KEEP=n, M_GROUP=m, HAS_BIAS=bias is not None,
+                    rows, out_f, kept, k, j_chunk, N_KEEP=n, M_GROUP=m, HAS_BIAS=bias is not None, ATOMIC=split > 1,
                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_J=cfg["BLOCK_J"],
                     num_warps=cfg["num_warps"])
     return y
