@@ -228,9 +228,46 @@ class LowRankQuantLinear(nn.Module):
                 f"factor_bits={self.attrs['factor_bits']}")
 
 
+class NMLinear(nn.Module):
+    """Eager twin of ``sparsefx::nm_linear``: an N:M sparse weight stored packed (``ir/nmformat.py``: values +
+    uint8 in-group indices) instead of dense, so the model and its artifact shrink (2:4 in fp32: 2.5 bytes per
+    weight instead of 4)."""
+
+    kind = "nm_linear"
+    stores_dense_weight = False     # the checkpoint has no ``weight`` for this linear
+
+    def __init__(self, values: torch.Tensor, index: torch.Tensor, bias: nn.Parameter | None, n: int, m: int):
+        super().__init__()
+        self.bias, self.n, self.m = bias, int(n), int(m)
+        self.out_features, self.in_features = values.shape[0], values.shape[1] * self.m // self.n
+        self.register_buffer("nm_values", values, persistent=False)
+        self.register_buffer("nm_index", index, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        return torch.ops.sparsefx.nm_linear(x, self.nm_values, self.nm_index, self.bias, self.n, self.m)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"n": self.n, "m": self.m}, {"nm_values": self.nm_values, "nm_index": self.nm_index}
+
+    @classmethod
+    def restore(cls, linear: nn.Module, attrs: dict, tensors: dict[str, torch.Tensor]) -> "NMLinear":
+        n, m = int(attrs["n"]), int(attrs["m"])
+        values, index = tensors["nm_values"], tensors["nm_index"]
+        if (values.shape != index.shape or index.dtype != torch.uint8 or values.shape[0] != linear.out_features
+                or values.shape[1] * m != linear.in_features * n):
+            raise ValueError(f"{n}:{m} state (values {tuple(values.shape)}, index {tuple(index.shape)} "
+                             f"{index.dtype}) does not fit a {linear.out_features}x{linear.in_features} linear")
+        if index.numel() and int(index.max()) >= m:
+            raise ValueError(f"{n}:{m} state has an in-group index >= {m}")
+        return cls(values, index, linear.bias, n, m)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, pattern={self.n}:{self.m}"
+
+
 # Eager modules that carry compressed state, by kind (used to restore artifacts).
 EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, SparseLowRankLinear, ThresholdedAct,
-                                                               QuantLinear, LowRankQuantLinear)}
+                                                               QuantLinear, LowRankQuantLinear, NMLinear)}
 MODULE = "sparsefx.module"  # node.meta key: HF module a non-linear compressed node replaces (e.g. an act_fn)
 
 
@@ -287,6 +324,13 @@ def _lowrank_quant(gm: GraphModule, node, model: nn.Module):
     return name, LowRankQuantLinear(tensors, attrs, current.bias)
 
 
+def _nm(gm: GraphModule, node, model: nn.Module):
+    _, values, index, _, n, m = node.args
+    name = node.meta[LINEAR].module
+    return name, NMLinear(gm.get_buffer(str(values.target)), gm.get_buffer(str(index.target)),
+                          model.get_submodule(name).bias, n, m)
+
+
 def _threshold(gm: GraphModule, node, model: nn.Module):
     name = node.meta.get(MODULE)
     if name is None:
@@ -307,7 +351,7 @@ def _eager_lowerings():
     sf = torch.ops.sparsefx
     return {sf.tiered_linear.default: _tiered, sf.sparse_lowrank_linear.default: _sparse_lowrank,
             sf.threshold.default: _threshold, sf.quant_linear.default: _quant,
-            sf.lowrank_quant_linear.default: _lowrank_quant}
+            sf.lowrank_quant_linear.default: _lowrank_quant, sf.nm_linear.default: _nm}
 
 
 def _apply_structure(gm: GraphModule, model: nn.Module) -> list[str]:

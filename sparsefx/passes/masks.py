@@ -5,7 +5,11 @@ Scores (higher = keep):
   Wanda      S_ij = |W_ij| * ||X_j||_2   (Sun et al. 2023; X_j = input channel j over calibration tokens)
 Comparison group: each output row (Wanda's finding: per-output groups beat per-layer ones for LLMs), or each run
 of M consecutive input weights of a row for N:M (keep the N best of every M).
-Masked weights are zeroed in place; the compressed model stays an ordinary HF model.
+Masked weights are zeroed in place; the compressed model stays an ordinary HF model — unless ``pack: true``, which
+stores every N:M layer packed (``ir/nmformat.py``: kept values + uint8 in-group indices) as
+``sparsefx::nm_linear``: 2:4 in fp32 takes 2.5 bytes per weight instead of 4, and the backend runs it with the
+Triton N:M kernel on CUDA. (On CPU there is no N:M kernel: its reference gathers the inputs per kept weight, which
+is slower than the dense GEMV, so leave ``pack`` off for CPU decode speed.)
 """
 
 from __future__ import annotations
@@ -79,13 +83,15 @@ class MaskConfig(PassConfig):
     sparsity:  fraction of each row's weights removed, in [0, 1); or
     pattern:   "N:M" (keep N of every M consecutive input weights) — give exactly one of the two;
     roles:     which linears (q, k, v, o, gate, up, down; lm_head stays dense unless named);
-    overrides: {glob over parameter names: sparsity or "N:M"} — first match wins, 0 leaves a layer dense.
+    overrides: {glob over parameter names: sparsity or "N:M"} — first match wins, 0 leaves a layer dense;
+    pack:      store N:M layers packed as ``sparsefx::nm_linear`` (values + indices) instead of dense zeros.
     """
 
     sparsity: float | None = None
     pattern: str | None = None
     roles: tuple[str, ...] = ROLES
     overrides: tuple[tuple[str, Any], ...] = ()
+    pack: bool = False
 
     def validate(self) -> None:
         if (self.sparsity is None) == (self.pattern is None):
@@ -96,6 +102,12 @@ class MaskConfig(PassConfig):
             parse_nm(self.pattern, f"{self.method}.pattern")
         check_roles(self.method, self.roles)
         normalize_overrides(self, _check_target)
+        if not isinstance(self.pack, bool):
+            raise RecipeError(f"{self.method}.pack must be true or false, got {self.pack!r}")
+        nm_override = any(isinstance(_check_target(v, "override"), tuple) for _, v in self.overrides)
+        if self.pack and self.pattern is None and not nm_override:
+            raise RecipeError(f"{self.method}.pack stores N:M layers packed, but no layer gets an N:M pattern: give "
+                              "pattern: '2:4' (or N:M overrides), or drop pack")
 
     def target_for(self, param: str) -> float | tuple[int, int]:
         """The sparsity or (N, M) that applies to parameter ``param``."""
@@ -131,7 +143,10 @@ class _MaskPass(Pass):
         report = PassReport(self.name)
         layers: dict[str, float] = {}
         zeroed = total = 0
+        packed = 0
         for node, info in annotated_linears(gm, self.config.roles):
+            if node.target != torch.ops.aten.linear.default:
+                continue            # already rewritten by an earlier pass: its weight is not a dense parameter
             target = self.config.target_for(info.param)
             if target == 0.0:
                 continue
@@ -148,10 +163,30 @@ class _MaskPass(Pass):
             zeroed += int((~mask).sum())
             total += mask.numel()
             report.params_changed.append(info.param)
+            if self.config.pack and isinstance(target, tuple):
+                _pack(gm, node, info, w, target)
+                packed += 1
+        if packed:
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
         report.matches = len(layers)
         report.details = {"weights_zeroed": zeroed, "weights_in_scope": total,
-                          "sparsity": zeroed / total if total else 0.0, "per_param": layers}
+                          "sparsity": zeroed / total if total else 0.0, "per_param": layers,
+                          **({"packed": packed} if self.config.pack else {})}
         return PassResult(gm, bool(layers), report)
+
+
+def _pack(gm, node, info, w: torch.Tensor, target: tuple[int, int]) -> None:
+    """Rewrite the masked linear ``node`` into ``sparsefx::nm_linear`` over its packed weight."""
+    from ..ir import ops  # noqa: F401  (registers sparsefx::nm_linear)
+    from ..ir.nmformat import pack_nm
+    from .quantize import replace_linear
+
+    n, m = target
+    values, index = pack_nm(w.detach(), n, m)
+    new = replace_linear(gm, node, info, torch.ops.sparsefx.nm_linear.default,
+                         [("nm_values", values), ("nm_index", index)], (n, m))
+    new.meta[MASK] = {**node.meta[MASK], "packed": True}
 
 
 @register_pass(MagnitudeConfig)

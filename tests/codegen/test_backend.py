@@ -53,8 +53,9 @@ def test_daws_model_compiles_to_kernels_and_matches_eager(kernels, expect, token
 
 @pytest.mark.parametrize("recipe, op", [("passes: [{method: rtn, bits: 4, group_size: 32}]", "quant_linear"),
                                         ("passes: [{method: dam, budget: 5.0, bits: 3, group_size: 32, "
-                                         "factor_group: 32}]", "lowrank_quant_linear")])
-def test_quantized_models_lower_to_the_triton_dequant_kernel(recipe, op, tokens):
+                                         "factor_group: 32}]", "lowrank_quant_linear"),
+                                        ("passes: [{method: magnitude, pattern: '2:4', pack: true}]", "nm_linear")])
+def test_compressed_linears_lower_to_their_triton_kernels(recipe, op, tokens):
     pytest.importorskip("triton")
     model, _, _ = _compressed("qwen2", recipe)
     with torch.no_grad():

@@ -67,6 +67,41 @@ def test_masks_apply_and_generate_works(arch, recipe, tokens):
     assert full == out[0, -1]
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_packed_nm_layers_compute_the_masked_model_and_round_trip(arch, pattern, tokens, tmp_path):
+    from sparsefx.artifact import load_artifact, save_artifact
+    from sparsefx.codegen.eager import NMLinear
+
+    calib = torch.randint(0, 256, (4, 32))
+    masked, packed = tiny_model(arch), tiny_model(arch)
+    compress(masked, Recipe.from_yaml(f"passes: [{{method: wanda, pattern: '{pattern}'}}]"), calibration=calib,
+             progress=False)
+    recipe = Recipe.from_yaml(f"passes: [{{method: wanda, pattern: '{pattern}', pack: true}}]")
+    result = compress(packed, recipe, calibration=calib, progress=False)
+    nm = {name: m for name, m in packed.named_modules() if isinstance(m, NMLinear)}
+    assert len(nm) == 7 * packed.config.num_hidden_layers
+    assert result.report_dict()["passes"][-1]["details"]["packed"] == len(nm)
+    for name, m in nm.items():      # stored: half the values plus one index byte per kept value, no dense weight
+        assert m.nm_values.numel() * 2 == masked.get_submodule(name).weight.numel() and m.nm_index.dtype == torch.uint8
+    with torch.no_grad():
+        ref = masked(tokens).logits
+        out = packed(tokens).logits                     # 13 rows per sequence: the unpack-and-GEMM path
+        one = packed(tokens[:, :1]).logits              # one row: the gather path
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(one, masked(tokens[:, :1]).logits, rtol=1e-4, atol=1e-4)
+        art = load_artifact(save_artifact(tmp_path / "nm", packed, None, recipe, result.report_dict()))
+        assert torch.equal(art.model(tokens).logits, out)
+    gen = packed.generate(tokens[:1, :5], max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True)
+    assert gen.shape == (1, 9)
+
+
+def test_pack_needs_an_nm_pattern():
+    with pytest.raises(RecipeError, match="magnitude.pack stores N:M layers packed"):
+        Recipe.from_yaml("passes: [{method: magnitude, sparsity: 0.5, pack: true}]")
+    # N:M only through an override is enough; the unstructured layers stay dense
+    Recipe.from_yaml("passes: [{method: magnitude, sparsity: 0.5, pack: true, overrides: {'*q_proj*': '2:4'}}]")
+
+
 def test_wanda_mask_is_the_reference_score_mask_and_differs_from_magnitude():
     # Reference: Wanda's score |W| * ||X_j||_2 computed here from the dense weights and the attached statistics.
     model = tiny_model("llama")

@@ -1,23 +1,19 @@
 """N:M sparse matmul (2:4, 4:8) over a compressed layout, as a Triton kernel.
 
-A weight ``W: [out, in]`` with at most ``n`` non-zeros in every group of ``m`` consecutive inputs of a row (what the
-``magnitude``/``wanda`` passes with ``n``/``m`` produce) is stored as
-
-    values  [out, in * n / m]   the kept weights of each group, in input order (zeros pad groups with fewer)
-    index   uint8 [out, in * n / m]   each kept weight's position inside its group (0 .. m-1)
-
-so a 2:4 weight is read at half its bytes plus a byte per kept weight (a production layout would pack the indices
-into 2 bits; uint8 keeps the kernel readable). The kernel gathers ``x`` at ``group * m + index`` — the inputs are
+The weight is in the layout of ``ir/nmformat.py`` (values + uint8 in-group indices), so a 2:4 weight is read at half
+its bytes plus a byte per kept weight (a production layout would pack the indices into 2 bits; uint8 keeps the
+kernel readable). The kernel gathers ``x`` at ``group * m + index`` — the inputs are
 the small operand in decode, so the gather hits cache while the weights stream.
 
-``pack_nm`` builds the layout (and refuses a weight that is not N:M), ``nm_matmul_reference`` is the torch
-reference, ``sparsefx::triton_nm_linear`` the op.
+``nm_matmul_reference`` is the torch reference, ``sparsefx::triton_nm_linear`` the op (what the backend lowers
+``sparsefx::nm_linear`` to on CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ...ir.nmformat import pack_nm, unpack_nm
 from . import check_device, output_buffer
 
 
@@ -25,37 +21,6 @@ def _kernel():
     from . import _nm_jit
 
     return _nm_jit.nm_mm
-
-
-def pack_nm(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W: [out, in]`` with at most ``n`` non-zeros per group of ``m`` -> ``(values, index)``.
-
-    Example:
-        >>> v, i = pack_nm(torch.tensor([[0., 2., 0., 3.]]), 2, 4)
-        >>> v.tolist(), i.tolist()
-        ([[2.0, 3.0]], [[1, 3]])
-    """
-    out_f, in_f = w.shape
-    if not 0 < n < m or in_f % m:
-        raise ValueError(f"pack_nm: need 0 < n < m and in_features ({in_f}) a multiple of m ({m})")
-    groups = w.reshape(out_f, in_f // m, m)
-    nonzero = groups != 0
-    if int(nonzero.sum(-1).max()) > n:
-        raise ValueError(f"pack_nm: the weight has more than {n} non-zeros in some group of {m}; apply an {n}:{m} "
-                         "mask first (e.g. `method: wanda, n: 2, m: 4`)")
-    # kept positions first (stable, so in input order), padded with zero-valued positions
-    order = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :n]        # [out, G, n]
-    values = torch.gather(groups, -1, order)
-    return values.reshape(out_f, -1).contiguous(), order.to(torch.uint8).reshape(out_f, -1).contiguous()
-
-
-def unpack_nm(values: torch.Tensor, index: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """The dense ``[out, in]`` weight of a packed N:M layout."""
-    out_f = values.shape[0]
-    groups = values.shape[1] // n
-    dense = torch.zeros(out_f, groups, m, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, index.reshape(out_f, groups, n).long(), values.reshape(out_f, groups, n))
-    return dense.reshape(out_f, groups * m)
 
 
 def nm_matmul_reference(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
