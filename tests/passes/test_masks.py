@@ -143,3 +143,18 @@ def test_roles_restrict_scope():
              progress=False)
     assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
     assert (model.model.layers[0].mlp.gate_proj.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("recipe, nonzero", [("{method: magnitude, pattern: '2:4', pack: true}", 0.5),
+                                             ("{method: magnitude, pattern: '2:4'}", 0.5),
+                                             ("{method: rtn, bits: 4, group_size: 32}", 1.0)])
+def test_parameter_counts_see_compressed_linears(recipe, nonzero):
+    # `sparsefx eval` prints these: a packed or quantized linear still stands for its in x out weights
+    from sparsefx.eval import count_params
+
+    model = tiny_model("llama")
+    dense = count_params(model)["linear_params"]
+    compress(model, Recipe.from_yaml(f"passes: [{recipe}]"), progress=False)
+    counts = count_params(model)
+    assert counts["linear_params"] == dense
+    assert counts["linear_nonzero"] == pytest.approx(nonzero * dense, rel=0.01)
