@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._tile_jit import output_tile
+from ._tile_jit import output_tile, write
 
 
 @triton.jit
@@ -33,7 +33,4 @@ def nm_mm(x_ptr, v_ptr, i_ptr, y_ptr, b_ptr, M, N, KEPT, K, j_chunk, N_KEEP: tl.
         if pid_j == 0:
             acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     ptrs = y_ptr + m[:, None] * N + n[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
-    else:
-        tl.store(ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+    write(ptrs, acc, m_ok[:, None] & n_ok[None, :], ATOMIC)

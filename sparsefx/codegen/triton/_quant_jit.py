@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._tile_jit import output_tile
+from ._tile_jit import output_tile, write
 
 
 @triton.jit
@@ -73,10 +73,7 @@ def qmm(x_ptr, y_ptr, M, N, K, sx_m,
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     ptrs = y_ptr + m[:, None] * N + n[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
-    else:
-        tl.store(ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+    write(ptrs, acc, m_ok[:, None] & n_ok[None, :], ATOMIC)
 
 
 @triton.jit
@@ -136,7 +133,4 @@ def qgemv(x_ptr, y_ptr, N, K, p_ptr, s_ptr, z_ptr, p_stride, n_groups,
                 acc += tl.sum(t[:, None] * a, axis=0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + n, acc, mask=n_ok)
-    else:
-        tl.store(y_ptr + n, acc, mask=n_ok)
+    write(y_ptr + n, acc, n_ok, ATOMIC)

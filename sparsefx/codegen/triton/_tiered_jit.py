@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._tile_jit import output_tile
+from ._tile_jit import output_tile, write
 
 
 @triton.jit
@@ -48,10 +48,7 @@ def gemv(x_ptr, wt_ptr, wmt_ptr, y_ptr, K, N, t_high, t_low, sw_k, sw_n, sw_b, s
             wm = tl.load(wmt_ptr + k[:, None] * swm_k + cols_m[None, :], mask=medium[:, None] & n_ok[None, :],
                          other=0.0, eviction_policy="evict_first")
             acc += tl.sum(wm.to(tl.float32) * tl.where(medium, x, 0.0)[:, None], axis=0)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + n, acc, mask=n_ok)
-    else:
-        tl.store(y_ptr + n, acc, mask=n_ok)
+    write(y_ptr + n, acc, n_ok, ATOMIC)
 
 
 @triton.jit
@@ -91,10 +88,7 @@ def gemv_gather(x_ptr, idx_ptr, count_ptr, wt_ptr, wmt_ptr, y_ptr, N, t_high, sw
             ptrs = wt_ptr + k[:, None] * sw_k + cols[None, :]
         w = tl.load(ptrs, mask=j_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         acc += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + n, acc, mask=n_ok)
-    else:
-        tl.store(y_ptr + n, acc, mask=n_ok)
+    write(y_ptr + n, acc, n_ok, ATOMIC)
 
 
 @triton.jit
