@@ -275,12 +275,16 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
         Counter({'triton.tiered_linear': 210})
     """
     lowered: collections.Counter = collections.Counter()
+    cpp_ops = {}
     if family == "triton":
         from .triton import nm, quant, tiered  # noqa: F401  (registers sparsefx::triton_*)
     elif family == "cpu":
         from .cpu import enable_cpu_kernels
+        from .cpu.sparse_gemv import cpp_tiered_linear
 
         enable_cpu_kernels()
+        # the tiered op's kernel is also registered in C++ (no Python call per linear in the compiled graph)
+        cpp_ops = {"tiered_linear": cpp_tiered_linear()}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -291,7 +295,9 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
             node.target = getattr(torch.ops.sparsefx, TRITON_KERNELS[op]).default
             lowered[f"triton.{op}"] += 1
         elif family == "cpu" and op in CPU_KERNELS:
-            lowered[f"cpu.{op}"] += 1      # the op's registered CPU kernel runs it
+            if cpp_ops.get(op) is not None:
+                node.target = cpp_ops[op]
+            lowered[f"cpu.{op}"] += 1      # the op's registered CPU kernel (or its C++ twin) runs it
         else:
             lowered[f"reference.{op}"] += 1
     counters.update(lowered)

@@ -66,3 +66,24 @@ def test_fp16_medium_rows_are_read_as_stored():
     x, wmt = torch.randn(301), torch.randn(301, 1031).half()
     got = tiered_gemv(x, torch.randn(301, 1031), wmt, float(x.abs().max()) * 2, 0.0)
     torch.testing.assert_close(got.double(), x.double() @ wmt.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (3, 5)])
+@pytest.mark.parametrize("medium_dtype", [torch.float32, torch.float16])
+def test_cpp_registered_op_computes_the_tiered_linear(lead, medium_dtype):
+    # sparsefx_cpu::tiered_linear (what the backend lowers to on CPU): one token on transposed storage takes the
+    # kernel, everything else the op's default math; both equal sparsefx::tiered_linear's reference
+    from sparsefx.codegen.cpu.sparse_gemv import cpp_tiered_linear
+    from sparsefx.ir.ops import tiered_linear_math
+
+    op = cpp_tiered_linear()
+    assert op is not None, "the C++ extension must build on this CPU (AVX2/FMA/F16C)"
+    g = torch.Generator().manual_seed(sum(lead))
+    w = torch.randn(37, 67, generator=g)
+    wm = (w * (torch.rand(37, 67, generator=g) > 0.5)).to(medium_dtype)
+    x, bias = torch.randn(*lead, 67, generator=g), torch.randn(37, generator=g)
+    for t_high, t_low in ((1.0, 0.4), (0.7, 0.7), (0.0, 0.0)):
+        ref = tiered_linear_math(x, w, wm, bias, t_high, t_low)
+        for ww, wwm in ((w, wm), (w.t().contiguous().t(), wm.t().contiguous().t())):   # plain and transposed storage
+            torch.testing.assert_close(op(x, ww, wwm, bias, t_high, t_low), ref, rtol=1e-5, atol=1e-5)
+    assert op(x, w, wm, None, 1.0, 0.4).shape == (*lead, 37)

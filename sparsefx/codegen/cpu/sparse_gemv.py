@@ -141,6 +141,43 @@ torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, 
   }
   return y;
 }
+
+static bool rows_are_channels(const torch::Tensor& w) { return w.dim() == 2 && w.t().is_contiguous(); }
+
+// sparsefx_cpu::tiered_linear: sparsefx::tiered_linear with its CPU kernel, registered in C++ so that a compiled
+// graph reaches the kernel through the C++ dispatcher alone (the Python-registered kernel costs tens of microseconds
+// per call, as many as a small layer's GEMV). One token on transposed storage with a non-zero threshold takes
+// tiered_gemv; everything else computes what the op's default implementation does (two masked GEMMs).
+torch::Tensor tiered_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& weight_medium,
+                                const std::optional<torch::Tensor>& bias, double t_high, double t_low) {
+  const int64_t in = weight.size(1);
+  torch::Tensor y;
+  const bool decode = x.numel() == in && (t_high > 0 || t_low > 0) && x.scalar_type() == torch::kFloat &&
+                      weight.scalar_type() == torch::kFloat &&
+                      (weight_medium.scalar_type() == torch::kFloat || weight_medium.scalar_type() == torch::kHalf) &&
+                      rows_are_channels(weight) && rows_are_channels(weight_medium);
+  if (decode) {
+    auto sizes = x.sizes().vec();
+    sizes.back() = weight.size(0);
+    y = tiered_gemv(x.reshape({in}).contiguous(), weight.t(), weight_medium.t(), t_high, t_low).reshape(sizes);
+  } else {
+    const auto a = x.abs();
+    const auto high = a >= t_high;
+    y = at::linear(at::where(high, x, at::zeros({}, x.options())), weight);
+    if (t_low < t_high) {
+      const auto medium = (a >= t_low).logical_and(high.logical_not());
+      y = y + at::linear(at::where(medium, x, at::zeros({}, x.options())), weight_medium.to(x.scalar_type()));
+    }
+  }
+  return bias.has_value() ? y + *bias : y;
+}
+
+TORCH_LIBRARY(sparsefx_cpu, m) {
+  m.def("tiered_linear(Tensor x, Tensor weight, Tensor weight_medium, Tensor? bias, float t_high, float t_low) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) { m.impl("tiered_linear", &tiered_linear_cpu); }
 """
 
 
@@ -177,11 +214,29 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="sparsefx_tiered_gemv_v6", cpp_sources=[_CPP], functions=["tiered_gemv"],
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+        ext = load_inline(name="sparsefx_tiered_gemv_v7", cpp_sources=[_CPP], functions=["tiered_gemv"],
+                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+        _register_fake()
+        return ext
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
         log.warning("sparse_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
         return None
+
+
+def _register_fake() -> None:
+    """Shapes of ``sparsefx_cpu::tiered_linear`` (defined in C++ by the extension) for tracing and Inductor."""
+
+    @torch.library.register_fake("sparsefx_cpu::tiered_linear")
+    def _(x, weight, weight_medium, bias, t_high, t_low):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def cpp_tiered_linear():
+    """The C++-registered op ``sparsefx_cpu::tiered_linear`` (same signature as ``sparsefx::tiered_linear``), or
+    None where the extension cannot run (no AVX2/FMA/F16C, no compiler)."""
+    if not cpu_supports_kernel() or _extension() is None:
+        return None
+    return torch.ops.sparsefx_cpu.tiered_linear.default
 
 
 @functools.cache
