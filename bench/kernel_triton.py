@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -42,18 +40,6 @@ SMOKE_SHAPES = [(128, 256)]
 SPARSITIES = [0.0, 0.4, 0.5, 0.75]
 RANK = 64
 BLOCKED_N = 64        # output block of the blocked weight layout (tiered_gemv's programs then own 64 outputs)
-
-
-def _wall_clock_us(fns) -> float:
-    """Microseconds of the first of ``fns`` by wall clock (``--smoke`` on CPU, where there are no CUDA graphs)."""
-    fn = fns[0]
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def _copy_gbs(time_us, device, numel: int) -> float:
@@ -78,14 +64,13 @@ def main() -> None:
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"          # read when the kernel modules are first imported (below)
         os.environ["SPARSEFX_AUTOTUNE_CACHE"] = os.path.join(tempfile.mkdtemp(), "autotune.json")
-        device, shapes, time_us, max_configs = "cpu", SMOKE_SHAPES, _wall_clock_us, 2
+        device, shapes, max_configs = "cpu", SMOKE_SHAPES, 2
     elif not torch.cuda.is_available():
         raise SystemExit("bench/kernel_triton.py needs a CUDA GPU (the CPU numbers are in bench/kernel_sparse_gemv.py; "
                          "--smoke checks the script on CPU)")
     else:
         device, shapes, max_configs = "cuda", SHAPES, None
     from sparsefx.codegen import autotune
-    from sparsefx.experiments import cold_copies
     from sparsefx.codegen.triton import nm as tn
     from sparsefx.codegen.triton import quant as tq
     from sparsefx.codegen.triton import tiered as tt
@@ -101,15 +86,18 @@ def main() -> None:
         autotune.store([{**r, "sparsity": None} for r in found], device)
     configs = ["heuristic", "tuned"] if args.tune or args.cached else ["heuristic"]
 
-    if not args.smoke:
-        time_us = autotune.graph_us
+    cuda = device == "cuda"
+
+    def time_us(fns) -> float:   # CUDA-graph replays over cold copies; a few wall-clock calls under --smoke
+        return autotune.time_us(fns, 3, cuda)
+
     peak = _copy_gbs(time_us, device, 1 << (14 if args.smoke else 28))
     rows = []
 
     def copies(*tensors):
-        """Per cold copy, a tuple of copies of ``tensors`` (the first is the original)."""
-        n = 1 if args.smoke else cold_copies(sum(t.numel() * t.element_size() for t in tensors))
-        return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+        """Per cold copy, a tuple of copies of ``tensors`` (the first is the originals)."""
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return list(zip(*(autotune.cold_copies_of(t, nbytes, cuda) for t in tensors)))
 
     def bench(fn, sets) -> float:
         """GPU microseconds of ``fn(*set)`` per call, over the cold copies ``sets``."""

@@ -180,13 +180,15 @@ def graph_us(fns: list, rep_ms: int = 20) -> float:
     return float(do_bench_cudagraph(lambda: [f() for f in fns], rep=rep_ms, return_mode="median")) * 1e3 / len(fns)
 
 
-def _time(fns: list, reps: int, cuda: bool) -> float:
+def time_us(fns: list, reps: int, cuda: bool) -> float:
+    """Microseconds per call: on CUDA ``graph_us`` over ``fns`` (at least 20 ms of replays); on CPU the wall clock
+    of ``fns[0]`` over ``reps`` calls (Triton's interpreter: checks that code runs, says nothing about speed)."""
     return graph_us(fns, rep_ms=max(20, reps)) if cuda else _wall_us(fns[0], reps)
 
 
-def _copies(t: torch.Tensor | None, nbytes: float, cuda: bool) -> list:
-    """Copies of ``t`` adding up to well past the GPU's L2 (``experiments.COLD_BYTES``); one on CPU (tuning there
-    times the C++ kernels elsewhere)."""
+def cold_copies_of(t: torch.Tensor | None, nbytes: float, cuda: bool) -> list:
+    """``t`` and copies of it, as many as make ``nbytes``-sized sets add up to well past the GPU's L2
+    (``experiments.COLD_BYTES``); on CPU ``t`` alone (no GPU cache to defeat)."""
     from ..experiments import cold_copies
 
     n = cold_copies(nbytes) if cuda else 1
@@ -214,13 +216,13 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
     for k, n in sorted(shapes.get("tiered_gemv", ())):
         for s in sparsities:
             x, wt, t = _tiered_inputs(k, n, s, device, dtype)
-            wts = _copies(wt, wt.numel() * wt.element_size(), cuda)
+            wts = cold_copies_of(wt, wt.numel() * wt.element_size(), cuda)
             best = None
             for cfg in tt.gemv_configs()[:max_configs]:
-                us = _time([lambda w=w: tt.tiered_gemv(x, w, None, t, t, config=cfg) for w in wts], reps, cuda)
+                us = time_us([lambda w=w: tt.tiered_gemv(x, w, None, t, t, config=cfg) for w in wts], reps, cuda)
                 if best is None or us < best[1]:
                     best = (cfg, us)
-            dense = _time([lambda w=w: w.t() @ x for w in wts], reps, cuda)
+            dense = time_us([lambda w=w: w.t() @ x for w in wts], reps, cuda)
             results.append({"kernel": "tiered_gemv", "shape": (k, n), "sparsity": s, "config": best[0],
                             "us": round(best[1], 2), "dense_us": round(dense, 2)})
             if progress:
@@ -232,7 +234,7 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
         group = next(gs for gs in (128, 64, 32, 96, 192) if k % gs == 0)
         qw = quantize_rtn(torch.randn(n, k), QuantSpec(bits, group))
         packed = [tq.Packed(p, qw.scales.to(device), qw.zeros.to(device), bits, group)
-                  for p in _copies(qw.packed.to(device), qw.nbytes, cuda)]
+                  for p in cold_copies_of(qw.packed.to(device), qw.nbytes, cuda)]
         x = torch.randn(m, k, device=device, dtype=dtype)
         if tq.gemv_eligible(m, packed[0]):     # one token: the GEMV kernel, keyed without the row count
             kernel, key, candidates = "quant_gemv", (k, n, bits), tq.gemv_configs()
@@ -243,11 +245,11 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
             run = tq.quant_matmul
         best = None
         for cfg in candidates[:max_configs]:
-            us = _time([lambda p=p: run(x, p, config=cfg) for p in packed], reps, cuda)
+            us = time_us([lambda p=p: run(x, p, config=cfg) for p in packed], reps, cuda)
             if best is None or us < best[1]:
                 best = (cfg, us)
-        ws = _copies(torch.randn(n, k, device=device, dtype=dtype), n * k * x.element_size(), cuda)
-        dense = _time([lambda w=w: x @ w.t() for w in ws], reps, cuda)
+        ws = cold_copies_of(torch.randn(n, k, device=device, dtype=dtype), n * k * x.element_size(), cuda)
+        dense = time_us([lambda w=w: x @ w.t() for w in ws], reps, cuda)
         results.append({"kernel": kernel, "shape": key, "sparsity": None, "config": best[0],
                         "us": round(best[1], 2), "dense_us": round(dense, 2)})
         if progress:
@@ -288,5 +290,5 @@ def tune_cpu(shapes: dict[str, set], sparsities=(0.25, 0.4, 0.5, 0.6, 0.75), rep
     return results
 
 
-__all__ = ["SPARSITY_BINS", "cache_path", "device_name", "graph_us", "lookup", "model_shapes", "shape_key", "sparsity_bin", "store",
-           "tune_cpu", "tune_triton"]
+__all__ = ["SPARSITY_BINS", "cache_path", "cold_copies_of", "device_name", "graph_us", "lookup", "model_shapes",
+           "shape_key", "sparsity_bin", "store", "time_us", "tune_cpu", "tune_triton"]

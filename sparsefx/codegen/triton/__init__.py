@@ -61,6 +61,33 @@ def check_device(*tensors: torch.Tensor | None) -> None:
                                   "use the CPU kernels (kernels='cpu')"))
 
 
+# A decode GEMV is latency bound unless enough loads are in flight: about 16 programs per SM of a large GPU.
+TARGET_PROGRAMS = 2048
+
+
+def splits_for(blocks: int, k: int, block_k: int) -> int:
+    """Heuristic K split: enough programs (``TARGET_PROGRAMS``) when ``blocks`` output blocks alone are too few, at
+    most 32 splits and at least one ``block_k`` block each.
+
+    Example:
+        >>> splits_for(256, 4096, 256)
+        8
+    """
+    return max(1, min(32, -(-TARGET_PROGRAMS // blocks), k // block_k))
+
+
+def k_chunks(k: int, block_k: int, split: int) -> tuple[int, int]:
+    """Each K split's length (a whole number of ``block_k`` blocks, so that splits do not overlap) and the number of
+    splits that remain non-empty.
+
+    Example:
+        >>> k_chunks(1000, 64, 3)
+        (384, 3)
+    """
+    chunk = -(-(-(-k // max(1, split))) // block_k) * block_k
+    return chunk, -(-k // chunk)
+
+
 def output_buffer(out: torch.Tensor | None, shape: tuple, device, zero: bool = False) -> torch.Tensor:
     """The fp32 output buffer: ``out`` if given (checked), else new; zeroed when programs accumulate into it."""
     if out is None:

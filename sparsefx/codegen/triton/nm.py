@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...ir.nmformat import pack_nm, unpack_nm
-from . import check_device, output_buffer
+from . import check_device, k_chunks, output_buffer, splits_for
 
 
 def _kernel():
@@ -37,12 +37,10 @@ def configs() -> list[dict]:
 
 def default_config(rows: int, kept: int = 0, out_f: int = 0) -> dict:
     """Heuristic without an autotune entry: the kept-weight loop split until a large GPU has enough programs
-    (``quant.TARGET_PROGRAMS``) when the row and output blocks alone are too few (decode)."""
-    from .quant import _split_for
-
+    (``TARGET_PROGRAMS``) when the row and output blocks alone are too few (decode)."""
     block_m = 1 if rows == 1 else 4
     blocks = -(-rows // block_m) * -(-out_f // 64) if out_f else 0
-    split = _split_for(blocks, kept, 64) if blocks else 1
+    split = splits_for(blocks, kept, 64) if blocks else 1
     return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_J": 64, "SPLIT_K": split, "num_warps": 4}
 
 
@@ -64,9 +62,7 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     out_f, kept = values.shape
     cfg = (config or lookup("nm_matmul", x.device, (rows, k, out_f, n, m))
            or default_config(rows, kept, out_f))
-    # each split's share of the kept weights is a whole number of BLOCK_J, so that shares do not overlap
-    j_chunk = -(-(-(-kept // max(1, cfg.get("SPLIT_K", 1)))) // cfg["BLOCK_J"]) * cfg["BLOCK_J"]
-    split = -(-kept // j_chunk)
+    j_chunk, split = k_chunks(kept, cfg["BLOCK_J"], cfg.get("SPLIT_K", 1))   # split the kept-weight loop
     y = output_buffer(out, (rows, out_f), x.device, zero=split > 1)
     x = x.contiguous()
     grid = (-(-rows // cfg["BLOCK_M"]), -(-out_f // cfg["BLOCK_N"]), split)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import check_device, output_buffer
+from . import check_device, k_chunks, output_buffer, splits_for
 
 
 def _kernel(name: str = "qmm"):
@@ -95,19 +95,11 @@ def gemv_configs() -> list[dict]:
             for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4, 8, 16) if bn * bk <= 16384]
 
 
-# A decode GEMV is latency bound unless enough loads are in flight: about 16 programs per SM of a large GPU.
-TARGET_PROGRAMS = 2048
-
-
-def _split_for(blocks: int, k: int, block_k: int) -> int:
-    return max(1, min(32, -(-TARGET_PROGRAMS // blocks), k // block_k))
-
-
 def default_gemv_config(k: int, n: int) -> dict:
     """Heuristic for ``quant_gemv`` without an autotune entry: 16 rows x 512 codes per step (8 x 256 for a rank-64
     projection; what H100 tuning picked) and the K loop split until there are about ``TARGET_PROGRAMS`` programs."""
     block_n, block_k = (16, 512) if n >= 1024 else (8, 256)
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": _split_for(-(-n // block_n), k, block_k),
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": splits_for(-(-n // block_n), k, block_k),
             "num_warps": 4}
 
 
@@ -140,12 +132,6 @@ def _check(x, main, lowrank) -> tuple[int, int, int]:
     return m, k, n
 
 
-def _split(k: int, block_k: int, split: int) -> tuple[int, int]:
-    """Each K split's length (a whole number of blocks, so splits do not overlap) and the number of splits."""
-    k_chunk = -(-(-(-k // max(1, split))) // block_k) * block_k
-    return k_chunk, -(-k // k_chunk)
-
-
 def quant_gemv(x: torch.Tensor, main: Packed, bias: torch.Tensor | None = None,
                colscale: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, Packed] | None = None,
                config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +149,7 @@ def quant_gemv(x: torch.Tensor, main: Packed, bias: torch.Tensor | None = None,
     from ..autotune import lookup
 
     cfg = config or lookup("quant_gemv", x.device, (k, n, main.bits)) or default_gemv_config(k, n)
-    k_chunk, split = _split(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
+    k_chunk, split = k_chunks(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
     y = output_buffer(out, (1, n), x.device, zero=split > 1)
     dummy = y
     t, r, _, a_args, (a_bits, a_group, a_sym) = _lowrank_args(lowrank, m, dummy)
@@ -197,7 +183,7 @@ def quant_matmul(x: torch.Tensor, main: Packed | None, bias: torch.Tensor | None
     from ..autotune import lookup
 
     cfg = config or lookup("quant_matmul", x.device, (m, k, n, main.bits if main else 0)) or default_config(m, k, n)
-    k_chunk, split = _split(k, cfg["BLOCK_K"], cfg["SPLIT_K"] if main is not None else 1)
+    k_chunk, split = k_chunks(k, cfg["BLOCK_K"], cfg["SPLIT_K"] if main is not None else 1)
     y = output_buffer(out, (m, n), x.device, zero=split > 1)
     x = x.contiguous()
     dummy = y                                  # stands in for absent pointers (never read: constexpr-guarded)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import check_device, output_buffer
+from . import check_device, k_chunks, output_buffer, splits_for
 
 # Union fraction above which the batch > 1 path multiplies densely (two masked GEMMs) instead of gathering.
 DENSE_ABOVE = 0.7
@@ -49,9 +49,7 @@ def default_gemv_config(k: int, n: int) -> dict:
     """Heuristic when the autotune cache has no entry: 64 x 128 tiles and the K loop split until there are about
     ``TARGET_PROGRAMS`` programs (a decode GEMV needs many loads in flight to approach the memory bandwidth; the
     tile is what H100 tuning picked for every decode shape, ``bench/results/kernel_triton_*``)."""
-    from .quant import _split_for
-
-    return {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": _split_for(-(-n // 64), k, 128), "num_warps": 4}
+    return {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": splits_for(-(-n // 64), k, 128), "num_warps": 4}
 
 
 def gemm_configs() -> list[dict]:
@@ -128,10 +126,8 @@ def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_h
     if cfg.get("GATHER") and (not has_medium or wm.dtype == wt.dtype):
         return _gather_gemv(x, wt, wm, k, n, strides, has_medium, t_high, t_low, cfg, out)
     gemv, _ = _kernels()
-    block_k, split = cfg["BLOCK_K"], max(1, cfg["SPLIT_K"])
-    # each program's K range is a whole number of BLOCK_K so that ranges do not overlap
-    k_chunk = -(-(-(-k // split)) // block_k) * block_k
-    split = -(-k // k_chunk)
+    block_k = cfg["BLOCK_K"]
+    k_chunk, split = k_chunks(k, block_k, cfg["SPLIT_K"])
     y = output_buffer(out, (n,), x.device, zero=split > 1)
     grid = (-(-n // cfg["BLOCK_N"]), split)
     gemv[grid](x, wt, wm, y, k, n, float(t_high), float(t_low), *strides, k_chunk, HAS_MEDIUM=has_medium,
