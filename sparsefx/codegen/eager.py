@@ -252,6 +252,8 @@ class NMLinear(nn.Module):
     @classmethod
     def restore(cls, linear: nn.Module, attrs: dict, tensors: dict[str, torch.Tensor]) -> "NMLinear":
         n, m = int(attrs["n"]), int(attrs["m"])
+        if not 0 < n < m:
+            raise ValueError(f"N:M state with n={n}, m={m}: need 0 < n < m")
         values, index = tensors["nm_values"], tensors["nm_index"]
         if (values.shape != index.shape or index.dtype != torch.uint8 or values.shape[0] != linear.out_features
                 or values.shape[1] * m != linear.in_features * n):

@@ -220,8 +220,7 @@ def nm_linear_math(x, values, index, bias, n, m):
 
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] <= 8:
-        cols = input_columns(index, n, m)                                            # [out, kept]
-        y = torch.stack([(row[cols] * values.to(x.dtype)).sum(-1) for row in x2])    # [M, out]
+        y = (x2[:, input_columns(index, n, m)] * values.to(x.dtype)).sum(-1)          # [M, out, kept] -> [M, out]
         y = y.reshape(*x.shape[:-1], values.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, unpack_nm(values, index, n, m).to(x.dtype), bias)

@@ -24,14 +24,14 @@ def _rows_are_channels(w: torch.Tensor) -> bool:
 
 def _tiered_linear_cpu(x, weight, weight_medium, bias, t_high, t_low):
     from ...ir.ops import tiered_linear_math
-    from .sparse_gemv import kernel_available, tiered_gemv
+    from .sparse_gemv import cpp_tiered_linear
 
-    # Decode (one token) on transposed storage takes the kernel; zero thresholds stay on the exact dense path.
-    if (x.numel() == x.shape[-1] and (t_high > 0 or t_low > 0) and _rows_are_channels(weight)
-            and _rows_are_channels(weight_medium) and kernel_available(x, weight, weight_medium)):
-        y = tiered_gemv(x.reshape(-1), weight.t(), weight_medium.t(), t_high, t_low).reshape(*x.shape[:-1], -1)
-        return y if bias is None else y + bias
-    return tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low)
+    # The C++ op decides: decode (one token) on transposed storage with a non-zero threshold takes the kernel,
+    # everything else the default math. Without the extension, the default math here.
+    op = cpp_tiered_linear()
+    if op is None:
+        return tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low)
+    return op(x, weight, weight_medium, bias, t_high, t_low)
 
 
 def _quant_linear_cpu(x, packed, scales, zeros, bias, bits, group_size):
