@@ -27,6 +27,9 @@ def _call_directly(module: nn.Module, x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+PACKED_MEDIUM = ("medium_mask", "medium_values", "medium_offsets")
+
+
 class TieredLinear(nn.Module):
     """Eager twin of ``sparsefx::tiered_linear``: an ``nn.Linear`` whose inputs are routed into three tiers.
 
@@ -44,15 +47,32 @@ class TieredLinear(nn.Module):
         self.t_high, self.t_low = float(t_high), float(t_low)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: (x [in], W.T, Wm.T, t_high, t_low) -> y
+        # set by prepare_cpu_decode when the medium tier is pruned: its bitmask-packed rows (mask, values, offsets),
+        # which one-token calls on CPU read instead of weight_medium (codegen.cpu.sparse_gemv.pack_medium)
+        for name in PACKED_MEDIUM:
+            self.register_buffer(name, None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         # _call_directly first: it is False for unprepared modules, which the backend fx-traces (x is a Proxy there)
         if _call_directly(self, x) and x.numel() == self.in_features:
             # one token: the C++ kernel itself (its signature is not the op's), skipping the op dispatcher
-            y = self.decode_kernel(x.reshape(-1), self.weight.t(), self.weight_medium.t(), self.t_high, self.t_low)
+            medium = self.weight_medium.t() if self.medium_packed is None else self.medium_packed
+            y = self.decode_kernel(x.reshape(-1), self.weight.t(), medium, self.t_high, self.t_low)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        if self.medium_packed is not None and x.device.type == "cpu":
+            return torch.ops.sparsefx_cpu.tiered_linear_packed(x, self.weight, self.weight_medium, *self.medium_packed,
+                                                               self.bias, self.t_high, self.t_low)
         return torch.ops.sparsefx.tiered_linear(x, self.weight, self.weight_medium, self.bias, self.t_high, self.t_low)
+
+    @property
+    def medium_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return None if self.medium_mask is None else (self.medium_mask, self.medium_values, self.medium_offsets)
+
+    @medium_packed.setter
+    def medium_packed(self, packed) -> None:
+        for name, t in zip(PACKED_MEDIUM, packed if packed is not None else (None,) * 3):
+            setattr(self, name, t)
 
     @property
     def has_medium_weights(self) -> bool:

@@ -22,15 +22,20 @@ def _compressed(recipe="{method: daws, sparsity: 0.5}"):
 
 
 @needs_kernel
-@pytest.mark.parametrize("recipe", ["{method: daws, sparsity: 0.5}",
-                                    "{method: daws, sparsity: 0.6, medium_fraction: 0}"])
-def test_prepared_model_decodes_through_the_kernel_with_the_same_outputs(recipe):
+@pytest.mark.parametrize("recipe, pack", [("{method: daws, sparsity: 0.5}", False),
+                                          ("{method: daws, sparsity: 0.5}", True),
+                                          ("{method: daws, sparsity: 0.5, medium_dtype: float16}", True),
+                                          ("{method: daws, sparsity: 0.6, medium_fraction: 0}", True)])
+def test_prepared_model_decodes_through_the_kernel_with_the_same_outputs(recipe, pack):
     model = _compressed(recipe)
     prompt = torch.randint(0, 256, (1, 7))
     with torch.no_grad():
         ref = model(prompt, use_cache=True)
         ref_next = model(prompt[:, -1:] * 0 + 5, past_key_values=ref.past_key_values, use_cache=True).logits
-    assert prepare_cpu_decode(model) == 7 * model.config.num_hidden_layers
+    assert prepare_cpu_decode(model, pack_medium=pack) == 7 * model.config.num_hidden_layers
+    tiered = [m for m in model.modules() if isinstance(m, TieredLinear)]
+    # packed only where asked and where there is a pruned medium tier of its own (none under TEAL)
+    assert all((m.medium_packed is not None) == (pack and m.has_medium_weights) for m in tiered)
     calls = []
     for m in model.modules():
         if isinstance(m, TieredLinear):
@@ -69,3 +74,22 @@ def test_prepare_without_compressed_linears_changes_nothing():
     before = {n: p.data_ptr() for n, p in model.named_parameters()}
     assert prepare_cpu_decode(model) == 0
     assert before == {n: p.data_ptr() for n, p in model.named_parameters()}
+
+
+@needs_kernel
+def test_packed_model_compiles_to_the_packed_op_with_eager_outputs():
+    model = _compressed("{method: daws, sparsity: 0.5}")
+    prepare_cpu_decode(model, pack_medium=True)
+    layer = next(m for m in model.modules() if isinstance(m, TieredLinear))
+    x1, x5 = torch.randn(1, 1, layer.in_features), torch.randn(2, 5, layer.in_features)
+    compiled = torch.compile(layer, backend="sparsefx")
+    with torch.no_grad():
+        ref1, ref5 = (tiered_linear_reference(x, layer.weight, layer.weight_medium, layer.bias, layer.t_high,
+                                              layer.t_low) for x in (x1, x5))
+        for x, ref in ((x1, ref1), (x5, ref5)):
+            torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
+    # the module's graph calls the C++ packed op, with the packed buffers as inputs
+    gm, _ = torch._dynamo.export(layer)(x1)
+    packed_op = torch.ops.sparsefx_cpu.tiered_linear_packed
+    assert any(n.target in (packed_op, packed_op.default) for n in gm.graph.nodes), gm.graph

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import (_extension, cpu_supports_kernel, sparse_gemv, sparse_gemv_reference,
-                                              tiered_gemv, tiered_gemv_reference)
+from sparsefx.codegen.cpu.sparse_gemv import (_extension, cpp_tiered_linear_packed, cpu_supports_kernel, pack_medium,
+                                              sparse_gemv, sparse_gemv_reference, tiered_gemv, tiered_gemv_packed,
+                                              tiered_gemv_reference, unpack_medium)
+from sparsefx.ir.ops import tiered_linear_reference
 
 needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
 
@@ -87,3 +89,59 @@ def test_cpp_registered_op_computes_the_tiered_linear(lead, medium_dtype):
         for ww, wwm in ((w, wm), (w.t().contiguous().t(), wm.t().contiguous().t())):   # plain and transposed storage
             torch.testing.assert_close(op(x, ww, wwm, bias, t_high, t_low), ref, rtol=1e-5, atol=1e-5)
     assert op(x, w, wm, None, 1.0, 0.4).shape == (*lead, 37)
+
+
+def _pruned(in_f, out_f, density, dtype=torch.float32):
+    wmt = torch.randn(in_f, out_f) * (torch.rand(in_f, out_f) < density)
+    return wmt.to(dtype)
+
+
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (5, 8), (9, 17), (33, 130)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_pack_medium_round_trips_and_counts_each_rows_values(in_f, out_f, density):
+    wmt = _pruned(in_f, out_f, density)
+    mask, values, offsets = pack_medium(wmt)
+    assert mask.dtype == torch.uint8 and mask.shape == (in_f, -(-out_f // 8))
+    assert offsets.tolist() == [0] + (wmt != 0).sum(1).cumsum(0).tolist()
+    assert values.numel() == int(offsets[-1]) + 8 and torch.equal(values[-8:], torch.zeros(8))
+    assert torch.equal(unpack_medium(mask, values, offsets, out_f), wmt)
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (31, 9), (576, 1536), (1536, 576), (263, 2053), (13, 16411)])
+@pytest.mark.parametrize("q_low, q_high", [(0.3, 0.5), (0.0, 0.8), (0.9, 1.0)])
+@pytest.mark.parametrize("medium_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("density", [0.0, 0.35, 0.65])
+def test_packed_medium_tier_matches_reference(in_f, out_f, q_low, q_high, medium_dtype, density):
+    x, wt = torch.randn(in_f), torch.randn(in_f, out_f)
+    wmt = _pruned(in_f, out_f, density, medium_dtype)
+    a = x.abs()
+    t_low = float(a.quantile(q_low)) if q_low > 0 else 0.0
+    t_high = float(a.quantile(q_high))
+    got = tiered_gemv_packed(x, wt, *pack_medium(wmt), t_high, t_low)
+    ref = tiered_gemv_reference(x, wt, wmt, t_high, t_low)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))
+
+
+@needs_kernel
+def test_packed_kernel_rejects_a_mask_of_the_wrong_width():
+    x, wt = torch.randn(9), torch.randn(9, 17)
+    mask, values, offsets = pack_medium(_pruned(9, 16, 0.5))
+    with pytest.raises(ValueError, match="ceil"):
+        tiered_gemv_packed(x, wt, mask, values, offsets, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="padding"):   # values cut short: the C++ check, not an overread
+        _extension().tiered_gemv_packed(x, wt, *pack_medium(_pruned(9, 17, 0.5))[:1], torch.zeros(3),
+                                        pack_medium(_pruned(9, 17, 1.0))[2], 1.0, 0.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("lead", [(1, 1), (3, 5)])
+def test_cpp_packed_op_computes_the_tiered_linear(lead):
+    in_f, out_f = 67, 45
+    w, b = torch.randn(in_f, out_f).t(), torch.randn(out_f)
+    wm = _pruned(in_f, out_f, 0.5).t()
+    x = torch.randn(*lead, in_f)
+    a = x.abs().flatten()
+    t_high, t_low = float(a.quantile(0.7)), float(a.quantile(0.3))
+    got = cpp_tiered_linear_packed()(x, w, wm, *pack_medium(wm.t()), b, t_high, t_low)
+    torch.testing.assert_close(got, tiered_linear_reference(x, w, wm, b, t_high, t_low), rtol=1e-4, atol=1e-4)

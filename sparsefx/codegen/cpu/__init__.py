@@ -91,10 +91,25 @@ def _kernel_pays(module) -> bool:
     return tuned is None or tuned.get("min_sparsity") is not None
 
 
+# With pack_medium, a pruned medium tier is bitmask-packed when at most this share of its weights is non-zero (a
+# packed row reads density * itemsize + 1/8 bytes per column).
+PACK_MAX_DENSITY = 0.8
+
+
+def _packed_decode(x, wt, medium, t_high, t_low):
+    from .sparse_gemv import _extension
+
+    return _extension().tiered_gemv_packed(x, wt, *medium, t_high, t_low)
+
+
 @torch.no_grad()
-def prepare_cpu_decode(model: nn.Module) -> int:
+def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
     """Re-store compressed linears for the CPU decode kernel; return how many were prepared.
 
+    With ``pack_medium``, a DAWS medium tier whose weights are pruned (density <= ``PACK_MAX_DENSITY``) also gets a
+    bitmask-packed copy that one-token calls read instead of its dense rows (the dense tensor stays for prefill).
+    Off by default: on this AVX2 CPU the expansion costs more than the bytes it saves — packed rows measured slower
+    than dense fp16 rows (``daws.medium_dtype: float16``) at every shape of ``bench/kernel_daws_gemv.py``.
     Outputs equal the unprepared model's up to fp32 summation order.
 
     Example:
@@ -102,7 +117,7 @@ def prepare_cpu_decode(model: nn.Module) -> int:
         210
     """
     from ..eager import LowRankQuantLinear, QuantLinear, TieredLinear
-    from .sparse_gemv import _extension, kernel_available
+    from .sparse_gemv import _extension, kernel_available, pack_medium as pack
 
     enable_cpu_kernels()
     count = 0
@@ -118,7 +133,12 @@ def prepare_cpu_decode(model: nn.Module) -> int:
                                          requires_grad=module.weight.requires_grad)
             module.weight_medium = _transposed_storage(module.weight_medium) if own_medium else module.weight.data
             x_like = module.weight.new_empty(module.in_features)  # decode inputs share the weight's dtype
+            module.medium_packed = None
             if kernel_available(x_like, module.weight, module.weight_medium) and _kernel_pays(module):
                 module.decode_kernel = _extension().tiered_gemv
+                wmt = module.weight_medium.t()
+                if pack_medium and own_medium and (wmt != 0).float().mean() <= PACK_MAX_DENSITY:
+                    module.medium_packed = pack(wmt)
+                    module.decode_kernel = _packed_decode
             count += 1
     return count

@@ -11,8 +11,10 @@ The C++ kernel (AVX2/FMA intrinsics, ``at::parallel_for``) splits the kept rows 
 each accumulating a private y in cache (reduced at the end); very wide outputs split into column blocks instead.
 The medium tier (DAWS) reads rows of ``Wmt = W_medium.T`` stored dense — its pruned weights are zeros in the row —
 in fp32 or fp16 (``daws.medium_dtype: float16``: half the bytes per medium row, converted to fp32 with F16C; at the
-default medium weight sparsity of 50 % that is the byte count of the kept weights). A sparse medium layout is
-future work.
+default medium weight sparsity of 50 % that is the byte count of the kept weights). ``tiered_gemv_packed`` reads the
+medium tier bitmask-packed instead (``pack_medium``: each row's non-zeros plus one bit per weight), expanding eight
+columns per mask byte with a lookup table and a permute; on this AVX2 CPU that expansion costs more than the bytes
+it saves (``bench/kernel_daws_gemv.py``), so dense fp16 rows stay the default.
 ``tiered_gemv_reference`` is the pure-torch reference and fallback.
 """
 
@@ -69,12 +71,77 @@ static inline void accumulate(float* yb, const T* wp, int64_t out, int64_t o0, i
   }
 }
 
+// Bitmask-packed rows (a pruned medium tier): row i's non-zeros, in column order, are values[offsets[i]:offsets[i+1]];
+// bit (o % 8) of mask[i, o / 8] says whether column o has one. Expanding eight columns = one byte of mask: load the
+// next eight values, move value j to the lane of the mask's j-th set bit (LUT + permute), zero the other lanes.
+struct ExpandLut {
+  alignas(32) int32_t idx[256][8];
+  alignas(32) int32_t keep[256][8];
+  ExpandLut() {
+    for (int m = 0; m < 256; ++m)
+      for (int j = 0, c = 0; j < 8; ++j) {
+        const bool set = (m >> j) & 1;
+        idx[m][j] = set ? c++ : 0;
+        keep[m][j] = set ? -1 : 0;
+      }
+  }
+};
+static const ExpandLut kLut;
+
+template <typename T>
+static inline __m256 expand8(const T*& p, uint8_t m) {
+  const __m256 v = load8(p);   // may read up to 7 values past the row: the packer pads the values' end
+  const __m256 moved = _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kLut.idx[m])));
+  p += __builtin_popcount(m);
+  return _mm256_and_ps(moved, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kLut.keep[m]))));
+}
+
+// yb[0 : 8 * nbytes] += sum over kept rows k in [k0, k1) of val[k] * (row idx[k] of the packed tier, expanded);
+// yb is padded to a multiple of eight columns (the mask's bits past `out` are zero).
+template <typename T>
+static inline void accumulate_packed(float* yb, const uint8_t* mask, int64_t nbytes, const T* values,
+                                     const int64_t* offsets, const int32_t* idx, const float* val, int64_t k0,
+                                     int64_t k1) {
+  int64_t k = k0;
+  for (; k + 3 < k1; k += 4) {
+    const uint8_t* m0 = mask + (int64_t)idx[k] * nbytes;
+    const uint8_t* m1 = mask + (int64_t)idx[k + 1] * nbytes;
+    const uint8_t* m2 = mask + (int64_t)idx[k + 2] * nbytes;
+    const uint8_t* m3 = mask + (int64_t)idx[k + 3] * nbytes;
+    const T* p0 = values + offsets[idx[k]];
+    const T* p1 = values + offsets[idx[k + 1]];
+    const T* p2 = values + offsets[idx[k + 2]];
+    const T* p3 = values + offsets[idx[k + 3]];
+    const __m256 a0 = _mm256_set1_ps(val[k]), a1 = _mm256_set1_ps(val[k + 1]);
+    const __m256 a2 = _mm256_set1_ps(val[k + 2]), a3 = _mm256_set1_ps(val[k + 3]);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      __m256 acc = _mm256_loadu_ps(yb + 8 * b);
+      acc = _mm256_fmadd_ps(a0, expand8(p0, m0[b]), acc);
+      acc = _mm256_fmadd_ps(a1, expand8(p1, m1[b]), acc);
+      acc = _mm256_fmadd_ps(a2, expand8(p2, m2[b]), acc);
+      acc = _mm256_fmadd_ps(a3, expand8(p3, m3[b]), acc);
+      _mm256_storeu_ps(yb + 8 * b, acc);
+    }
+  }
+  for (; k < k1; ++k) {
+    const uint8_t* m0 = mask + (int64_t)idx[k] * nbytes;
+    const T* p0 = values + offsets[idx[k]];
+    const __m256 a0 = _mm256_set1_ps(val[k]);
+    for (int64_t b = 0; b < nbytes; ++b)
+      _mm256_storeu_ps(yb + 8 * b, _mm256_fmadd_ps(a0, expand8(p0, m0[b]), _mm256_loadu_ps(yb + 8 * b)));
+  }
+}
+
 // Kept rows of one tier: indices into its weight rows (fp32, or fp16 when half) and the matching x values.
+// A packed tier (mask != nullptr) has its rows in the bitmask layout above, `w` being the values.
 struct Tier {
   const void* w;
   bool half;
   std::vector<int32_t> idx;
   std::vector<float> val;
+  const uint8_t* mask = nullptr;
+  const int64_t* offsets = nullptr;
+  int64_t nbytes = 0;
 };
 
 static inline void run_tiers(float* yb, const Tier* tiers, int ntiers, int64_t out, int64_t o0, int64_t n,
@@ -83,7 +150,15 @@ static inline void run_tiers(float* yb, const Tier* tiers, int ntiers, int64_t o
     const int64_t nk = (int64_t)tiers[t].idx.size(), chunk = (nk + nparts - 1) / nparts;
     const int64_t k0 = std::min(nk, part * chunk), k1 = std::min(nk, k0 + chunk);
     if (k0 >= k1) continue;
-    if (tiers[t].half)
+    const Tier& tr = tiers[t];
+    if (tr.mask != nullptr) {   // whole rows only (the caller never splits a packed tier into column blocks)
+      if (tr.half)
+        accumulate_packed(yb, tr.mask, tr.nbytes, static_cast<const at::Half*>(tr.w), tr.offsets, tr.idx.data(),
+                          tr.val.data(), k0, k1);
+      else
+        accumulate_packed(yb, tr.mask, tr.nbytes, static_cast<const float*>(tr.w), tr.offsets, tr.idx.data(),
+                          tr.val.data(), k0, k1);
+    } else if (tiers[t].half)
       accumulate(yb, static_cast<const at::Half*>(tiers[t].w), out, o0, n, tiers[t].idx.data(), tiers[t].val.data(),
                  k0, k1);
     else
@@ -92,24 +167,10 @@ static inline void run_tiers(float* yb, const Tier* tiers, int ntiers, int64_t o
   }
 }
 
-// DAWS tiers for one token: y[o] = sum_{|x_i| >= t_high} x_i wt[i, o] + sum_{t_low <= |x_i| < t_high} x_i wmt[i, o]
-// x: [in] fp32; wt, wmt: [in, out] row-major (W.T and W_medium.T), wt fp32, wmt fp32 or fp16; y: [out] fp32.
-// One tier: pass t_low = t_high.
-torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, double t_high, double t_low) {
-  TORCH_CHECK(x.dim() == 1 && wt.dim() == 2 && x.size(0) == wt.size(0), "x must be [in], wt [in, out]");
-  TORCH_CHECK(wmt.sizes() == wt.sizes(), "wmt must have wt's shape");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && wt.scalar_type() == torch::kFloat &&
-              (wmt.scalar_type() == torch::kFloat || wmt.scalar_type() == torch::kHalf),
-              "x and wt must be fp32, wmt fp32 or fp16");
-  TORCH_CHECK(x.is_contiguous() && wt.is_contiguous() && wmt.is_contiguous(), "x, wt and wmt must be contiguous");
-  const int64_t in = wt.size(0), out = wt.size(1);
+// Route x's channels into the tiers (high: |x| >= th, medium: tl <= |x| < th) and run them: y[out] fp32.
+static torch::Tensor run_gemv(const torch::Tensor& x, Tier* tiers, int64_t out, float th, float tl) {
+  const int64_t in = x.size(0);
   const float* xp = x.data_ptr<float>();
-  const float th = (float)t_high, tl = (float)t_low;
-  Tier tiers[2];
-  tiers[0].w = wt.data_ptr();
-  tiers[0].half = false;
-  tiers[1].w = wmt.data_ptr();
-  tiers[1].half = wmt.scalar_type() == torch::kHalf;
   for (int64_t i = 0; i < in; ++i) {
     const float a = std::fabs(xp[i]);
     Tier& tier = tiers[a >= th ? 0 : 1];
@@ -118,7 +179,8 @@ torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, 
   auto y = torch::zeros({out}, x.options());
   float* yp = y.data_ptr<float>();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  if (out > 16384) {
+  const bool packed = tiers[1].mask != nullptr;
+  if (out > 16384 && !packed) {
     // Very wide outputs (e.g. an LM head): one column block per thread. Long contiguous runs of each kept row
     // keep the hardware prefetcher streaming (2 KiB runs measured at half the bandwidth); y's block stays in cache.
     int64_t block = (out + threads - 1) / threads;
@@ -130,16 +192,63 @@ torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, 
       }
     });
   } else {
-    // Up to 16384 outputs: split the kept rows between threads, each streaming whole rows into a private y
-    // (<= 64 KiB, cache-resident), then reduce. Measured ~10% faster than column blocks at 4096 x 11008.
-    std::vector<float> partial((size_t)(threads * out), 0.0f);
+    // Split the kept rows between threads, each streaming whole rows into a private y (cache-resident up to 16384
+    // outputs), then reduce. Measured ~10% faster than column blocks at 4096 x 11008. Rows padded to 8 columns
+    // for a packed tier.
+    const int64_t stride = packed ? (out + 7) & ~int64_t(7) : out;
+    std::vector<float> partial((size_t)(threads * stride), 0.0f);
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) run_tiers(partial.data() + t * out, tiers, 2, out, 0, out, t, threads);
+      for (int64_t t = t0; t < t1; ++t) run_tiers(partial.data() + t * stride, tiers, 2, out, 0, out, t, threads);
     });
     for (int64_t t = 0; t < threads; ++t)
-      for (int64_t o = 0; o < out; ++o) yp[o] += partial[t * out + o];
+      for (int64_t o = 0; o < out; ++o) yp[o] += partial[t * stride + o];
   }
   return y;
+}
+
+static void check_decode_args(const torch::Tensor& x, const torch::Tensor& wt) {
+  TORCH_CHECK(x.dim() == 1 && wt.dim() == 2 && x.size(0) == wt.size(0), "x must be [in], wt [in, out]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && wt.scalar_type() == torch::kFloat, "x and wt must be fp32");
+  TORCH_CHECK(x.is_contiguous() && wt.is_contiguous(), "x and wt must be contiguous");
+}
+
+// DAWS tiers for one token: y[o] = sum_{|x_i| >= t_high} x_i wt[i, o] + sum_{t_low <= |x_i| < t_high} x_i wmt[i, o]
+// x: [in] fp32; wt, wmt: [in, out] row-major (W.T and W_medium.T), wt fp32, wmt fp32 or fp16; y: [out] fp32.
+// One tier: pass t_low = t_high.
+torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, double t_high, double t_low) {
+  check_decode_args(x, wt);
+  TORCH_CHECK(wmt.sizes() == wt.sizes() && wmt.is_contiguous(), "wmt must be contiguous with wt's shape");
+  TORCH_CHECK(wmt.scalar_type() == torch::kFloat || wmt.scalar_type() == torch::kHalf, "wmt must be fp32 or fp16");
+  Tier tiers[2];
+  tiers[0].w = wt.data_ptr();
+  tiers[0].half = false;
+  tiers[1].w = wmt.data_ptr();
+  tiers[1].half = wmt.scalar_type() == torch::kHalf;
+  return run_gemv(x, tiers, wt.size(1), (float)t_high, (float)t_low);
+}
+
+// The same with the medium tier bitmask-packed (see accumulate_packed): mask uint8 [in, ceil(out / 8)], values
+// fp32 or fp16 [>= offsets[in] + 8] (zero padded), offsets int64 [in + 1].
+torch::Tensor tiered_gemv_packed(torch::Tensor x, torch::Tensor wt, torch::Tensor mask, torch::Tensor values,
+                                 torch::Tensor offsets, double t_high, double t_low) {
+  check_decode_args(x, wt);
+  const int64_t in = wt.size(0), out = wt.size(1);
+  TORCH_CHECK(mask.scalar_type() == torch::kByte && mask.dim() == 2 && mask.size(0) == in &&
+              mask.size(1) == (out + 7) / 8 && mask.is_contiguous(), "mask must be contiguous uint8 [in, ceil(out/8)]");
+  TORCH_CHECK(offsets.scalar_type() == torch::kLong && offsets.dim() == 1 && offsets.size(0) == in + 1 &&
+              offsets.is_contiguous(), "offsets must be contiguous int64 [in + 1]");
+  TORCH_CHECK((values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kHalf) && values.dim() == 1 &&
+              values.is_contiguous() && values.numel() >= offsets[in].item<int64_t>() + 8,
+              "values must be contiguous fp32 or fp16 holding offsets[in] values and 8 of padding");
+  Tier tiers[2];
+  tiers[0].w = wt.data_ptr();
+  tiers[0].half = false;
+  tiers[1].w = values.data_ptr();
+  tiers[1].half = values.scalar_type() == torch::kHalf;
+  tiers[1].mask = mask.data_ptr<uint8_t>();
+  tiers[1].offsets = offsets.data_ptr<int64_t>();
+  tiers[1].nbytes = mask.size(1);
+  return run_gemv(x, tiers, out, (float)t_high, (float)t_low);
 }
 
 static bool rows_are_channels(const torch::Tensor& w) { return w.dim() == 2 && w.t().is_contiguous(); }
@@ -148,36 +257,70 @@ static bool rows_are_channels(const torch::Tensor& w) { return w.dim() == 2 && w
 // graph reaches the kernel through the C++ dispatcher alone (the Python-registered kernel costs tens of microseconds
 // per call, as many as a small layer's GEMV). One token on transposed storage with a non-zero threshold takes
 // tiered_gemv; everything else computes what the op's default implementation does (two masked GEMMs).
+static bool takes_decode(const torch::Tensor& x, const torch::Tensor& weight, double t_high, double t_low) {
+  return x.numel() == weight.size(1) && (t_high > 0 || t_low > 0) && x.scalar_type() == torch::kFloat &&
+         weight.scalar_type() == torch::kFloat && rows_are_channels(weight);
+}
+
+// The op's default math (two masked GEMMs), for everything the decode kernel does not take.
+static torch::Tensor tiered_math(const torch::Tensor& x, const torch::Tensor& weight,
+                                 const torch::Tensor& weight_medium, double t_high, double t_low) {
+  const auto a = x.abs();
+  const auto high = a >= t_high;
+  auto y = at::linear(at::where(high, x, at::zeros({}, x.options())), weight);
+  if (t_low < t_high) {
+    const auto medium = (a >= t_low).logical_and(high.logical_not());
+    y = y + at::linear(at::where(medium, x, at::zeros({}, x.options())), weight_medium.to(x.scalar_type()));
+  }
+  return y;
+}
+
+static torch::Tensor as_output(const torch::Tensor& y, const torch::Tensor& x, int64_t out) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  return y.reshape(sizes);
+}
+
 torch::Tensor tiered_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& weight_medium,
                                 const std::optional<torch::Tensor>& bias, double t_high, double t_low) {
   const int64_t in = weight.size(1);
   torch::Tensor y;
-  const bool decode = x.numel() == in && (t_high > 0 || t_low > 0) && x.scalar_type() == torch::kFloat &&
-                      weight.scalar_type() == torch::kFloat &&
-                      (weight_medium.scalar_type() == torch::kFloat || weight_medium.scalar_type() == torch::kHalf) &&
-                      rows_are_channels(weight) && rows_are_channels(weight_medium);
-  if (decode) {
-    auto sizes = x.sizes().vec();
-    sizes.back() = weight.size(0);
-    y = tiered_gemv(x.reshape({in}).contiguous(), weight.t(), weight_medium.t(), t_high, t_low).reshape(sizes);
-  } else {
-    const auto a = x.abs();
-    const auto high = a >= t_high;
-    y = at::linear(at::where(high, x, at::zeros({}, x.options())), weight);
-    if (t_low < t_high) {
-      const auto medium = (a >= t_low).logical_and(high.logical_not());
-      y = y + at::linear(at::where(medium, x, at::zeros({}, x.options())), weight_medium.to(x.scalar_type()));
-    }
-  }
+  if (takes_decode(x, weight, t_high, t_low) && rows_are_channels(weight_medium) &&
+      (weight_medium.scalar_type() == torch::kFloat || weight_medium.scalar_type() == torch::kHalf))
+    y = as_output(tiered_gemv(x.reshape({in}).contiguous(), weight.t(), weight_medium.t(), t_high, t_low), x,
+                  weight.size(0));
+  else
+    y = tiered_math(x, weight, weight_medium, t_high, t_low);
+  return bias.has_value() ? y + *bias : y;
+}
+
+// sparsefx_cpu::tiered_linear_packed: the same, where one token reads the medium tier from its bitmask-packed copy
+// (codegen.cpu.pack_medium); other calls use the dense weight_medium.
+torch::Tensor tiered_linear_packed_cpu(const torch::Tensor& x, const torch::Tensor& weight,
+                                       const torch::Tensor& weight_medium, const torch::Tensor& medium_mask,
+                                       const torch::Tensor& medium_values, const torch::Tensor& medium_offsets,
+                                       const std::optional<torch::Tensor>& bias, double t_high, double t_low) {
+  const int64_t in = weight.size(1);
+  torch::Tensor y;
+  if (takes_decode(x, weight, t_high, t_low))
+    y = as_output(tiered_gemv_packed(x.reshape({in}).contiguous(), weight.t(), medium_mask, medium_values,
+                                     medium_offsets, t_high, t_low), x, weight.size(0));
+  else
+    y = tiered_math(x, weight, weight_medium, t_high, t_low);
   return bias.has_value() ? y + *bias : y;
 }
 
 TORCH_LIBRARY(sparsefx_cpu, m) {
   m.def("tiered_linear(Tensor x, Tensor weight, Tensor weight_medium, Tensor? bias, float t_high, float t_low) "
         "-> Tensor");
+  m.def("tiered_linear_packed(Tensor x, Tensor weight, Tensor weight_medium, Tensor medium_mask, "
+        "Tensor medium_values, Tensor medium_offsets, Tensor? bias, float t_high, float t_low) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) { m.impl("tiered_linear", &tiered_linear_cpu); }
+TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) {
+  m.impl("tiered_linear", &tiered_linear_cpu);
+  m.impl("tiered_linear_packed", &tiered_linear_packed_cpu);
+}
 """
 
 
@@ -198,6 +341,68 @@ def tiered_gemv_reference(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor |
     return y
 
 
+@torch.no_grad()
+def pack_medium(wmt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bitmask-pack the rows of ``wmt: [in, out]`` (a pruned medium tier, transposed): ``(mask, values, offsets)``.
+
+    ``mask: uint8 [in, ceil(out / 8)]`` has bit ``o % 8`` of byte ``o // 8`` set where ``wmt[i, o] != 0``;
+    ``values`` (``wmt``'s dtype) holds each row's non-zeros in column order, row ``i`` at
+    ``values[offsets[i]:offsets[i + 1]]``, followed by 8 zeros (the kernel loads 8 values at a time);
+    ``offsets: int64 [in + 1]``. At medium weight sparsity ``s`` a row takes ``(1 - s) * itemsize + 1/8`` bytes per
+    column instead of ``itemsize``.
+
+    Example:
+        >>> mask, values, offsets = pack_medium(torch.tensor([[0., 2., 0., 3.]]))
+        >>> mask.tolist(), values[:2].tolist(), offsets.tolist()
+        ([[10]], [2.0, 3.0], [0, 2])
+    """
+    if wmt.dim() != 2:
+        raise ValueError(f"pack_medium expects wmt: [in, out], got shape {tuple(wmt.shape)}")
+    n_in, out = wmt.shape
+    nbytes = -(-out // 8)
+    nz = torch.zeros(n_in, nbytes * 8, dtype=torch.bool, device=wmt.device)
+    nz[:, :out] = wmt != 0
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int32, device=wmt.device)
+    mask = (nz.view(n_in, nbytes, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    values = torch.cat([wmt[nz[:, :out]], wmt.new_zeros(8)])
+    offsets = torch.zeros(n_in + 1, dtype=torch.int64, device=wmt.device)
+    offsets[1:] = nz.sum(1).cumsum(0)
+    return mask.contiguous(), values.contiguous(), offsets
+
+
+def unpack_medium(mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out: int) -> torch.Tensor:
+    """Inverse of ``pack_medium``: the dense ``[in, out]`` rows."""
+    bits = (mask[:, :, None].to(torch.int32) >> torch.arange(8, dtype=torch.int32, device=mask.device)) & 1
+    nz = bits.reshape(mask.shape[0], -1)[:, :out].bool()
+    dense = values.new_zeros(mask.shape[0], out)
+    dense[nz] = values[: int(offsets[-1])]
+    return dense
+
+
+def tiered_gemv_packed_reference(x: torch.Tensor, wt: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
+                                 offsets: torch.Tensor, t_high: float, t_low: float) -> torch.Tensor:
+    """``tiered_gemv_reference`` with the medium tier given packed (``pack_medium``)."""
+    return tiered_gemv_reference(x, wt, unpack_medium(mask, values, offsets, wt.shape[1]), t_high, t_low)
+
+
+def tiered_gemv_packed(x: torch.Tensor, wt: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
+                       offsets: torch.Tensor, t_high: float, t_low: float) -> torch.Tensor:
+    """``tiered_gemv`` reading the medium tier from its bitmask-packed rows (``pack_medium``): fewer bytes per medium
+    row when its weights are pruned. The C++ kernel where it runs, the reference otherwise.
+
+    Example:
+        >>> wt = torch.randn(576, 1536); wmt = wt * (torch.rand_like(wt) > 0.35)
+        >>> y = tiered_gemv_packed(torch.randn(576), wt, *pack_medium(wmt), 1.0, 0.3)
+    """
+    if x.dim() != 1 or wt.dim() != 2 or x.shape[0] != wt.shape[0] or mask.shape != (wt.shape[0], -(-wt.shape[1] // 8)):
+        raise ValueError(f"tiered_gemv_packed expects x: [in], wt: [in, out] and mask: [in, ceil(out / 8)], got "
+                         f"{tuple(x.shape)}, {tuple(wt.shape)} and {tuple(mask.shape)}")
+    if not kernel_available(x, wt, values):
+        return tiered_gemv_packed_reference(x, wt, mask, values, offsets, t_high, t_low)
+    return _extension().tiered_gemv_packed(x.contiguous(), wt.contiguous(), mask, values, offsets, float(t_high),
+                                           float(t_low))
+
+
 def sparse_gemv_reference(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> torch.Tensor:
     """One tier: ``y = sum over |x_i| >= threshold of x_i * wt[i]``.
 
@@ -214,8 +419,8 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v7", cpp_sources=[_CPP], functions=["tiered_gemv"],
-                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+        ext = load_inline(name="sparsefx_tiered_gemv_v8", cpp_sources=[_CPP],
+                          functions=["tiered_gemv", "tiered_gemv_packed"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
@@ -230,6 +435,10 @@ def _register_fake() -> None:
     def _(x, weight, weight_medium, bias, t_high, t_low):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake("sparsefx_cpu::tiered_linear_packed")
+    def _(x, weight, weight_medium, medium_mask, medium_values, medium_offsets, bias, t_high, t_low):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
 
 def cpp_tiered_linear():
     """The C++-registered op ``sparsefx_cpu::tiered_linear`` (same signature as ``sparsefx::tiered_linear``), or
@@ -237,6 +446,15 @@ def cpp_tiered_linear():
     if not cpu_supports_kernel() or _extension() is None:
         return None
     return torch.ops.sparsefx_cpu.tiered_linear.default
+
+
+def cpp_tiered_linear_packed():
+    """The C++-registered op ``sparsefx_cpu::tiered_linear_packed(x, weight, weight_medium, medium_mask,
+    medium_values, medium_offsets, bias, t_high, t_low)``: ``tiered_linear`` whose one-token calls read the medium
+    tier from its packed copy (``pack_medium``); None where the extension cannot run."""
+    if not cpu_supports_kernel() or _extension() is None:
+        return None
+    return torch.ops.sparsefx_cpu.tiered_linear_packed.default
 
 
 @functools.cache

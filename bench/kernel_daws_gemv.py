@@ -1,0 +1,78 @@
+"""DAWS batch-1 GEMV on CPU: how its medium tier is stored, vs the best dense fp32 path and TEAL, one run.
+
+    python bench/kernel_daws_gemv.py              # shapes of DEVELOPERS.md, 50 % effective sparsity
+
+Per shape and tier shape (medium share m of the channels, its weights pruned to sparsity s; the low tier takes the
+rest of the 50 % effective sparsity), the medium tier's rows are read
+- ``dense32`` / ``dense16``: stored dense (pruned weights are zeros in the row), fp32 or fp16;
+- ``packed32`` / ``packed16``: bitmask-packed (``codegen.cpu.sparse_gemv.pack_medium``: kept values + 1 bit per
+  weight), fp32 or fp16.
+TEAL at 50 % (one tier, half the rows) is the byte-count yardstick. Weights are cold (copies past the last-level
+cache), variants timed interleaved (``experiments.interleaved_medians``). Every variant is checked against the
+reference first. Writes bench/results/kernel_daws_gemv.csv and .json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sparsefx.codegen.cpu.sparse_gemv import (_extension, pack_medium, tiered_gemv, tiered_gemv_packed,
+                                              tiered_gemv_reference)
+from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, interleaved_medians, kernel_bench_parser, run_meta,
+                                  write_results)
+from sparsefx.passes.masks import compute_mask
+
+EFFECTIVE = 0.5
+TIER_SHAPES = [(0.2, 0.5), (0.4, 0.5), (0.6, 0.35)]   # (medium share, medium weight sparsity): recipes daws-50[-m..]
+
+
+def main() -> None:
+    args = kernel_bench_parser(Path(__file__).parent / "results").parse_args()
+    if _extension() is None:
+        raise SystemExit("the C++ kernel did not build; nothing to benchmark")
+    rows = []
+    for out_f, in_f in KERNEL_SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(in_f, generator=gen)
+        copies = cold_copies(out_f * in_f * 4 * 2)
+        ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(copies)]
+        wts = [w.t().contiguous() for w in ws]
+        state = {"i": 0}
+
+        def nxt():
+            state["i"] = (state["i"] + 1) % copies
+            return state["i"]
+
+        teal = float(x.abs().quantile(EFFECTIVE))
+        for m, s in TIER_SHAPES:
+            q_low = EFFECTIVE - m * s
+            t_low, t_high = float(x.abs().quantile(q_low)), float(x.abs().quantile(q_low + m))
+            med = [(w * compute_mask(w.abs(), s)).t().contiguous() for w in ws]
+            stores = {"dense32": med, "dense16": [t.half() for t in med],
+                      "packed32": [pack_medium(t) for t in med], "packed16": [pack_medium(t.half()) for t in med]}
+            fns = {"mv": lambda: torch.mv(ws[nxt()], x), "linear": lambda: torch.nn.functional.linear(x, ws[nxt()]),
+                   "teal50": lambda: tiered_gemv(x, wts[nxt()], None, teal, teal)}
+            for name, store in stores.items():
+                call = tiered_gemv_packed if name.startswith("packed") else tiered_gemv
+                medium = (lambda i, st=store: st[i]) if name.startswith("packed") else (lambda i, st=store: (st[i],))
+                dtype = medium(0)[-2 if name.startswith("packed") else 0].dtype   # values / rows: fp32 or fp16
+                ref = tiered_gemv_reference(x, wts[0], med[0].to(dtype), t_high, t_low)
+                torch.testing.assert_close(call(x, wts[0], *medium(0), t_high, t_low), ref, rtol=1e-4, atol=1e-3)
+                fns[name] = (lambda call=call, medium=medium: (lambda i: call(x, wts[i], *medium(i), t_high,
+                                                                             t_low))(nxt()))
+            t = interleaved_medians(fns, args.reps)
+            dense = min(t["mv"], t["linear"])
+            row = {"out": out_f, "in": in_f, "medium_share": m, "medium_weight_sparsity": s,
+                   "dense_ms": round(dense * 1e3, 4), "teal50_vs_dense": round(dense / t["teal50"], 3)}
+            row.update({f"{name}_vs_dense": round(dense / t[name], 3) for name in stores})
+            rows.append(row)
+            print(row, flush=True)
+            del med, stores
+        del ws, wts
+    write_results(args.out, "kernel_daws_gemv", rows, run_meta(reps=args.reps, effective_sparsity=EFFECTIVE))
+
+
+if __name__ == "__main__":
+    main()
