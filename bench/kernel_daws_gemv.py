@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import (_extension, pack_medium, tiered_gemv, tiered_gemv_packed,
-                                              tiered_gemv_reference)
-from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, interleaved_medians, kernel_bench_parser, run_meta,
-                                  write_results)
+from sparsefx.codegen.cpu.sparse_gemv import pack_medium, tiered_gemv, tiered_gemv_packed, tiered_gemv_reference
+from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, cold_weights, interleaved_medians, run_meta,
+                                  sparse_gemv_bench_args, write_results)
 from sparsefx.passes.masks import compute_mask
 
 EFFECTIVE = 0.5
@@ -29,21 +28,13 @@ TIER_SHAPES = [(0.2, 0.5), (0.4, 0.5), (0.6, 0.35)]   # (medium share, medium we
 
 
 def main() -> None:
-    args = kernel_bench_parser(Path(__file__).parent / "results").parse_args()
-    if _extension() is None:
-        raise SystemExit("the C++ kernel did not build; nothing to benchmark")
+    args = sparse_gemv_bench_args(Path(__file__).parent / "results")
     rows = []
     for out_f, in_f in KERNEL_SHAPES:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(in_f, generator=gen)
         copies = cold_copies(out_f * in_f * 4 * 2)
-        ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(copies)]
-        wts = [w.t().contiguous() for w in ws]
-        state = {"i": 0}
-
-        def nxt():
-            state["i"] = (state["i"] + 1) % copies
-            return state["i"]
+        ws, wts, nxt = cold_weights(out_f, in_f, copies, gen)
 
         teal = float(x.abs().quantile(EFFECTIVE))
         for m, s in TIER_SHAPES:

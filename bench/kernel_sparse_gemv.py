@@ -16,29 +16,21 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, interleaved_medians, kernel_bench_parser, run_meta,
-                                  write_results)
-from sparsefx.codegen.cpu.sparse_gemv import _extension, sparse_gemv, sparse_gemv_reference
+from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, cold_weights, interleaved_medians, run_meta,
+                                  sparse_gemv_bench_args, write_results)
+from sparsefx.codegen.cpu.sparse_gemv import sparse_gemv, sparse_gemv_reference
 
 SPARSITIES = [0.0, 0.4, 0.5, 0.6, 0.75]
 
 
 def main() -> None:
-    args = kernel_bench_parser(Path(__file__).parent / "results").parse_args()
-    if _extension() is None:
-        raise SystemExit("the C++ kernel did not build; nothing to benchmark")
+    args = sparse_gemv_bench_args(Path(__file__).parent / "results")
     rows = []
     for out_f, in_f in KERNEL_SHAPES:
         copies = cold_copies(out_f * in_f * 4)
         gen = torch.Generator().manual_seed(0)
-        ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(copies)]
-        wts = [w.t().contiguous() for w in ws]
+        ws, wts, nxt = cold_weights(out_f, in_f, copies, gen)
         x = torch.randn(in_f, generator=gen)
-        state = {"i": 0}
-
-        def nxt():
-            state["i"] = (state["i"] + 1) % copies
-            return state["i"]
 
         thresholds = {sp: float(x.abs().quantile(sp)) if sp > 0 else 0.0 for sp in SPARSITIES}
         for thr in thresholds.values():

@@ -10,6 +10,8 @@ import dataclasses
 import statistics
 import time
 
+import torch
+
 from .data import PROTOCOL, Protocol, calibration_batches, eval_windows
 from .eval import evaluate
 from .models import load_model
@@ -97,12 +99,37 @@ def cold_copies(nbytes: float) -> int:
     return max(2, int(COLD_BYTES // nbytes))
 
 
+def cold_weights(out_f: int, in_f: int, copies: int, gen: torch.Generator):
+    """``copies`` random weights ``[out, in]``, their transposes stored ``[in, out]``, and ``nxt()``, which returns
+    the next copy's index, round and round: a kernel benchmark's calls each read a copy that is not in cache."""
+    ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(copies)]
+    wts = [w.t().contiguous() for w in ws]
+    state = {"i": 0}
+
+    def nxt() -> int:
+        state["i"] = (state["i"] + 1) % copies
+        return state["i"]
+
+    return ws, wts, nxt
+
+
 def kernel_bench_parser(out_default) -> argparse.ArgumentParser:
     """The arguments every kernel benchmark takes: ``--reps`` and ``--out``."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=100, help="calls per variant, in 5 interleaved rounds")
     ap.add_argument("--out", default=str(out_default))
     return ap
+
+
+def sparse_gemv_bench_args(out_default) -> argparse.Namespace:
+    """``kernel_bench_parser``'s arguments for a benchmark of the C++ activation-sparse GEMV; exits when the
+    extension does not build here (nothing to benchmark)."""
+    from .codegen.cpu.sparse_gemv import _extension
+
+    args = kernel_bench_parser(out_default).parse_args()
+    if _extension() is None:
+        raise SystemExit("the C++ kernel did not build; nothing to benchmark")
+    return args
 
 
 def interleaved_medians(fns: dict, reps: int, rounds: int = 5) -> dict:
