@@ -41,18 +41,23 @@ def main() -> None:
             q_low = EFFECTIVE - m * s
             t_low, t_high = float(x.abs().quantile(q_low)), float(x.abs().quantile(q_low + m))
             med = [(w * compute_mask(w.abs(), s)).t().contiguous() for w in ws]
-            stores = {"dense32": med, "dense16": [t.half() for t in med],
+            # per copy, the medium tier as the kernel's trailing tensor arguments: (rows,) or (mask, values, offsets)
+            stores = {"dense32": [(t,) for t in med], "dense16": [(t.half(),) for t in med],
                       "packed32": [pack_medium(t) for t in med], "packed16": [pack_medium(t.half()) for t in med]}
             fns = {"mv": lambda: torch.mv(ws[nxt()], x), "linear": lambda: torch.nn.functional.linear(x, ws[nxt()]),
                    "teal50": lambda: tiered_gemv(x, wts[nxt()], None, teal, teal)}
             for name, store in stores.items():
-                call = tiered_gemv_packed if name.startswith("packed") else tiered_gemv
-                medium = (lambda i, st=store: st[i]) if name.startswith("packed") else (lambda i, st=store: (st[i],))
-                dtype = medium(0)[-2 if name.startswith("packed") else 0].dtype   # values / rows: fp32 or fp16
+                packed = name.startswith("packed")
+                call = tiered_gemv_packed if packed else tiered_gemv
+                dtype = store[0][1 if packed else 0].dtype       # the values' / rows' dtype: fp32 or fp16
                 ref = tiered_gemv_reference(x, wts[0], med[0].to(dtype), t_high, t_low)
-                torch.testing.assert_close(call(x, wts[0], *medium(0), t_high, t_low), ref, rtol=1e-4, atol=1e-3)
-                fns[name] = (lambda call=call, medium=medium: (lambda i: call(x, wts[i], *medium(i), t_high,
-                                                                             t_low))(nxt()))
+                torch.testing.assert_close(call(x, wts[0], *store[0], t_high, t_low), ref, rtol=1e-4, atol=1e-3)
+
+                def fn(call=call, store=store):
+                    i = nxt()
+                    return call(x, wts[i], *store[i], t_high, t_low)
+
+                fns[name] = fn
             t = interleaved_medians(fns, args.reps)
             dense = min(t["mv"], t["linear"])
             row = {"out": out_f, "in": in_f, "medium_share": m, "medium_weight_sparsity": s,
