@@ -7,7 +7,8 @@ high (|x_i| >= t_high) uses the full weights, medium (t_low <= |x_i| < t_high) u
 Effective sparsity = fraction of weight multiply-adds skipped per token
                    = P(low) + P(medium) * medium_weight_sparsity.
 A recipe gives the target effective sparsity ``e`` and the medium tier's share ``m`` of channels; calibration
-solves the tier quantiles q_low = e - m * s_w, q_high = q_low + m (m is capped at e / s_w so q_low >= 0) and
+solves the tier quantiles q_low = e - m * s_w, q_high = q_low + m (m is capped at e / s_w so q_low >= 0, and at
+(1 - e) / (1 - s_w) so q_high <= 1: a high target with a wide medium tier leaves no high tier) and
 reads the thresholds off the |x| histogram of each linear's input. Each linear node becomes one
 ``sparsefx::tiered_linear`` node.
 """
@@ -95,8 +96,10 @@ def solve_tiers(stats: ActStats, sparsity: float, medium_fraction: float, medium
         >>> tiers = solve_tiers(node.meta["sparsefx.stats"], 0.5, 0.2, 0.5)  # doctest: +SKIP
     """
     m = medium_fraction
-    if medium_weight_sparsity > 0:
+    if medium_weight_sparsity > 0:  # q_low >= 0
         m = min(m, sparsity / medium_weight_sparsity)
+    if medium_weight_sparsity < 1:  # q_low + m <= 1: at high targets the high tier runs out before the medium tier
+        m = min(m, (1.0 - sparsity) / (1.0 - medium_weight_sparsity))
     q_low = max(0.0, sparsity - m * medium_weight_sparsity)
     q_high = min(1.0, q_low + m)
     t_low = stats.quantile(q_low) if q_low > 0 else 0.0

@@ -45,7 +45,9 @@ def test_solve_tiers_hits_target_effective_sparsity():
     obs = Observer(64)
     obs(torch.randn(4096, 64) * torch.linspace(0.1, 3, 64))
     stats = obs.stats()
-    for e, m, s in [(0.5, 0.2, 0.5), (0.4, 0.3, 0.5), (0.6, 0.0, 0.5), (0.1, 0.5, 0.5)]:
+    # the last two: a wide medium tier at a high target (q_low + m would pass 1 without the second cap)
+    for e, m, s in [(0.5, 0.2, 0.5), (0.4, 0.3, 0.5), (0.6, 0.0, 0.5), (0.1, 0.5, 0.5), (0.7, 0.6, 0.35),
+                    (0.85, 0.6, 0.35)]:
         tiers = solve_tiers(stats, e, m, s)
         assert tiers.t_low <= tiers.t_high
         assert tiers.effective_sparsity(s) == pytest.approx(e, abs=0.02)
