@@ -96,10 +96,14 @@ def _kernel_pays(module) -> bool:
 PACK_MAX_DENSITY = 0.8
 
 
-def _packed_decode(x, wt, medium, t_high, t_low):
-    from .sparse_gemv import _extension
+def _packed_decode(kernel):
+    """A ``decode_kernel`` for a packed medium tier: the extension's ``kernel`` (``tiered_gemv_packed``), bound once
+    at preparation, taking the ``(mask, values, offsets)`` triple as the medium argument."""
 
-    return _extension().tiered_gemv_packed(x, wt, *medium, t_high, t_low)
+    def decode(x, wt, medium, t_high, t_low):
+        return kernel(x, wt, *medium, t_high, t_low)
+
+    return decode
 
 
 @torch.no_grad()
@@ -135,10 +139,11 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
             x_like = module.weight.new_empty(module.in_features)  # decode inputs share the weight's dtype
             module.medium_packed = None
             if kernel_available(x_like, module.weight, module.weight_medium) and _kernel_pays(module):
-                module.decode_kernel = _extension().tiered_gemv
+                ext = _extension()
+                module.decode_kernel = ext.tiered_gemv
                 wmt = module.weight_medium.t()
                 if pack_medium and own_medium and (wmt != 0).float().mean() <= PACK_MAX_DENSITY:
                     module.medium_packed = pack(wmt)
-                    module.decode_kernel = _packed_decode
+                    module.decode_kernel = _packed_decode(ext.tiered_gemv_packed)
             count += 1
     return count
