@@ -83,6 +83,9 @@ def test_wrong_format_version(artifact):
     ("{method: daws, sparsity: 0.5}", "mlp.up_proj", "TieredLinear"),
     ("{method: daws, sparsity: 0.5, allocation: greedy}", "self_attn.k_proj", "TieredLinear"),
     ("{method: daws, sparsity: 0.5, medium_dtype: float16}", "mlp.down_proj", "TieredLinear"),
+    ("{method: daws, sparsity: 0.5, medium_tiers: [0.3]}", "mlp.gate_proj", "TieredLinear"),
+    ("{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], medium_dtype: float16}", "self_attn.o_proj",
+     "MultiTierLinear"),
     ("{method: rsparse, sparsity: 0.5}", "mlp.down_proj", "SparseLowRankLinear"),
     ("{method: cats, sparsity: 0.5}", "mlp.act_fn", "ThresholdedAct"),
 ])
@@ -96,6 +99,8 @@ def test_activation_sparsity_artifacts_restore_exactly(tmp_path, tokens, entry, 
     assert type(restored).__name__ == kind
     if hasattr(restored, "weight_medium"):  # the medium tier's storage dtype survives the round trip
         assert restored.weight_medium.dtype == model.model.layers[1].get_submodule(module).weight_medium.dtype
+    if hasattr(restored, "mediums"):
+        assert [m.dtype for m in restored.mediums] == [torch.float16] * 3
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 

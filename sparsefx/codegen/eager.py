@@ -98,6 +98,62 @@ class TieredLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, t_high={self.t_high:.4g}, t_low={self.t_low:.4g}"
 
 
+class MultiTierLinear(nn.Module):
+    """Eager twin of ``sparsefx::multitier_linear``: DAWS with several medium tiers (``daws.medium_tiers``).
+
+    ``weight``/``bias`` stay the ``nn.Linear``'s parameters; the medium tiers' weights (``medium_0``, ...) and the
+    thresholds are the compressed state (``export_state``/``restore``).
+    """
+
+    kind = "multitier_linear"
+
+    def __init__(self, weight: nn.Parameter, mediums: list[torch.Tensor], bias, thresholds):
+        super().__init__()
+        if len(thresholds) != len(mediums) + 1:
+            raise ValueError(f"{len(mediums)} medium tiers need {len(mediums) + 1} thresholds, got {len(thresholds)}")
+        self.weight, self.bias = weight, bias
+        self.n_medium = len(mediums)
+        for k, wm in enumerate(mediums):
+            self.register_buffer(f"medium_{k}", wm, persistent=False)
+        self.thresholds = [float(t) for t in thresholds]
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: (x [in], W.T, [Wm.T...], thresholds) -> y
+
+    @property
+    def mediums(self) -> list[torch.Tensor]:
+        return [getattr(self, f"medium_{k}") for k in range(self.n_medium)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        if _call_directly(self, x) and x.numel() == self.in_features:
+            y = self.decode_kernel(x.reshape(-1), self.weight.t(), [m.t() for m in self.mediums], self.thresholds)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return torch.ops.sparsefx.multitier_linear(x, self.weight, self.mediums, self.bias, self.thresholds)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"thresholds": list(self.thresholds)}, {f"medium_{k}": m for k, m in enumerate(self.mediums)}
+
+    @classmethod
+    def restore(cls, linear: nn.Linear, attrs: dict, tensors: dict[str, torch.Tensor]) -> "MultiTierLinear":
+        thresholds = attrs.get("thresholds")
+        if not isinstance(thresholds, list) or len(thresholds) < 2:
+            raise ValueError(f"multitier_linear needs a list of at least 2 thresholds, got {thresholds!r}")
+        mediums = []
+        for k in range(len(thresholds) - 1):
+            wm = tensors.get(f"medium_{k}")
+            if wm is None or wm.shape != linear.weight.shape:
+                raise ValueError(f"medium_{k} is {'missing' if wm is None else f'of shape {tuple(wm.shape)}'}; "
+                                 f"the linear is {tuple(linear.weight.shape)}")
+            # a reduced-precision medium tier (daws.medium_dtype) keeps its dtype; otherwise it follows the weight's
+            dtype = wm.dtype if wm.dtype.itemsize < linear.weight.dtype.itemsize else linear.weight.dtype
+            mediums.append(wm.to(linear.weight.device, dtype))
+        return cls(linear.weight, mediums, linear.bias, thresholds)
+
+    def extra_repr(self) -> str:
+        ts = ", ".join(f"{t:.4g}" for t in self.thresholds)
+        return f"in={self.in_features}, out={self.out_features}, thresholds=[{ts}]"
+
+
 class SparseLowRankLinear(nn.Module):
     """Eager twin of ``sparsefx::sparse_lowrank_linear`` (R-Sparse): channels with ``|x_i| >= t`` use the full
     weights, the others the rank-r factors ``u: [out, r]``, ``v: [r, in]``."""
@@ -288,8 +344,9 @@ class NMLinear(nn.Module):
 
 
 # Eager modules that carry compressed state, by kind (used to restore artifacts).
-EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, SparseLowRankLinear, ThresholdedAct,
-                                                               QuantLinear, LowRankQuantLinear, NMLinear)}
+EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, MultiTierLinear, SparseLowRankLinear,
+                                                               ThresholdedAct, QuantLinear, LowRankQuantLinear,
+                                                               NMLinear)}
 MODULE = "sparsefx.module"  # node.meta key: HF module a non-linear compressed node replaces (e.g. an act_fn)
 
 
@@ -311,6 +368,14 @@ def _tiered(gm: GraphModule, node, model: nn.Module):
     # no medium tier: the weight stands in for the medium weights (never read), so nothing is copied
     wm = current.weight.data if wm_node is w_node else gm.get_buffer(str(wm_node.target))
     return name, TieredLinear(current.weight, wm, current.bias, t_high, t_low)
+
+
+def _multitier(gm: GraphModule, node, model: nn.Module):
+    _, _, medium_nodes, _, thresholds = node.args
+    name = node.meta[LINEAR].module
+    current = model.get_submodule(name)
+    mediums = [gm.get_buffer(str(m.target)) for m in medium_nodes]
+    return name, MultiTierLinear(current.weight, mediums, current.bias, thresholds)
 
 
 def _sparse_lowrank(gm: GraphModule, node, model: nn.Module):
@@ -371,7 +436,8 @@ def _eager_lowerings():
     from ..ir import ops  # noqa: F401  (registers the ops)
 
     sf = torch.ops.sparsefx
-    return {sf.tiered_linear.default: _tiered, sf.sparse_lowrank_linear.default: _sparse_lowrank,
+    return {sf.tiered_linear.default: _tiered, sf.multitier_linear.default: _multitier,
+            sf.sparse_lowrank_linear.default: _sparse_lowrank,
             sf.threshold.default: _threshold, sf.quant_linear.default: _quant,
             sf.lowrank_quant_linear.default: _lowrank_quant, sf.nm_linear.default: _nm}
 

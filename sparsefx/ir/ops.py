@@ -66,6 +66,67 @@ def tiered_linear_reference(x, weight, weight_medium, bias, t_high, t_low):
     return y if bias is None else y + bias
 
 
+@torch.library.custom_op("sparsefx::multitier_linear", mutates_args=())
+def multitier_linear(x: torch.Tensor, weight: torch.Tensor, mediums: list[torch.Tensor], bias: torch.Tensor | None,
+                     thresholds: list[float]) -> torch.Tensor:
+    """DAWS with several medium tiers. ``thresholds`` descend, one more than ``mediums``; per element of x:
+
+    |x_i| >= thresholds[0]                        -> the full weights ``weight[:, i]``
+    thresholds[k+1] <= |x_i| < thresholds[k]      -> ``mediums[k][:, i]`` (pruned more the lower the tier)
+    |x_i| < thresholds[-1]                        -> dropped
+
+    With one medium this is ``tiered_linear(x, weight, mediums[0], bias, *thresholds)``; with all thresholds zero,
+    ``F.linear(x, weight, bias)``. Mediums may be stored in lower precision; they are upcast for the math.
+
+    Example:
+        >>> w = torch.eye(3); x = torch.tensor([[3., 1., 0.1]])
+        >>> torch.ops.sparsefx.multitier_linear(x, w, [w * 0.5], None, [2.0, 0.5])
+        tensor([[3.0000, 0.5000, 0.0000]])
+    """
+    _check_multitier(x, weight, mediums, thresholds)
+    return multitier_linear_math(x, weight, mediums, bias, thresholds)
+
+
+def multitier_linear_math(x, weight, mediums, bias, thresholds):
+    """The op's default implementation: one masked GEMM per non-empty tier (any device, any batch)."""
+    a = x.abs()
+    upper = a >= thresholds[0]
+    y = F.linear(torch.where(upper, x, 0.0), weight)
+    for wm, t, t_above in zip(mediums, thresholds[1:], thresholds):
+        if t < t_above:
+            here = a >= t
+            y = y + F.linear(torch.where(here & ~upper, x, 0.0), wm.to(x.dtype))
+            upper = here
+    return y if bias is None else y + bias
+
+
+def _check_multitier(x, weight, mediums, thresholds):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "multitier_linear: x and weight disagree on in_features")
+    torch._check(len(thresholds) == len(mediums) + 1,
+                 lambda: f"multitier_linear: {len(mediums)} mediums need {len(mediums) + 1} thresholds, "
+                         f"got {len(thresholds)}")
+    for wm in mediums:
+        torch._check(wm.shape == weight.shape, lambda: "multitier_linear: every medium must match weight's shape")
+
+
+@multitier_linear.register_fake
+def _(x, weight, mediums, bias, thresholds):
+    _check_multitier(x, weight, mediums, thresholds)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def multitier_linear_reference(x, weight, mediums, bias, thresholds):
+    """The op's semantics as plain torch (what kernels are checked against): the tier of each element by counting
+    the thresholds it reaches."""
+    a = x.abs()
+    reached = sum((a >= t).long() for t in thresholds)        # len(thresholds): high ... 0: dropped
+    n = len(thresholds)
+    y = (x * (reached == n)) @ weight.T
+    for k, wm in enumerate(mediums):
+        y = y + (x * (reached == n - 1 - k)) @ wm.to(x.dtype).T
+    return y if bias is None else y + bias
+
+
 @torch.library.custom_op("sparsefx::sparse_lowrank_linear", mutates_args=())
 def sparse_lowrank_linear(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                           bias: torch.Tensor | None, t: float) -> torch.Tensor:
@@ -233,7 +294,8 @@ def _(x, values, index, bias, n, m):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
-LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default, torch.ops.sparsefx.sparse_lowrank_linear.default,
+LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default, torch.ops.sparsefx.multitier_linear.default,
+                   torch.ops.sparsefx.sparse_lowrank_linear.default,
                    torch.ops.sparsefx.quant_linear.default, torch.ops.sparsefx.lowrank_quant_linear.default,
                    torch.ops.sparsefx.nm_linear.default)
 for _op in LINEAR_LIKE_OPS:

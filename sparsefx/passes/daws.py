@@ -11,6 +11,14 @@ solves the tier quantiles q_low = e - m * s_w, q_high = q_low + m (m is capped a
 (1 - e) / (1 - s_w) so q_high <= 1: a high target with a wide medium tier leaves no high tier) and
 reads the thresholds off the |x| histogram of each linear's input. Each linear node becomes one
 ``sparsefx::tiered_linear`` node.
+
+``medium_tiers`` (a list of weight sparsities, e.g. ``[0.25, 0.5, 0.75]``) replaces that shape by one derived from
+"keep the large products": the oracle that keeps x_i * W_ji iff |x_i| * |W_ji| >= tau gives channel i the share
+P(|W| >= tau / |x_i|) of the weights, over the whole matrix. Rounding that share to the nearest of the levels
+(1, 1 - medium_tiers..., 0) routes each channel by |x| against thresholds tau / w_k, where w_k is the |W| quantile
+at the midpoint between two levels; each medium tier keeps the largest |W| of the whole matrix at its level
+(nested masks), and tau is bisected per linear so the predicted effective sparsity meets the target. One medium
+tier still lowers to ``tiered_linear``; more to ``sparsefx::multitier_linear``.
 """
 
 from __future__ import annotations
@@ -40,7 +48,10 @@ class DawsConfig(PassConfig):
     (overrides map a glob over parameter names to an effective sparsity); allocation: ``uniform`` gives every
     linear its target, ``greedy`` redistributes each block's budget by the block-output-error search of
     ``passes.allocate``; medium_dtype: storage dtype of the medium tier's weights (``None``: the weight's own;
-    ``float16`` halves the bytes the CPU decode kernel reads per medium channel, math stays in the input's dtype)."""
+    ``float16`` halves the bytes the CPU decode kernel reads per medium channel, math stays in the input's dtype);
+    medium_tiers: weight sparsities of one or more medium tiers, rising (e.g. ``[0.25, 0.5, 0.75]``) — when given,
+    the tiers follow from "keep the large products" (module docstring) and ``medium_fraction`` /
+    ``medium_weight_sparsity`` are not used; each medium tier stores one more copy of the weights."""
 
     method = "daws"
     sparsity: float = 0.5
@@ -53,6 +64,7 @@ class DawsConfig(PassConfig):
     greedy_step: float = 0.05          # block sparsity added per greedy step
     max_sparsity: float = 0.9          # no linear goes above this under greedy allocation
     medium_dtype: str | None = None    # None (the weight's dtype), "float16" or "bfloat16"
+    medium_tiers: tuple[float, ...] = ()  # weight sparsity per medium tier, rising; set: product-consistent routing
 
     def validate(self) -> None:
         check_fraction(self.sparsity, "daws.sparsity")
@@ -66,6 +78,16 @@ class DawsConfig(PassConfig):
             raise RecipeError(f"daws.max_sparsity ({self.max_sparsity}) is below daws.sparsity ({self.sparsity})")
         check_fraction(self.medium_fraction, "daws.medium_fraction", upper_open=False)
         check_fraction(self.medium_weight_sparsity, "daws.medium_weight_sparsity")
+        tiers = self.medium_tiers
+        if isinstance(tiers, (list, tuple)):
+            tiers = tuple(tiers)
+            object.__setattr__(self, "medium_tiers", tiers)
+        if (not isinstance(tiers, tuple) or any(isinstance(t, bool) or not isinstance(t, (int, float))
+                                                or not 0.0 < t < 1.0 for t in tiers)
+                or any(a >= b for a, b in zip(tiers, tiers[1:]))):
+            raise RecipeError(f"daws.medium_tiers: expected weight sparsities in (0, 1), strictly rising (the first "
+                              f"medium tier, just below the high one, is pruned least), e.g. [0.25, 0.5, 0.75]; "
+                              f"got {self.medium_tiers!r}")
         if self.medium_dtype not in MEDIUM_DTYPES:
             raise RecipeError(f"daws.medium_dtype: expected one of {list(MEDIUM_DTYPES)}, got {self.medium_dtype!r}")
         bad = [r for r in self.roles if r not in ROLES]
@@ -109,14 +131,89 @@ def solve_tiers(stats: ActStats, sparsity: float, medium_fraction: float, medium
     return Tiers(t_high, t_low, p_low, p_below_high - p_low, 1.0 - p_below_high)
 
 
-def _set_tiers(node, tiers: Tiers) -> None:
-    node.update_arg(4, tiers.t_high)
-    node.update_arg(5, tiers.t_low)
+@dataclass(frozen=True)
+class Levels:
+    """Routing of one linear into tiers 0..n: tier 0 (|x| >= thresholds[0]) keeps all weights, tier k
+    (thresholds[k] <= |x| < thresholds[k-1]) keeps the share ``densities[k]`` of them, the last tier
+    (|x| < thresholds[-1]) is dropped. ``fractions[k]``: predicted share of |x| in tier k (calibration histogram)."""
+
+    thresholds: tuple[float, ...]     # descending
+    fractions: tuple[float, ...]      # len(thresholds) + 1
+    densities: tuple[float, ...]      # len(thresholds) + 1: 1, medium densities..., 0
+
+    @property
+    def effective_sparsity(self) -> float:
+        return sum(p * (1.0 - d) for p, d in zip(self.fractions, self.densities))
+
+    @classmethod
+    def from_tiers(cls, tiers: Tiers, medium_weight_sparsity: float) -> "Levels":
+        return cls((tiers.t_high, tiers.t_low), (tiers.p_high, tiers.p_medium, tiers.p_low),
+                   (1.0, 1.0 - medium_weight_sparsity, 0.0))
+
+    def details(self) -> dict:
+        if len(self.thresholds) == 2:  # the three tiers of tiered_linear, by name
+            return {"t_high": self.thresholds[0], "t_low": self.thresholds[1], "p_high": round(self.fractions[0], 4),
+                    "p_medium": round(self.fractions[1], 4), "p_low": round(self.fractions[2], 4)}
+        return {"thresholds": list(self.thresholds), "fractions": [round(p, 4) for p in self.fractions],
+                "densities": [round(d, 4) for d in self.densities]}
+
+
+def magnitude_quantiles(w_abs: torch.Tensor, densities) -> list[float]:
+    """For each share ``d``: the |W| value such that the ``round(d * numel)`` largest of ``w_abs`` (over the whole
+    matrix) lie at or above it.
+
+    Example:
+        >>> magnitude_quantiles(torch.tensor([1., 2., 3., 4.]), [0.5, 0.25])
+        [3.0, 4.0]
+    """
+    flat = w_abs.detach().flatten().float()
+    n = flat.numel()
+    return [float(flat.kthvalue(min(n, max(1, n - int(round(d * n)) + 1))).values) for d in densities]
+
+
+def solve_levels(stats: ActStats, boundary_weights, densities, sparsity: float) -> Levels:
+    """Thresholds for product-consistent routing (module docstring) at ``sparsity`` effective sparsity.
+
+    ``densities``: the tiers' weight densities (1, ..., 0), descending; ``boundary_weights[k]``: the |W| quantile at
+    the midpoint of densities k and k + 1 (``magnitude_quantiles``). Channel |x| reaches tier k's boundary when
+    |x| * boundary_weights[k] >= tau; tau is bisected (in log space) to the least value whose predicted effective
+    sparsity reaches ``sparsity``.
+
+    Example:
+        >>> levels = solve_levels(stats, [0.01, 0.03, 0.08], (1, 0.67, 0.33, 0), 0.5)  # doctest: +SKIP
+    """
+    n = len(boundary_weights)
+
+    def route(log_tau: float) -> Levels:
+        ts = tuple(10.0 ** log_tau / max(w, 1e-30) for w in boundary_weights)
+        below = [stats.fraction_below(t) for t in ts]           # non-increasing
+        fractions = (1.0 - below[0], *(below[k - 1] - below[k] for k in range(1, n)), below[-1])
+        return Levels(ts, fractions, tuple(densities))
+
+    if sparsity <= 0.0:
+        return Levels((0.0,) * n, (1.0,) + (0.0,) * n, tuple(densities))
+    lo, hi = -40.0, 40.0   # |x| and |W| lie within 1e-20 .. 1e20 of each other
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        if route(mid).effective_sparsity >= sparsity:
+            hi = mid
+        else:
+            lo = mid
+    return route(hi)
+
+
+def _set_levels(node, levels: Levels) -> None:
+    if node.target == torch.ops.sparsefx.tiered_linear.default:
+        node.update_arg(4, levels.thresholds[0])
+        node.update_arg(5, levels.thresholds[1])
+    else:
+        node.update_arg(4, list(levels.thresholds))
 
 
 @register_pass(DawsConfig)
 class DawsPass(Pass):
-    """Rewrite each selected linear into ``sparsefx::tiered_linear`` with calibrated thresholds."""
+    """Rewrite each selected linear into ``sparsefx::tiered_linear`` (or ``multitier_linear``) with calibrated
+    thresholds."""
 
     name = "daws"
     requires = ("annotated", "calibrated")
@@ -131,13 +228,67 @@ class DawsPass(Pass):
         c = self.config
         return solve_tiers(stats, sparsity, c.medium_fraction, c.medium_weight_sparsity)
 
+    def _add_medium(self, gm, prefix: str, info, weight_node, w: torch.Tensor, keep: torch.Tensor, name: str):
+        """Register ``w * keep`` (in ``medium_dtype``) on the linear's module as buffer ``name``; its get_attr."""
+        module = gm.get_submodule(prefix + info.module)
+        dtype = getattr(torch, self.config.medium_dtype) if self.config.medium_dtype else w.dtype
+        module.register_buffer(name, (w * keep.to(w.dtype)).to(dtype))
+        node = gm.graph.get_attr(prefix + info.module + "." + name)
+        if "val" in weight_node.meta:
+            node.meta["val"] = weight_node.meta["val"].new_empty(w.shape, dtype=dtype)
+        return node
+
+    def _rewrite(self, gm, prefix: str, node, info, stats):
+        """Replace the linear ``node``; return the new node and ``solver(sparsity) -> Levels`` for it."""
+        c = self.config
+        weight_node = node.args[1]
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        w = get_param(gm, info.param)
+        if c.medium_tiers:
+            w_abs = w.abs()
+            nominal = (1.0, *(1.0 - t for t in c.medium_tiers), 0.0)
+            boundary_weights = magnitude_quantiles(w_abs, [(a + b) / 2 for a, b in zip(nominal, nominal[1:])])
+            cuts = magnitude_quantiles(w_abs, nominal[1:-1])
+            names = ["weight_medium"] if len(cuts) == 1 else [f"weight_medium_{k}" for k in range(len(cuts))]
+            mediums, densities = [], [1.0]
+            with gm.graph.inserting_before(node):
+                for cut, name in zip(cuts, names):
+                    keep = w_abs >= cut
+                    densities.append(float(keep.float().mean()))
+                    mediums.append(self._add_medium(gm, prefix, info, weight_node, w, keep, name))
+            densities = tuple(densities) + (0.0,)
+
+            def solver(s):
+                return solve_levels(stats, boundary_weights, densities, s)
+
+            if len(mediums) == 1:
+                op, args = torch.ops.sparsefx.tiered_linear.default, (mediums[0], bias_node, 0.0, 0.0)
+            else:
+                op, args = torch.ops.sparsefx.multitier_linear.default, (mediums, bias_node, [0.0] * (len(cuts) + 1))
+        else:
+            s_w = c.medium_weight_sparsity
+            wm_node = weight_node  # no medium tier (TEAL-style): t_low == t_high, the medium weights are never read
+            if c.medium_fraction > 0:
+                with gm.graph.inserting_before(node):
+                    wm_node = self._add_medium(gm, prefix, info, weight_node, w, compute_mask(w.abs(), s_w),
+                                               "weight_medium")
+
+            def solver(s):
+                return Levels.from_tiers(self.solve(stats, s), s_w)
+
+            op, args = torch.ops.sparsefx.tiered_linear.default, (wm_node, bias_node, 0.0, 0.0)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(op, (node.args[0], weight_node, *args))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        return new, solver
+
     @torch.no_grad()
     def run(self, gm, ctx):
-        op = torch.ops.sparsefx.tiered_linear.default
         prefix = gm.meta.get("sparsefx.prefix", "")
         report = PassReport(self.name)
-        s_w = self.config.medium_weight_sparsity
-        rewritten = []  # (new node, info, stats, target)
+        rewritten = []  # (new node, info, solver, target)
         total = 0
         for node, info in annotated_linears(gm, self.config.roles):
             if node.target != torch.ops.aten.linear.default:
@@ -149,38 +300,20 @@ class DawsPass(Pass):
             stats = node.meta.get(STATS)
             if stats is None:
                 raise RecipeError(f"daws needs activation statistics for {info.param}; run the calibrate pass first")
-            weight_node = node.args[1]
-            bias_node = node.args[2] if len(node.args) > 2 else None
-            wm_node = weight_node  # no medium tier (TEAL-style): t_low == t_high, the medium weights are never read
-            if self.config.medium_fraction > 0:
-                w = get_param(gm, info.param)
-                module = gm.get_submodule(prefix + info.module)
-                dtype = getattr(torch, self.config.medium_dtype) if self.config.medium_dtype else w.dtype
-                module.register_buffer("weight_medium", (w * compute_mask(w.abs(), s_w).to(w.dtype)).to(dtype))
-                with gm.graph.inserting_before(node):
-                    wm_node = gm.graph.get_attr(prefix + info.module + ".weight_medium")
-                if "val" in weight_node.meta:
-                    wm_node.meta["val"] = weight_node.meta["val"].new_empty(w.shape, dtype=dtype)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(op, (node.args[0], weight_node, wm_node, bias_node, 0.0, 0.0))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            rewritten.append((new, info, stats, target))
+            new, solver = self._rewrite(gm, prefix, node, info, stats)
+            rewritten.append((new, info, solver, target))
         gm.recompile()
         targets = {new.name: target for new, _, _, target in rewritten}
         if self.config.allocation == "greedy" and rewritten:
             targets = self._greedy(gm, ctx, rewritten)
         per_param: dict[str, dict] = {}
         skipped = 0.0
-        for new, info, stats, _ in rewritten:
-            tiers = self.solve(stats, targets[new.name])
-            _set_tiers(new, tiers)
-            effective = tiers.effective_sparsity(s_w)
-            new.meta[TIERS] = {**tiers.__dict__, "effective_sparsity": effective}
-            per_param[info.param] = {"target": round(targets[new.name], 4), "t_high": tiers.t_high,
-                                     "t_low": tiers.t_low, "p_high": round(tiers.p_high, 4),
-                                     "p_medium": round(tiers.p_medium, 4), "p_low": round(tiers.p_low, 4),
+        for new, info, solver, _ in rewritten:
+            levels = solver(targets[new.name])
+            _set_levels(new, levels)
+            effective = levels.effective_sparsity
+            new.meta[TIERS] = {**levels.details(), "effective_sparsity": effective}
+            per_param[info.param] = {"target": round(targets[new.name], 4), **levels.details(),
                                      "effective_sparsity": round(effective, 4)}
             skipped += effective * info.in_features * info.out_features
             report.params_changed.append(info.param)
@@ -195,13 +328,13 @@ class DawsPass(Pass):
         if ctx.calibration is None:
             raise RecipeError("daws.allocation=greedy needs calibration data; pass calibration=...")
         knobs, budget, macs = [], {}, {}
-        for new, info, stats, target in rewritten:
+        for new, info, solver, target in rewritten:
             if info.layer is None:
                 raise RecipeError(f"daws.allocation=greedy works per transformer layer; {info.param} is in none — "
                                   "exclude it with daws.roles or an override of 0")
             m = info.in_features * info.out_features
             knobs.append(Knob(new.name, info.layer, m,
-                              lambda node, s, stats=stats: _set_tiers(node, self.solve(stats, s)),
+                              lambda node, s, solver=solver: _set_levels(node, solver(s)),
                               max_sparsity=self.config.max_sparsity))
             budget[info.layer] = budget.get(info.layer, 0.0) + target * m
             macs[info.layer] = macs.get(info.layer, 0) + m

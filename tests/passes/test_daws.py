@@ -3,14 +3,15 @@ import torch
 
 from sparsefx.errors import RecipeError
 from sparsefx.ir import annotated_linears, linear_nodes, verify
-from sparsefx.ir.ops import tiered_linear_reference
+from sparsefx.ir.ops import multitier_linear_math, multitier_linear_reference, tiered_linear_reference
 from sparsefx.models import tiny_model
 from sparsefx.passes.calibrate import Observer
 from sparsefx.passes.config import Recipe, config_from_dict
-from sparsefx.passes.daws import TIERS, solve_tiers
+from sparsefx.passes.daws import TIERS, magnitude_quantiles, solve_levels, solve_tiers
 from sparsefx.pipeline import compress
 
 tiered = torch.ops.sparsefx.tiered_linear
+multitier = torch.ops.sparsefx.multitier_linear
 
 
 @pytest.mark.parametrize("shape, out_f", [((1, 1, 7), 5), ((3, 13, 31), 17), ((2, 64), 96)])
@@ -39,6 +40,57 @@ def test_op_under_torch_compile():
     x, w, wm = torch.randn(2, 5, 8), torch.randn(4, 8), torch.randn(4, 8)
     fn = torch.compile(lambda x: tiered(x, w, wm, None, 0.8, 0.2), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(fn(x), tiered_linear_reference(x, w, wm, None, 0.8, 0.2))
+
+
+@pytest.mark.parametrize("shape, out_f", [((1, 1, 7), 5), ((3, 13, 31), 17), ((2, 64), 96)])
+def test_multitier_op_matches_reference_and_tiered_linear(shape, out_f):
+    x = torch.randn(shape)
+    w = torch.randn(out_f, shape[-1])
+    mediums = [torch.randn(out_f, shape[-1]) for _ in range(3)]
+    b = torch.randn(out_f)
+    # distinct, tied (empty tiers) and all-zero thresholds
+    for ts in ([2.0, 1.0, 0.5, 0.1], [1.0, 1.0, 0.3, 0.3], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]):
+        torch.testing.assert_close(multitier(x, w, mediums, b, ts), multitier_linear_reference(x, w, mediums, b, ts),
+                                   rtol=1e-5, atol=1e-5)
+    # one medium tier is tiered_linear; zero thresholds are exactly dense
+    torch.testing.assert_close(multitier(x, w, mediums[:1], b, [1.0, 0.3]), tiered(x, w, mediums[0], b, 1.0, 0.3))
+    assert torch.equal(multitier(x, w, mediums, b, [0.0] * 4), torch.nn.functional.linear(x, w, b))
+
+
+def test_multitier_op_registration_and_compile():
+    x, w = torch.randn(2, 5, 8), torch.randn(4, 8)
+    mediums = [w * 0.5, w * 0.25]
+    torch.library.opcheck(multitier, (x, w, mediums, None, [0.8, 0.4, 0.2]))
+    fn = torch.compile(lambda x: multitier(x, w, mediums, None, [0.8, 0.4, 0.2]), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(x), multitier_linear_math(x, w, mediums, None, [0.8, 0.4, 0.2]))
+    with pytest.raises(RuntimeError, match="need 3 thresholds"):
+        multitier(x, w, mediums, None, [0.8, 0.2])
+
+
+def test_magnitude_quantiles_keep_the_share():
+    w = torch.randn(37, 53)
+    for d, q in zip((0.75, 0.5, 0.1), magnitude_quantiles(w.abs(), (0.75, 0.5, 0.1))):
+        assert (w.abs() >= q).sum().item() == round(d * w.numel())
+
+
+def test_solve_levels_hits_target_and_orders_thresholds():
+    obs = Observer(64)
+    obs(torch.randn(4096, 64) * torch.linspace(0.1, 3, 64))
+    stats = obs.stats()
+    w_abs = torch.randn(32, 64).abs()
+    densities = (1.0, 0.75, 0.5, 0.25, 0.0)
+    boundary = magnitude_quantiles(w_abs, [0.875, 0.625, 0.375, 0.125])
+    for e in (0.3, 0.5, 0.7):
+        levels = solve_levels(stats, boundary, densities, e)
+        assert list(levels.thresholds) == sorted(levels.thresholds, reverse=True)
+        assert sum(levels.fractions) == pytest.approx(1.0)
+        assert levels.effective_sparsity == pytest.approx(e, abs=0.02)
+        # a channel's tier density is the level nearest the oracle's kept share P(|W| >= tau / |x|)
+        tau = levels.thresholds[0] * boundary[0]
+        for k, t in enumerate(levels.thresholds):
+            assert t * boundary[k] == pytest.approx(tau, rel=1e-6)
+    zero = solve_levels(stats, boundary, densities, 0.0)
+    assert zero.thresholds == (0.0,) * 4 and zero.effective_sparsity == 0.0
 
 
 def test_solve_tiers_hits_target_effective_sparsity():
@@ -108,7 +160,50 @@ def test_measured_effective_sparsity_on_the_calibration_data():
     assert p_med == pytest.approx(node.meta[TIERS]["p_medium"], abs=0.02)
 
 
+@pytest.mark.parametrize("tiers, op, n_mediums", [([0.35], tiered.default, 1), ([0.25, 0.5, 0.75], multitier.default, 3)])
+def test_medium_tiers_route_by_products(tiers, op, n_mediums, tokens):
+    model = tiny_model("llama")
+    calib = torch.randint(0, 256, (8, 32))
+    result = compress(model, Recipe.from_yaml(f"passes: [{{method: daws, sparsity: 0.5, medium_tiers: {tiers}}}]"),
+                      calibration=calib, progress=False)
+    gm, report = result.graph_module, result.reports[-1]
+    assert report.details["effective_sparsity"] == pytest.approx(0.5, abs=0.03)
+    nodes = [n for n in linear_nodes(gm) if n.target == op]
+    assert len(nodes) == report.matches == 7 * model.config.num_hidden_layers
+    verify(gm)
+    up = model.model.layers[0].mlp.up_proj
+    mediums = [up.weight_medium] if n_mediums == 1 else up.mediums
+    w_abs = up.weight.abs()
+    for s_w, wm in zip(tiers, mediums):
+        # each medium tier keeps the largest |W| of the whole matrix at its density, so the masks nest
+        assert (wm != 0).float().mean().item() == pytest.approx(1 - s_w, abs=0.01)
+        assert w_abs[wm != 0].min() >= w_abs[wm == 0].max()
+    if n_mediums > 1:
+        assert type(up).__name__ == "MultiTierLinear"
+        assert all(((a == 0) | (b != 0)).all() for a, b in zip(mediums[1:], mediums))  # nested
+        x = torch.randn(3, 5, up.in_features)
+        torch.testing.assert_close(up(x), multitier_linear_reference(x, up.weight, mediums, None, up.thresholds))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(tokens), model(tokens).logits, rtol=1e-5, atol=1e-5)
+    out = model.generate(tokens[:1, :5], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_medium_tiers_with_greedy_allocation_meet_the_budget():
+    model = tiny_model("llama")
+    calib = torch.randint(0, 256, (8, 32))
+    recipe = Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.3, 0.6], allocation: greedy, "
+                              "greedy_step: 0.1}]")
+    report = compress(model, recipe, calibration=calib, progress=False).reports[-1]
+    assert report.details["effective_sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert len({round(p["target"], 2) for p in report.details["per_param"].values()}) > 1
+
+
 @pytest.mark.parametrize("entry, field", [
+    ({"method": "daws", "medium_tiers": [0.5, 0.25]}, "daws.medium_tiers"),
+    ({"method": "daws", "medium_tiers": [0.0, 0.5]}, "daws.medium_tiers"),
+    ({"method": "daws", "medium_tiers": [0.5, 1.0]}, "daws.medium_tiers"),
+    ({"method": "daws", "medium_tiers": "0.5"}, "daws.medium_tiers"),
     ({"method": "daws", "allocation": "random"}, "daws.allocation"),
     ({"method": "daws", "greedy_tokens": 0}, "daws.greedy_tokens"),
     ({"method": "daws", "greedy_step": 0.0}, "daws.greedy_step"),
