@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import (_extension, cpp_tiered_linear_packed, cpu_supports_kernel, pack_medium,
-                                              sparse_gemv, sparse_gemv_reference, tiered_gemv, tiered_gemv_packed,
-                                              tiered_gemv_reference, unpack_medium)
+from sparsefx.codegen.cpu.sparse_gemv import (_extension, cpp_multitier_linear, cpp_tiered_linear_packed,
+                                              cpu_supports_kernel, multitier_gemv, multitier_gemv_reference,
+                                              pack_medium, sparse_gemv, sparse_gemv_reference, tiered_gemv,
+                                              tiered_gemv_packed, tiered_gemv_reference, unpack_medium)
 from sparsefx.ir.ops import tiered_linear_reference
 
 needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
@@ -45,6 +46,49 @@ def test_two_tiers_match_reference(in_f, out_f, q_low, q_high, medium_dtype):
     got = tiered_gemv(x, wt, wmt, t_high, t_low)
     ref = tiered_gemv_reference(x, wt, wmt, t_high, t_low)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))  # summation order only
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (31, 9), (576, 1536), (1536, 576), (263, 2053), (13, 16411)])
+@pytest.mark.parametrize("quantiles", [(0.9, 0.7, 0.5, 0.3), (0.8, 0.8, 0.4, 0.0), (0.5, 0.2), (1.0, 0.0, 0.0)])
+def test_multitier_matches_reference(in_f, out_f, quantiles):
+    x, wt = torch.randn(in_f), torch.randn(in_f, out_f)
+    a = x.abs()
+    thresholds = [float(a.max()) * 1.01 if q == 1 else float(a.quantile(q)) if q > 0 else 0.0 for q in quantiles]
+    # medium tiers pruned more the lower they are, alternating fp32 and fp16 storage
+    wmts = [(wt * (wt.abs() > 0.4 * k)).to(torch.float16 if k % 2 else torch.float32)
+            for k in range(1, len(thresholds))]
+    got = multitier_gemv(x, wt, wmts, thresholds)
+    ref = multitier_gemv_reference(x, wt, wmts, thresholds)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))  # summation order only
+    if len(thresholds) == 3:  # and with two tiers it is the tiered GEMV
+        torch.testing.assert_close(multitier_gemv(x, wt, wmts[:1], thresholds[:2]),
+                                   tiered_gemv(x, wt, wmts[0], *thresholds[:2]), rtol=1e-5, atol=1e-5)
+
+
+def test_multitier_gemv_rejects_mismatched_thresholds():
+    with pytest.raises(ValueError, match="one threshold more than mediums"):
+        multitier_gemv(torch.randn(4), torch.randn(4, 3), [torch.randn(4, 3)], [0.5])
+
+
+@needs_kernel
+@pytest.mark.parametrize("lead", [(1, 1), (3, 5)])
+def test_cpp_registered_op_computes_the_multitier_linear(lead):
+    from sparsefx.ir.ops import multitier_linear_math
+
+    op = cpp_multitier_linear()
+    assert op is not None, "the C++ extension must build on this CPU (AVX2/FMA/F16C)"
+    g = torch.Generator().manual_seed(7 + sum(lead))
+    w = torch.randn(41, 67, generator=g)
+    mediums = [w * (w.abs() > 0.5), (w * (w.abs() > 1.0)).half()]
+    x, bias = torch.randn(*lead, 67, generator=g), torch.randn(41, generator=g)
+    for ts in ([1.2, 0.6, 0.2], [0.9, 0.9, 0.3], [0.0, 0.0, 0.0]):
+        ref = multitier_linear_math(x, w, mediums, bias, ts)
+        transposed = [m.t().contiguous().t() for m in mediums]
+        for ww, mm in ((w, mediums), (w.t().contiguous().t(), transposed)):  # plain and transposed storage
+            torch.testing.assert_close(op(x, ww, mm, bias, ts), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="one threshold more"):
+        op(x, w, mediums, None, [0.5, 0.1])
 
 
 @needs_kernel

@@ -2,7 +2,8 @@
 
 ``prepare_cpu_decode(model)`` re-stores each ``TieredLinear``'s weights transposed (``W.T`` row-contiguous, the
 same tensor viewed as ``[out, in]``, so no memory is added and prefill GEMMs still read it) and registers the CPU
-kernel of ``sparsefx::tiered_linear``: single-token calls then read only the kept rows (``sparse_gemv``). Eager
+kernel of ``sparsefx::tiered_linear``: single-token calls then read only the kept rows (``sparse_gemv``). A
+``MultiTierLinear`` (several medium tiers) is re-stored and served the same way (``multitier_gemv``). Eager
 ``TieredLinear`` modules call the C++ kernel directly for one token, skipping the op dispatcher. It also registers
 the CPU kernels of ``sparsefx::quant_linear`` and ``lowrank_quant_linear`` (``quant_gemv``): up to ``MAX_ROWS``
 tokens, they multiply straight from the packed codes instead of dequantizing the whole weight per call.
@@ -32,6 +33,16 @@ def _tiered_linear_cpu(x, weight, weight_medium, bias, t_high, t_low):
     if op is None:
         return tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low)
     return op(x, weight, weight_medium, bias, t_high, t_low)
+
+
+def _multitier_linear_cpu(x, weight, mediums, bias, thresholds):
+    from ...ir.ops import multitier_linear_math
+    from .sparse_gemv import cpp_multitier_linear
+
+    op = cpp_multitier_linear()
+    if op is None:
+        return multitier_linear_math(x, weight, mediums, bias, thresholds)
+    return op(x, weight, mediums, bias, thresholds)
 
 
 def _quant_linear_cpu(x, packed, scales, zeros, bias, bits, group_size):
@@ -69,11 +80,13 @@ def _lowrank_quant_linear_cpu(x, packed, scales, zeros, at_packed, at_scales, at
 
 @functools.cache
 def enable_cpu_kernels() -> None:
-    """Register the CPU kernels of ``sparsefx::tiered_linear``, ``quant_linear`` and ``lowrank_quant_linear``
-    (once; later calls do nothing). Each falls back to the op's default implementation where it does not apply."""
-    from ...ir.ops import lowrank_quant_linear, quant_linear, tiered_linear
+    """Register the CPU kernels of ``sparsefx::tiered_linear``, ``multitier_linear``, ``quant_linear`` and
+    ``lowrank_quant_linear`` (once; later calls do nothing). Each falls back to the op's default implementation
+    where it does not apply."""
+    from ...ir.ops import lowrank_quant_linear, multitier_linear, quant_linear, tiered_linear
 
     tiered_linear.register_kernel("cpu")(_tiered_linear_cpu)
+    multitier_linear.register_kernel("cpu")(_multitier_linear_cpu)
     quant_linear.register_kernel("cpu")(_quant_linear_cpu)
     lowrank_quant_linear.register_kernel("cpu")(_lowrank_quant_linear_cpu)
 
@@ -120,7 +133,7 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
         >>> prepare_cpu_decode(compressed_model)  # doctest: +SKIP
         210
     """
-    from ..eager import LowRankQuantLinear, QuantLinear, TieredLinear
+    from ..eager import LowRankQuantLinear, MultiTierLinear, QuantLinear, TieredLinear
     from .sparse_gemv import _extension, kernel_available, pack_medium as pack
 
     enable_cpu_kernels()
@@ -145,5 +158,14 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
                 if pack_medium and own_medium and (wmt != 0).float().mean() <= PACK_MAX_DENSITY:
                     module.medium_packed = pack(wmt)
                     module.decode_kernel = _packed_decode(ext.tiered_gemv_packed)
+            count += 1
+        elif isinstance(module, MultiTierLinear):
+            module.weight = nn.Parameter(_transposed_storage(module.weight.data),
+                                         requires_grad=module.weight.requires_grad)
+            for k, wm in enumerate(module.mediums):
+                setattr(module, f"medium_{k}", _transposed_storage(wm))
+            x_like = module.weight.new_empty(module.in_features)
+            if all(kernel_available(x_like, module.weight, wm) for wm in module.mediums) and _kernel_pays(module):
+                module.decode_kernel = _extension().multitier_gemv
             count += 1
     return count

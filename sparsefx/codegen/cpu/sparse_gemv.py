@@ -167,19 +167,22 @@ static inline void run_tiers(float* yb, const Tier* tiers, int ntiers, int64_t o
   }
 }
 
-// Route x's channels into the tiers (high: |x| >= th, medium: tl <= |x| < th) and run them: y[out] fp32.
-static torch::Tensor run_gemv(const torch::Tensor& x, Tier* tiers, int64_t out, float th, float tl) {
+// Route x's channels into the tiers by descending thresholds th[0..ntiers): tier k takes th[k] <= |x| < th[k - 1]
+// (tier 0: |x| >= th[0], the full weights); below th[ntiers - 1] a channel is dropped. Run them: y[out] fp32.
+static torch::Tensor run_gemv(const torch::Tensor& x, Tier* tiers, int ntiers, int64_t out, const float* th) {
   const int64_t in = x.size(0);
   const float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < in; ++i) {
     const float a = std::fabs(xp[i]);
-    Tier& tier = tiers[a >= th ? 0 : 1];
-    if (a >= tl) { tier.idx.push_back((int32_t)i); tier.val.push_back(xp[i]); }
+    int k = 0;
+    while (k < ntiers && a < th[k]) ++k;
+    if (k < ntiers) { tiers[k].idx.push_back((int32_t)i); tiers[k].val.push_back(xp[i]); }
   }
   auto y = torch::zeros({out}, x.options());
   float* yp = y.data_ptr<float>();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const bool packed = tiers[1].mask != nullptr;
+  bool packed = false;
+  for (int t = 0; t < ntiers; ++t) packed = packed || tiers[t].mask != nullptr;
   if (out > 16384 && !packed) {
     // Very wide outputs (e.g. an LM head): one column block per thread. Long contiguous runs of each kept row
     // keep the hardware prefetcher streaming (2 KiB runs measured at half the bandwidth); y's block stays in cache.
@@ -188,7 +191,7 @@ static torch::Tensor run_gemv(const torch::Tensor& x, Tier* tiers, int64_t out, 
     at::parallel_for(0, (out + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o0 = b * block;
-        run_tiers(yp + o0, tiers, 2, out, o0, std::min(out, o0 + block) - o0, 0, 1);
+        run_tiers(yp + o0, tiers, ntiers, out, o0, std::min(out, o0 + block) - o0, 0, 1);
       }
     });
   } else {
@@ -198,7 +201,8 @@ static torch::Tensor run_gemv(const torch::Tensor& x, Tier* tiers, int64_t out, 
     const int64_t stride = packed ? (out + 7) & ~int64_t(7) : out;
     std::vector<float> partial((size_t)(threads * stride), 0.0f);
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) run_tiers(partial.data() + t * stride, tiers, 2, out, 0, out, t, threads);
+      for (int64_t t = t0; t < t1; ++t)
+        run_tiers(partial.data() + t * stride, tiers, ntiers, out, 0, out, t, threads);
     });
     for (int64_t t = 0; t < threads; ++t)
       for (int64_t o = 0; o < out; ++o) yp[o] += partial[t * stride + o];
@@ -224,7 +228,29 @@ torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, 
   tiers[0].half = false;
   tiers[1].w = wmt.data_ptr();
   tiers[1].half = wmt.scalar_type() == torch::kHalf;
-  return run_gemv(x, tiers, wt.size(1), (float)t_high, (float)t_low);
+  const float th[2] = {(float)t_high, (float)t_low};
+  return run_gemv(x, tiers, 2, wt.size(1), th);
+}
+
+// Several medium tiers (sparsefx::multitier_linear) for one token: wmts[k] ([in, out], fp32 or fp16) serves
+// thresholds[k + 1] <= |x_i| < thresholds[k]; wt (fp32) serves |x_i| >= thresholds[0].
+torch::Tensor multitier_gemv(torch::Tensor x, torch::Tensor wt, std::vector<torch::Tensor> wmts,
+                             std::vector<double> thresholds) {
+  check_decode_args(x, wt);
+  TORCH_CHECK(thresholds.size() == wmts.size() + 1, "need one threshold more than medium tiers");
+  std::vector<Tier> tiers(wmts.size() + 1);
+  std::vector<float> th(thresholds.begin(), thresholds.end());
+  tiers[0].w = wt.data_ptr();
+  tiers[0].half = false;
+  for (size_t k = 0; k < wmts.size(); ++k) {
+    const auto& wm = wmts[k];
+    TORCH_CHECK(wm.sizes() == wt.sizes() && wm.is_contiguous(), "each medium tier must be contiguous with wt's shape");
+    TORCH_CHECK(wm.scalar_type() == torch::kFloat || wm.scalar_type() == torch::kHalf,
+                "each medium tier must be fp32 or fp16");
+    tiers[k + 1].w = wm.data_ptr();
+    tiers[k + 1].half = wm.scalar_type() == torch::kHalf;
+  }
+  return run_gemv(x, tiers.data(), (int)tiers.size(), wt.size(1), th.data());
 }
 
 // The same with the medium tier bitmask-packed (see accumulate_packed): mask uint8 [in, ceil(out / 8)], values
@@ -248,7 +274,8 @@ torch::Tensor tiered_gemv_packed(torch::Tensor x, torch::Tensor wt, torch::Tenso
   tiers[1].mask = mask.data_ptr<uint8_t>();
   tiers[1].offsets = offsets.data_ptr<int64_t>();
   tiers[1].nbytes = mask.size(1);
-  return run_gemv(x, tiers, out, (float)t_high, (float)t_low);
+  const float th[2] = {(float)t_high, (float)t_low};
+  return run_gemv(x, tiers, 2, out, th);
 }
 
 static bool rows_are_channels(const torch::Tensor& w) { return w.dim() == 2 && w.t().is_contiguous(); }
@@ -310,16 +337,49 @@ torch::Tensor tiered_linear_packed_cpu(const torch::Tensor& x, const torch::Tens
   return bias.has_value() ? y + *bias : y;
 }
 
+// sparsefx_cpu::multitier_linear: sparsefx::multitier_linear with its CPU kernel (one token on transposed storage:
+// multitier_gemv; anything else: one masked GEMM per tier, as the op's default implementation).
+torch::Tensor multitier_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, at::TensorList mediums,
+                                   const std::optional<torch::Tensor>& bias, at::ArrayRef<double> thresholds) {
+  TORCH_CHECK(thresholds.size() == mediums.size() + 1, "multitier_linear: need one threshold more than mediums");
+  const int64_t in = weight.size(1);
+  bool decode = takes_decode(x, weight, thresholds[0], thresholds.back());
+  for (const auto& wm : mediums)
+    decode = decode && rows_are_channels(wm) &&
+             (wm.scalar_type() == torch::kFloat || wm.scalar_type() == torch::kHalf);
+  torch::Tensor y;
+  if (decode) {
+    std::vector<torch::Tensor> wmts;
+    for (const auto& wm : mediums) wmts.push_back(wm.t());
+    y = as_output(multitier_gemv(x.reshape({in}).contiguous(), weight.t(), wmts,
+                                 std::vector<double>(thresholds.begin(), thresholds.end())), x, weight.size(0));
+  } else {
+    const auto a = x.abs();
+    const auto zero = at::zeros({}, x.options());
+    auto upper = a >= thresholds[0];
+    y = at::linear(at::where(upper, x, zero), weight);
+    for (size_t k = 0; k < mediums.size(); ++k) {
+      if (!(thresholds[k + 1] < thresholds[k])) continue;
+      const auto here = a >= thresholds[k + 1];
+      y = y + at::linear(at::where(here.logical_and(upper.logical_not()), x, zero), mediums[k].to(x.scalar_type()));
+      upper = here;
+    }
+  }
+  return bias.has_value() ? y + *bias : y;
+}
+
 TORCH_LIBRARY(sparsefx_cpu, m) {
   m.def("tiered_linear(Tensor x, Tensor weight, Tensor weight_medium, Tensor? bias, float t_high, float t_low) "
         "-> Tensor");
   m.def("tiered_linear_packed(Tensor x, Tensor weight, Tensor weight_medium, Tensor medium_mask, "
         "Tensor medium_values, Tensor medium_offsets, Tensor? bias, float t_high, float t_low) -> Tensor");
+  m.def("multitier_linear(Tensor x, Tensor weight, Tensor[] mediums, Tensor? bias, float[] thresholds) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) {
   m.impl("tiered_linear", &tiered_linear_cpu);
   m.impl("tiered_linear_packed", &tiered_linear_packed_cpu);
+  m.impl("multitier_linear", &multitier_linear_cpu);
 }
 """
 
@@ -419,8 +479,8 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v8", cpp_sources=[_CPP],
-                          functions=["tiered_gemv", "tiered_gemv_packed"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+        ext = load_inline(name="sparsefx_tiered_gemv_v9", cpp_sources=[_CPP],
+                          functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
@@ -439,6 +499,10 @@ def _register_fake() -> None:
     def _(x, weight, weight_medium, medium_mask, medium_values, medium_offsets, bias, t_high, t_low):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake("sparsefx_cpu::multitier_linear")
+    def _(x, weight, mediums, bias, thresholds):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
 
 def cpp_tiered_linear():
     """The C++-registered op ``sparsefx_cpu::tiered_linear`` (same signature as ``sparsefx::tiered_linear``), or
@@ -446,6 +510,14 @@ def cpp_tiered_linear():
     if not cpu_supports_kernel() or _extension() is None:
         return None
     return torch.ops.sparsefx_cpu.tiered_linear.default
+
+
+def cpp_multitier_linear():
+    """The C++-registered op ``sparsefx_cpu::multitier_linear`` (same signature as ``sparsefx::multitier_linear``),
+    or None where the extension cannot run."""
+    if not cpu_supports_kernel() or _extension() is None:
+        return None
+    return torch.ops.sparsefx_cpu.multitier_linear.default
 
 
 def cpp_tiered_linear_packed():
@@ -495,6 +567,34 @@ def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_h
     if not kernel_available(x, wt, wmt):
         return tiered_gemv_reference(x, wt, wmt, t_high, t_low)
     return _extension().tiered_gemv(x.contiguous(), wt.contiguous(), wmt.contiguous(), float(t_high), float(t_low))
+
+
+def multitier_gemv_reference(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch.Tensor],
+                             thresholds: list[float]) -> torch.Tensor:
+    """Pure-torch reference of ``multitier_gemv``: ``x: [in]``, ``wt`` and each of ``wmts: [in, out]`` -> ``[out]``."""
+    from ...ir.ops import multitier_linear_reference
+
+    return multitier_linear_reference(x, wt.t(), [w.t() for w in wmts], None, thresholds)
+
+
+def multitier_gemv(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch.Tensor], thresholds: list[float]) -> torch.Tensor:
+    """Batch-1 GEMV of ``sparsefx::multitier_linear``: channel i reads row i of ``wt`` (|x_i| >= thresholds[0]) or of
+    ``wmts[k]`` (thresholds[k + 1] <= |x_i| < thresholds[k]), or nothing. The C++ kernel where it runs, the
+    reference otherwise.
+
+    Example:
+        >>> wt = torch.randn(576, 1536); wmts = [wt * (wt.abs() > 0.5), wt * (wt.abs() > 1.0)]
+        >>> y = multitier_gemv(torch.randn(576), wt, wmts, [1.5, 0.8, 0.3])
+    """
+    if (x.dim() != 1 or wt.dim() != 2 or x.shape[0] != wt.shape[0] or any(w.shape != wt.shape for w in wmts)
+            or len(thresholds) != len(wmts) + 1):
+        raise ValueError(f"multitier_gemv expects x: [in], wt and each medium: [in, out], and one threshold more than "
+                         f"mediums; got {tuple(x.shape)}, {tuple(wt.shape)}, {[tuple(w.shape) for w in wmts]} and "
+                         f"{len(thresholds)} thresholds")
+    if not all(kernel_available(x, wt, w) for w in wmts):
+        return multitier_gemv_reference(x, wt, wmts, thresholds)
+    return _extension().multitier_gemv(x.contiguous(), wt.contiguous(), [w.contiguous() for w in wmts],
+                                       [float(t) for t in thresholds])
 
 
 def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> torch.Tensor:
