@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from sparsefx.codegen.cpu.sparse_gemv import pack_medium, tiered_gemv, tiered_gemv_packed, tiered_gemv_reference
-from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, cold_weights, interleaved_medians, run_meta,
-                                  sparse_gemv_bench_args, write_results)
+from sparsefx.experiments import interleaved_medians, kernel_bench_cases, run_meta, sparse_gemv_bench_args, write_results
 from sparsefx.passes.masks import compute_mask
 
 EFFECTIVE = 0.5
@@ -30,12 +29,7 @@ TIER_SHAPES = [(0.2, 0.5), (0.4, 0.5), (0.6, 0.35)]   # (medium share, medium we
 def main() -> None:
     args = sparse_gemv_bench_args(Path(__file__).parent / "results")
     rows = []
-    for out_f, in_f in KERNEL_SHAPES:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(in_f, generator=gen)
-        copies = cold_copies(out_f * in_f * 4 * 2)
-        ws, wts, nxt = cold_weights(out_f, in_f, copies, gen)
-
+    for out_f, in_f, gen, x, ws, wts, nxt in kernel_bench_cases():
         teal = float(x.abs().quantile(EFFECTIVE))
         for m, s in TIER_SHAPES:
             q_low = EFFECTIVE - m * s

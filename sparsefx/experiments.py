@@ -113,6 +113,18 @@ def cold_weights(out_f: int, in_f: int, copies: int, gen: torch.Generator):
     return ws, wts, nxt
 
 
+def kernel_bench_cases():
+    """Per shape of ``KERNEL_SHAPES``: ``(out, in, gen, x, ws, wts, nxt)`` — a seeded generator, the input
+    ``x: [in]`` drawn from it, then cold fp32 weight copies and their transposes (``cold_weights``), enough copies
+    that weight and transpose together pass the last-level cache."""
+    for out_f, in_f in KERNEL_SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(in_f, generator=gen)
+        ws, wts, nxt = cold_weights(out_f, in_f, cold_copies(out_f * in_f * 4 * 2), gen)
+        yield out_f, in_f, gen, x, ws, wts, nxt
+        del ws, wts   # callers drop theirs too: the next shape's copies are made without these
+
+
 def kernel_bench_parser(out_default) -> argparse.ArgumentParser:
     """The arguments every kernel benchmark takes: ``--reps`` and ``--out``."""
     ap = argparse.ArgumentParser()
