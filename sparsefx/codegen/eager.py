@@ -117,7 +117,7 @@ class MultiTierLinear(nn.Module):
             self.register_buffer(f"medium_{k}", wm, persistent=False)
         self.thresholds = [float(t) for t in thresholds]
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: (x [in], W.T, [Wm.T...], thresholds) -> y
+        self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: (x [in], W.T, thresholds) -> y
 
     @property
     def mediums(self) -> list[torch.Tensor]:
@@ -125,7 +125,7 @@ class MultiTierLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         if _call_directly(self, x) and x.numel() == self.in_features:
-            y = self.decode_kernel(x.reshape(-1), self.weight.t(), [m.t() for m in self.mediums], self.thresholds)
+            y = self.decode_kernel(x.reshape(-1), self.weight.t(), self.thresholds)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return torch.ops.sparsefx.multitier_linear(x, self.weight, self.mediums, self.bias, self.thresholds)

@@ -83,7 +83,7 @@ def multitier_linear(x: torch.Tensor, weight: torch.Tensor, mediums: list[torch.
         >>> torch.ops.sparsefx.multitier_linear(x, w, [w * 0.5], None, [2.0, 0.5])
         tensor([[3.0000, 0.5000, 0.0000]])
     """
-    _check_multitier(x, weight, mediums, thresholds)
+    check_multitier_args(x, weight, mediums, thresholds)
     return multitier_linear_math(x, weight, mediums, bias, thresholds)
 
 
@@ -100,7 +100,8 @@ def multitier_linear_math(x, weight, mediums, bias, thresholds):
     return y if bias is None else y + bias
 
 
-def _check_multitier(x, weight, mediums, thresholds):
+def check_multitier_args(x, weight, mediums, thresholds):
+    """Raise (``torch._check``) unless the operands of ``multitier_linear`` fit together; every kernel calls it."""
     torch._check(x.shape[-1] == weight.shape[1], lambda: "multitier_linear: x and weight disagree on in_features")
     torch._check(len(thresholds) == len(mediums) + 1,
                  lambda: f"multitier_linear: {len(mediums)} mediums need {len(mediums) + 1} thresholds, "
@@ -111,7 +112,7 @@ def _check_multitier(x, weight, mediums, thresholds):
 
 @multitier_linear.register_fake
 def _(x, weight, mediums, bias, thresholds):
-    _check_multitier(x, weight, mediums, thresholds)
+    check_multitier_args(x, weight, mediums, thresholds)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

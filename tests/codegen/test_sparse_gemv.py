@@ -87,7 +87,7 @@ def test_cpp_registered_op_computes_the_multitier_linear(lead):
         transposed = [m.t().contiguous().t() for m in mediums]
         for ww, mm in ((w, mediums), (w.t().contiguous().t(), transposed)):  # plain and transposed storage
             torch.testing.assert_close(op(x, ww, mm, bias, ts), ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="one threshold more"):
+    with pytest.raises(RuntimeError, match="2 mediums need 3 thresholds, got 2"):
         op(x, w, mediums, None, [0.5, 0.1])
 
 

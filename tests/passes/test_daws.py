@@ -65,6 +65,11 @@ def test_multitier_op_registration_and_compile():
     torch.testing.assert_close(fn(x), multitier_linear_math(x, w, mediums, None, [0.8, 0.4, 0.2]))
     with pytest.raises(RuntimeError, match="need 3 thresholds"):
         multitier(x, w, mediums, None, [0.8, 0.2])
+    from sparsefx.codegen.cpu import enable_cpu_kernels
+
+    enable_cpu_kernels()  # and with the CPU kernel registered on the op (its C++ op checks too)
+    with pytest.raises(RuntimeError, match="need 3 thresholds"):
+        multitier(x, w, mediums, None, [0.8, 0.2])
 
 
 def test_magnitude_quantiles_keep_the_share():

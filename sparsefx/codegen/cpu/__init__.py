@@ -36,9 +36,10 @@ def _tiered_linear_cpu(x, weight, weight_medium, bias, t_high, t_low):
 
 
 def _multitier_linear_cpu(x, weight, mediums, bias, thresholds):
-    from ...ir.ops import multitier_linear_math
+    from ...ir.ops import check_multitier_args, multitier_linear_math
     from .sparse_gemv import cpp_multitier_linear
 
+    check_multitier_args(x, weight, mediums, thresholds)
     op = cpp_multitier_linear()
     if op is None:
         return multitier_linear_math(x, weight, mediums, bias, thresholds)
@@ -119,6 +120,17 @@ def _packed_decode(kernel):
     return decode
 
 
+def _multitier_decode(kernel, mediums):
+    """A ``decode_kernel`` for a ``MultiTierLinear``: the extension's ``multitier_gemv`` with the medium tiers'
+    transposed views bound once at preparation (no list built per call)."""
+    wmts = [m.t() for m in mediums]
+
+    def decode(x, wt, thresholds):
+        return kernel(x, wt, wmts, thresholds)
+
+    return decode
+
+
 @torch.no_grad()
 def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
     """Re-store compressed linears for the CPU decode kernel; return how many were prepared.
@@ -166,6 +178,6 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
                 setattr(module, f"medium_{k}", _transposed_storage(wm))
             x_like = module.weight.new_empty(module.in_features)
             if all(kernel_available(x_like, module.weight, wm) for wm in module.mediums) and _kernel_pays(module):
-                module.decode_kernel = _extension().multitier_gemv
+                module.decode_kernel = _multitier_decode(_extension().multitier_gemv, module.mediums)
             count += 1
     return count

@@ -237,7 +237,8 @@ torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, 
 torch::Tensor multitier_gemv(torch::Tensor x, torch::Tensor wt, std::vector<torch::Tensor> wmts,
                              std::vector<double> thresholds) {
   check_decode_args(x, wt);
-  TORCH_CHECK(thresholds.size() == wmts.size() + 1, "need one threshold more than medium tiers");
+  TORCH_CHECK(thresholds.size() == wmts.size() + 1, "multitier_gemv: ", wmts.size(), " mediums need ",
+              wmts.size() + 1, " thresholds, got ", thresholds.size());
   std::vector<Tier> tiers(wmts.size() + 1);
   std::vector<float> th(thresholds.begin(), thresholds.end());
   tiers[0].w = wt.data_ptr();
@@ -341,7 +342,8 @@ torch::Tensor tiered_linear_packed_cpu(const torch::Tensor& x, const torch::Tens
 // multitier_gemv; anything else: one masked GEMM per tier, as the op's default implementation).
 torch::Tensor multitier_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, at::TensorList mediums,
                                    const std::optional<torch::Tensor>& bias, at::ArrayRef<double> thresholds) {
-  TORCH_CHECK(thresholds.size() == mediums.size() + 1, "multitier_linear: need one threshold more than mediums");
+  TORCH_CHECK(thresholds.size() == mediums.size() + 1, "multitier_linear: ", mediums.size(), " mediums need ",
+              mediums.size() + 1, " thresholds, got ", thresholds.size());
   const int64_t in = weight.size(1);
   bool decode = takes_decode(x, weight, thresholds[0], thresholds.back());
   for (const auto& wm : mediums)
@@ -479,7 +481,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v9", cpp_sources=[_CPP],
+        ext = load_inline(name="sparsefx_tiered_gemv_v10", cpp_sources=[_CPP],
                           functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
