@@ -30,6 +30,13 @@ def _call_directly(module: nn.Module, x: torch.Tensor) -> bool:
 PACKED_MEDIUM = ("medium_mask", "medium_values", "medium_offsets")
 
 
+def _restored_medium(wm: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """A medium tier read from an artifact, on the linear's device: a reduced-precision tier (``daws.medium_dtype``)
+    keeps its dtype, otherwise it follows the weight's."""
+    dtype = wm.dtype if wm.dtype.itemsize < linear.weight.dtype.itemsize else linear.weight.dtype
+    return wm.to(linear.weight.device, dtype)
+
+
 class TieredLinear(nn.Module):
     """Eager twin of ``sparsefx::tiered_linear``: an ``nn.Linear`` whose inputs are routed into three tiers.
 
@@ -90,9 +97,7 @@ class TieredLinear(nn.Module):
         wm = tensors.get("weight_medium", linear.weight.data)  # absent: no medium tier
         if wm.shape != linear.weight.shape:
             raise ValueError(f"weight_medium has shape {tuple(wm.shape)}, the linear {tuple(linear.weight.shape)}")
-        # a reduced-precision medium tier (daws.medium_dtype) keeps its dtype; otherwise it follows the weight's
-        dtype = wm.dtype if wm.dtype.itemsize < linear.weight.dtype.itemsize else linear.weight.dtype
-        return cls(linear.weight, wm.to(linear.weight.device, dtype), linear.bias, attrs["t_high"], attrs["t_low"])
+        return cls(linear.weight, _restored_medium(wm, linear), linear.bias, attrs["t_high"], attrs["t_low"])
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, t_high={self.t_high:.4g}, t_low={self.t_low:.4g}"
@@ -144,9 +149,7 @@ class MultiTierLinear(nn.Module):
             if wm is None or wm.shape != linear.weight.shape:
                 raise ValueError(f"medium_{k} is {'missing' if wm is None else f'of shape {tuple(wm.shape)}'}; "
                                  f"the linear is {tuple(linear.weight.shape)}")
-            # a reduced-precision medium tier (daws.medium_dtype) keeps its dtype; otherwise it follows the weight's
-            dtype = wm.dtype if wm.dtype.itemsize < linear.weight.dtype.itemsize else linear.weight.dtype
-            mediums.append(wm.to(linear.weight.device, dtype))
+            mediums.append(_restored_medium(wm, linear))
         return cls(linear.weight, mediums, linear.bias, thresholds)
 
     def extra_repr(self) -> str:

@@ -41,13 +41,7 @@ def tiered_linear(x: torch.Tensor, weight: torch.Tensor, weight_medium: torch.Te
 def tiered_linear_math(x, weight, weight_medium, bias, t_high, t_low):
     """The op's default implementation: two masked GEMMs (any device, any batch). Kernels registered per device
     (``codegen.cpu.enable_cpu_kernels``) fall back to it for the cases they do not handle."""
-    a = x.abs()
-    high = a >= t_high
-    y = F.linear(torch.where(high, x, 0.0), weight)
-    medium = (a >= t_low) & ~high
-    if t_low < t_high:
-        y = y + F.linear(torch.where(medium, x, 0.0), weight_medium.to(x.dtype))
-    return y if bias is None else y + bias
+    return multitier_linear_math(x, weight, [weight_medium], bias, [t_high, t_low])
 
 
 @tiered_linear.register_fake

@@ -247,8 +247,9 @@ class DawsPass(Pass):
         if c.medium_tiers:
             w_abs = w.abs()
             nominal = (1.0, *(1.0 - t for t in c.medium_tiers), 0.0)
-            boundary_weights = magnitude_quantiles(w_abs, [(a + b) / 2 for a, b in zip(nominal, nominal[1:])])
-            cuts = magnitude_quantiles(w_abs, nominal[1:-1])
+            mids = [(a + b) / 2 for a, b in zip(nominal, nominal[1:])]
+            quantiles = magnitude_quantiles(w_abs, mids + list(nominal[1:-1]))   # one flattened copy per linear
+            boundary_weights, cuts = quantiles[:len(mids)], quantiles[len(mids):]
             names = ["weight_medium"] if len(cuts) == 1 else [f"weight_medium_{k}" for k in range(len(cuts))]
             mediums, densities = [], [1.0]
             with gm.graph.inserting_before(node):

@@ -96,6 +96,11 @@ def _transposed_storage(t: torch.Tensor) -> torch.Tensor:
     return t if _rows_are_channels(t) else t.t().contiguous().t()
 
 
+def _transpose_weight(module: nn.Module) -> None:
+    """Re-store ``module.weight`` as a contiguous ``[in, out]`` viewed ``[out, in]`` (what the decode kernels read)."""
+    module.weight = nn.Parameter(_transposed_storage(module.weight.data), requires_grad=module.weight.requires_grad)
+
+
 def _kernel_pays(module) -> bool:
     """False only when ``sparsefx autotune --kernels cpu`` measured that the sparse kernel never beats the dense
     GEMV for this shape (no entry: assume it pays, as measured on the shapes of bench/kernel_sparse_gemv.py)."""
@@ -158,8 +163,7 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
             count += 1
         elif isinstance(module, TieredLinear):
             own_medium = module.has_medium_weights
-            module.weight = nn.Parameter(_transposed_storage(module.weight.data),
-                                         requires_grad=module.weight.requires_grad)
+            _transpose_weight(module)
             module.weight_medium = _transposed_storage(module.weight_medium) if own_medium else module.weight.data
             x_like = module.weight.new_empty(module.in_features)  # decode inputs share the weight's dtype
             module.medium_packed = None
@@ -172,8 +176,7 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
                     module.decode_kernel = _packed_decode(ext.tiered_gemv_packed)
             count += 1
         elif isinstance(module, MultiTierLinear):
-            module.weight = nn.Parameter(_transposed_storage(module.weight.data),
-                                         requires_grad=module.weight.requires_grad)
+            _transpose_weight(module)
             for k, wm in enumerate(module.mediums):
                 setattr(module, f"medium_{k}", _transposed_storage(wm))
             x_like = module.weight.new_empty(module.in_features)

@@ -290,17 +290,27 @@ static bool takes_decode(const torch::Tensor& x, const torch::Tensor& weight, do
          weight.scalar_type() == torch::kFloat && rows_are_channels(weight);
 }
 
-// The op's default math (two masked GEMMs), for everything the decode kernel does not take.
-static torch::Tensor tiered_math(const torch::Tensor& x, const torch::Tensor& weight,
-                                 const torch::Tensor& weight_medium, double t_high, double t_low) {
+// The ops' default math, for everything the decode kernels do not take: one masked GEMM per non-empty tier
+// (tier 0: |x| >= thresholds[0] with weight; tier k + 1: thresholds[k + 1] <= |x| < thresholds[k] with mediums[k]).
+static torch::Tensor multitier_math(const torch::Tensor& x, const torch::Tensor& weight, at::TensorList mediums,
+                                    at::ArrayRef<double> thresholds) {
   const auto a = x.abs();
-  const auto high = a >= t_high;
-  auto y = at::linear(at::where(high, x, at::zeros({}, x.options())), weight);
-  if (t_low < t_high) {
-    const auto medium = (a >= t_low).logical_and(high.logical_not());
-    y = y + at::linear(at::where(medium, x, at::zeros({}, x.options())), weight_medium.to(x.scalar_type()));
+  const auto zero = at::zeros({}, x.options());
+  auto upper = a >= thresholds[0];
+  auto y = at::linear(at::where(upper, x, zero), weight);
+  for (size_t k = 0; k < mediums.size(); ++k) {
+    if (!(thresholds[k + 1] < thresholds[k])) continue;
+    const auto here = a >= thresholds[k + 1];
+    y = y + at::linear(at::where(here.logical_and(upper.logical_not()), x, zero), mediums[k].to(x.scalar_type()));
+    upper = here;
   }
   return y;
+}
+
+static torch::Tensor tiered_math(const torch::Tensor& x, const torch::Tensor& weight,
+                                 const torch::Tensor& weight_medium, double t_high, double t_low) {
+  const double thresholds[2] = {t_high, t_low};
+  return multitier_math(x, weight, {weight_medium}, thresholds);
 }
 
 static torch::Tensor as_output(const torch::Tensor& y, const torch::Tensor& x, int64_t out) {
@@ -356,16 +366,7 @@ torch::Tensor multitier_linear_cpu(const torch::Tensor& x, const torch::Tensor& 
     y = as_output(multitier_gemv(x.reshape({in}).contiguous(), weight.t(), wmts,
                                  std::vector<double>(thresholds.begin(), thresholds.end())), x, weight.size(0));
   } else {
-    const auto a = x.abs();
-    const auto zero = at::zeros({}, x.options());
-    auto upper = a >= thresholds[0];
-    y = at::linear(at::where(upper, x, zero), weight);
-    for (size_t k = 0; k < mediums.size(); ++k) {
-      if (!(thresholds[k + 1] < thresholds[k])) continue;
-      const auto here = a >= thresholds[k + 1];
-      y = y + at::linear(at::where(here.logical_and(upper.logical_not()), x, zero), mediums[k].to(x.scalar_type()));
-      upper = here;
-    }
+    y = multitier_math(x, weight, mediums, thresholds);
   }
   return bias.has_value() ? y + *bias : y;
 }
@@ -481,7 +482,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v10", cpp_sources=[_CPP],
+        ext = load_inline(name="sparsefx_tiered_gemv_v11", cpp_sources=[_CPP],
                           functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
