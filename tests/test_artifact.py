@@ -86,6 +86,8 @@ def test_wrong_format_version(artifact):
     ("{method: daws, sparsity: 0.5, medium_tiers: [0.3]}", "mlp.gate_proj", "TieredLinear"),
     ("{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], medium_dtype: float16}", "self_attn.o_proj",
      "MultiTierLinear"),
+    ("{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], layout: banded}", "mlp.up_proj",
+     "BandedLinear"),
     ("{method: rsparse, sparsity: 0.5}", "mlp.down_proj", "SparseLowRankLinear"),
     ("{method: cats, sparsity: 0.5}", "mlp.act_fn", "ThresholdedAct"),
 ])
@@ -101,6 +103,12 @@ def test_activation_sparsity_artifacts_restore_exactly(tmp_path, tokens, entry, 
         assert restored.weight_medium.dtype == model.model.layers[1].get_submodule(module).weight_medium.dtype
     if hasattr(restored, "mediums"):
         assert [m.dtype for m in restored.mediums] == [torch.float16] * 3
+    if hasattr(restored, "weight_banded"):   # one fp16 matrix, no fp32 weight, in memory or on disk
+        from safetensors import safe_open
+
+        assert restored.weight_banded.dtype == torch.float16 and not hasattr(restored, "weight")
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert not [k for k in f.keys() if k.endswith(f"{module}.weight")]
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 

@@ -49,7 +49,7 @@ KERNELS = ("auto", "triton", "cpu", "reference")
 TRITON_KERNELS = {"tiered_linear": "triton_tiered_linear", "quant_linear": "triton_quant_linear",
                   "lowrank_quant_linear": "triton_lowrank_quant_linear", "nm_linear": "triton_nm_linear"}
 # compressed ops with a CPU kernel registered on the op itself (codegen/cpu)
-CPU_KERNELS = ("tiered_linear", "multitier_linear", "quant_linear", "lowrank_quant_linear")
+CPU_KERNELS = ("tiered_linear", "multitier_linear", "banded_linear", "quant_linear", "lowrank_quant_linear")
 
 
 @dataclass(frozen=True)
@@ -280,11 +280,12 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
         from .triton import nm, quant, tiered  # noqa: F401  (registers sparsefx::triton_*)
     elif family == "cpu":
         from .cpu import enable_cpu_kernels
-        from .cpu.sparse_gemv import cpp_multitier_linear, cpp_tiered_linear
+        from .cpu.sparse_gemv import cpp_banded_linear, cpp_multitier_linear, cpp_tiered_linear
 
         enable_cpu_kernels()
         # the tiered ops' kernels are also registered in C++ (no Python call per linear in the compiled graph)
-        cpp_ops = {"tiered_linear": cpp_tiered_linear(), "multitier_linear": cpp_multitier_linear()}
+        cpp_ops = {"tiered_linear": cpp_tiered_linear(), "multitier_linear": cpp_multitier_linear(),
+                   "banded_linear": cpp_banded_linear()}
     for node in graph.nodes:
         if node.op != "call_function":
             continue

@@ -157,6 +157,53 @@ class MultiTierLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, thresholds=[{ts}]"
 
 
+class BandedLinear(nn.Module):
+    """Eager twin of ``sparsefx::banded_linear`` (``daws.layout: banded``): every DAWS tier in one fp16 matrix whose
+    low mantissa bits hold each weight's band (``ir/bandformat.py``). It holds no fp32 weight: one fp16 copy in
+    memory and in the artifact."""
+
+    kind = "banded_linear"
+    stores_dense_weight = False     # the checkpoint has no ``weight`` for this linear
+
+    def __init__(self, banded: torch.Tensor, bias: nn.Parameter | None, thresholds):
+        from ..ir.bandformat import MAX_MEDIUMS, check_banded
+
+        super().__init__()
+        check_banded(banded)
+        if not 2 <= len(thresholds) <= MAX_MEDIUMS + 1:
+            raise ValueError(f"banded_linear needs 2 to {MAX_MEDIUMS + 1} thresholds, got {thresholds!r}")
+        self.bias = bias
+        self.register_buffer("weight_banded", banded, persistent=False)
+        self.thresholds = [float(t) for t in thresholds]
+        self.out_features, self.in_features = banded.shape
+        self.decode_kernel = None  # set by codegen.cpu.prepare_cpu_decode: (x [in], banded.T, thresholds) -> y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        if _call_directly(self, x) and x.numel() == self.in_features:
+            y = self.decode_kernel(x.reshape(-1), self.weight_banded.t(), self.thresholds)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return torch.ops.sparsefx.banded_linear(x, self.weight_banded, self.bias, self.thresholds)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"thresholds": list(self.thresholds)}, {"weight_banded": self.weight_banded}
+
+    @classmethod
+    def restore(cls, linear: nn.Module, attrs: dict, tensors: dict[str, torch.Tensor]) -> "BandedLinear":
+        banded, thresholds = tensors.get("weight_banded"), attrs.get("thresholds")
+        shape = (linear.out_features, linear.in_features)
+        if banded is None or tuple(banded.shape) != shape or banded.dtype != torch.float16:
+            found = "missing" if banded is None else f"{banded.dtype} {tuple(banded.shape)}"
+            raise ValueError(f"weight_banded is {found}; the linear needs fp16 {shape}")
+        if not isinstance(thresholds, list):
+            raise ValueError(f"banded_linear needs a list of thresholds, got {thresholds!r}")
+        return cls(banded, linear.bias, thresholds)
+
+    def extra_repr(self) -> str:
+        ts = ", ".join(f"{t:.4g}" for t in self.thresholds)
+        return f"in={self.in_features}, out={self.out_features}, banded, thresholds=[{ts}]"
+
+
 class SparseLowRankLinear(nn.Module):
     """Eager twin of ``sparsefx::sparse_lowrank_linear`` (R-Sparse): channels with ``|x_i| >= t`` use the full
     weights, the others the rank-r factors ``u: [out, r]``, ``v: [r, in]``."""
@@ -347,7 +394,8 @@ class NMLinear(nn.Module):
 
 
 # Eager modules that carry compressed state, by kind (used to restore artifacts).
-EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, MultiTierLinear, SparseLowRankLinear,
+EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, MultiTierLinear, BandedLinear,
+                                                               SparseLowRankLinear,
                                                                ThresholdedAct, QuantLinear, LowRankQuantLinear,
                                                                NMLinear)}
 MODULE = "sparsefx.module"  # node.meta key: HF module a non-linear compressed node replaces (e.g. an act_fn)
@@ -379,6 +427,12 @@ def _multitier(gm: GraphModule, node, model: nn.Module):
     current = model.get_submodule(name)
     mediums = [gm.get_buffer(str(m.target)) for m in medium_nodes]
     return name, MultiTierLinear(current.weight, mediums, current.bias, thresholds)
+
+
+def _banded(gm: GraphModule, node, model: nn.Module):
+    _, banded, _, thresholds = node.args
+    name = node.meta[LINEAR].module
+    return name, BandedLinear(gm.get_buffer(str(banded.target)), model.get_submodule(name).bias, thresholds)
 
 
 def _sparse_lowrank(gm: GraphModule, node, model: nn.Module):
@@ -440,6 +494,7 @@ def _eager_lowerings():
 
     sf = torch.ops.sparsefx
     return {sf.tiered_linear.default: _tiered, sf.multitier_linear.default: _multitier,
+            sf.banded_linear.default: _banded,
             sf.sparse_lowrank_linear.default: _sparse_lowrank,
             sf.threshold.default: _threshold, sf.quant_linear.default: _quant,
             sf.lowrank_quant_linear.default: _lowrank_quant, sf.nm_linear.default: _nm}

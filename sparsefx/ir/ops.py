@@ -122,6 +122,76 @@ def multitier_linear_reference(x, weight, mediums, bias, thresholds):
     return y if bias is None else y + bias
 
 
+@torch.library.custom_op("sparsefx::banded_linear", mutates_args=())
+def banded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  thresholds: list[float]) -> torch.Tensor:
+    """DAWS with nested medium tiers in one banded fp16 matrix (``ir/bandformat.py``). ``thresholds`` descend, 2 to 4
+    of them; per element of x:
+
+    |x_i| >= thresholds[0]                        -> all of ``weight[:, i]``
+    thresholds[k] <= |x_i| < thresholds[k-1]      -> the weights of ``weight[:, i]`` whose band is >= k
+    |x_i| < thresholds[-1]                        -> dropped
+
+    ``weight``'s values (band bits included) are upcast to x's dtype for the math. With all thresholds zero this is
+    ``F.linear(x, weight.to(x.dtype), bias)``.
+
+    Example:
+        >>> from sparsefx.ir.bandformat import pack_bands
+        >>> w = pack_bands(torch.tensor([[1.0, 4.0], [4.0, 1.0]]), [2.0]); x = torch.tensor([[3., 1.]])
+        >>> torch.ops.sparsefx.banded_linear(x, w, None, [2.0, 0.5])   # x_1 is medium: drops its weight 1.0
+        tensor([[ 7.0039, 12.0117]])
+    """
+    check_banded_args(x, weight, thresholds)
+    return banded_linear_math(x, weight, bias, thresholds)
+
+
+def banded_linear_math(x, weight, bias, thresholds):
+    """The op's default implementation: one masked GEMM per non-empty tier (any device, any batch)."""
+    from .bandformat import tier_weight
+
+    a = x.abs()
+    upper = a >= thresholds[0]
+    y = F.linear(torch.where(upper, x, 0.0), weight.to(x.dtype))
+    for k in range(1, len(thresholds)):
+        if thresholds[k] < thresholds[k - 1]:
+            here = a >= thresholds[k]
+            y = y + F.linear(torch.where(here & ~upper, x, 0.0), tier_weight(weight, k, x.dtype))
+            upper = here
+    return y if bias is None else y + bias
+
+
+def check_banded_args(x, weight, thresholds):
+    """Raise unless the operands of ``banded_linear`` fit together; every kernel calls it."""
+    from .bandformat import MAX_MEDIUMS
+
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "banded_linear: x and weight disagree on in_features")
+    torch._check(weight.dtype == torch.float16,
+                 lambda: f"banded_linear: the banded weight is fp16 (bands in its low bits), got {weight.dtype}")
+    torch._check(2 <= len(thresholds) <= MAX_MEDIUMS + 1,
+                 lambda: f"banded_linear: expected 2 to {MAX_MEDIUMS + 1} thresholds (1 to {MAX_MEDIUMS} medium "
+                         f"tiers), got {len(thresholds)}")
+
+
+@banded_linear.register_fake
+def _(x, weight, bias, thresholds):
+    check_banded_args(x, weight, thresholds)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def banded_linear_reference(x, weight, bias, thresholds):
+    """The op's semantics as plain torch: the tier of each element by counting the thresholds it reaches, the
+    weights of tier k by comparing bands."""
+    from .bandformat import tier_weight
+
+    a = x.abs()
+    reached = sum((a >= t).long() for t in thresholds)        # len(thresholds): full ... 0: dropped
+    n = len(thresholds)
+    y = x.new_zeros((*x.shape[:-1], weight.shape[0]))
+    for k in range(n):
+        y = y + (x * (reached == n - k)) @ tier_weight(weight, k, x.dtype).T
+    return y if bias is None else y + bias
+
+
 @torch.library.custom_op("sparsefx::sparse_lowrank_linear", mutates_args=())
 def sparse_lowrank_linear(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                           bias: torch.Tensor | None, t: float) -> torch.Tensor:
@@ -290,6 +360,7 @@ def _(x, values, index, bias, n, m):
 
 
 LINEAR_LIKE_OPS = (torch.ops.sparsefx.tiered_linear.default, torch.ops.sparsefx.multitier_linear.default,
+                   torch.ops.sparsefx.banded_linear.default,
                    torch.ops.sparsefx.sparse_lowrank_linear.default,
                    torch.ops.sparsefx.quant_linear.default, torch.ops.sparsefx.lowrank_quant_linear.default,
                    torch.ops.sparsefx.nm_linear.default)

@@ -19,6 +19,10 @@ P(|W| >= tau / |x_i|) of the weights, over the whole matrix. Rounding that share
 at the midpoint between two levels; each medium tier keeps the largest |W| of the whole matrix at its level
 (nested masks), and tau is bisected per linear so the predicted effective sparsity meets the target. One medium
 tier still lowers to ``tiered_linear``; more to ``sparsefx::multitier_linear``.
+
+``layout: banded`` stores those nested tiers in one fp16 matrix whose low mantissa bits hold each weight's band
+(``ir/bandformat.py``) and lowers to ``sparsefx::banded_linear``: one matrix in memory and one stream for the
+decode kernel, at about bf16's precision for every tier (the full one included).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .masks import compute_mask
 
 ALLOCATIONS = ("uniform", "greedy")
 MEDIUM_DTYPES = (None, "float16", "bfloat16")
+LAYOUTS = ("separate", "banded")
 TIERS = "sparsefx.tiers"  # node.meta key -> dict of thresholds and predicted tier fractions
 
 
@@ -51,7 +56,8 @@ class DawsConfig(PassConfig):
     ``float16`` halves the bytes the CPU decode kernel reads per medium channel, math stays in the input's dtype);
     medium_tiers: weight sparsities of one or more medium tiers, rising (e.g. ``[0.25, 0.5, 0.75]``) — when given,
     the tiers follow from "keep the large products" (module docstring) and ``medium_fraction`` /
-    ``medium_weight_sparsity`` are not used; each medium tier stores one more copy of the weights."""
+    ``medium_weight_sparsity`` are not used; layout: ``separate`` stores one more copy of the weights per medium
+    tier, ``banded`` (with ``medium_tiers``, at most three) all tiers in one fp16 matrix (``ir/bandformat.py``)."""
 
     method = "daws"
     sparsity: float = 0.5
@@ -65,6 +71,7 @@ class DawsConfig(PassConfig):
     max_sparsity: float = 0.9          # no linear goes above this under greedy allocation
     medium_dtype: str | None = None    # None (the weight's dtype), "float16" or "bfloat16"
     medium_tiers: tuple[float, ...] = ()  # weight sparsity per medium tier, rising; set: product-consistent routing
+    layout: str = "separate"           # "separate" (a copy per medium tier) or "banded" (one fp16 matrix)
 
     def validate(self) -> None:
         check_fraction(self.sparsity, "daws.sparsity")
@@ -88,6 +95,17 @@ class DawsConfig(PassConfig):
             raise RecipeError(f"daws.medium_tiers: expected weight sparsities in (0, 1), strictly rising (the first "
                               f"medium tier, just below the high one, is pruned least), e.g. [0.25, 0.5, 0.75]; "
                               f"got {self.medium_tiers!r}")
+        if self.layout not in LAYOUTS:
+            raise RecipeError(f"daws.layout: expected one of {list(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "banded":
+            from ..ir.bandformat import MAX_MEDIUMS
+
+            if not 1 <= len(tiers) <= MAX_MEDIUMS:
+                raise RecipeError(f"daws.layout: banded needs daws.medium_tiers with 1 to {MAX_MEDIUMS} tiers (two "
+                                  f"band bits per weight), got {list(tiers)}; use layout: separate for more")
+            if self.medium_dtype not in (None, "float16"):
+                raise RecipeError(f"daws.layout: banded stores every tier in fp16; daws.medium_dtype "
+                                  f"{self.medium_dtype!r} does not apply (leave it unset)")
         if self.medium_dtype not in MEDIUM_DTYPES:
             raise RecipeError(f"daws.medium_dtype: expected one of {list(MEDIUM_DTYPES)}, got {self.medium_dtype!r}")
         bad = [r for r in self.roles if r not in ROLES]
@@ -206,6 +224,8 @@ def _set_levels(node, levels: Levels) -> None:
     if node.target == torch.ops.sparsefx.tiered_linear.default:
         node.update_arg(4, levels.thresholds[0])
         node.update_arg(5, levels.thresholds[1])
+    elif node.target == torch.ops.sparsefx.banded_linear.default:
+        node.update_arg(3, list(levels.thresholds))
     else:
         node.update_arg(4, list(levels.thresholds))
 
@@ -250,6 +270,8 @@ class DawsPass(Pass):
             mids = [(a + b) / 2 for a, b in zip(nominal, nominal[1:])]
             quantiles = magnitude_quantiles(w_abs, mids + list(nominal[1:-1]))   # one flattened copy per linear
             boundary_weights, cuts = quantiles[:len(mids)], quantiles[len(mids):]
+            if c.layout == "banded":
+                return self._rewrite_banded(gm, node, info, w, w_abs, boundary_weights, cuts, stats)
             names = ["weight_medium"] if len(cuts) == 1 else [f"weight_medium_{k}" for k in range(len(cuts))]
             mediums, densities = [], [1.0]
             with gm.graph.inserting_before(node):
@@ -283,6 +305,24 @@ class DawsPass(Pass):
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+        return new, solver
+
+    def _rewrite_banded(self, gm, node, info, w, w_abs, boundary_weights, cuts, stats):
+        """``layout: banded``: replace ``node`` by ``banded_linear`` over one fp16 matrix holding every tier."""
+        from ..ir.bandformat import pack_bands
+        from .quantize import replace_linear
+
+        try:
+            banded = pack_bands(w, cuts)
+        except ValueError as exc:
+            raise RecipeError(f"daws on {info.param}: {exc}") from None
+        densities = (1.0, *(float((w_abs >= cut).float().mean()) for cut in cuts), 0.0)
+        new = replace_linear(gm, node, info, torch.ops.sparsefx.banded_linear.default, [("weight_banded", banded)],
+                             ([0.0] * (len(cuts) + 1),))
+
+        def solver(s):
+            return solve_levels(stats, boundary_weights, densities, s)
+
         return new, solver
 
     @torch.no_grad()

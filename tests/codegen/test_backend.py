@@ -113,8 +113,10 @@ def test_generate_with_kv_cache_under_the_backend(tmp_path):
     assert backend.counters["cpu.tiered_linear"] >= 7 * model.config.num_hidden_layers
 
 
-def test_multitier_generate_with_kv_cache_under_the_backend():
-    model, _, _ = _compressed("llama", "passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75]}]")
+@pytest.mark.parametrize("layout, op", [("separate", "multitier_linear"), ("banded", "banded_linear")])
+def test_multitier_generate_with_kv_cache_under_the_backend(layout, op):
+    model, _, _ = _compressed("llama", "passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], "
+                                       f"layout: {layout}}}]")
     prompt = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
         eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
@@ -123,7 +125,7 @@ def test_multitier_generate_with_kv_cache_under_the_backend():
         torch.testing.assert_close(model(prompt).logits, ref, rtol=1e-4, atol=1e-4)
         compiled = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(compiled, eager)
-    assert backend.counters["cpu.multitier_linear"] >= 7 * model.config.num_hidden_layers
+    assert backend.counters[f"cpu.{op}"] >= 7 * model.config.num_hidden_layers
 
 
 def test_a_failing_lowering_falls_back_to_eager_with_a_warning(monkeypatch, caplog, tokens):

@@ -5,7 +5,7 @@ import torch
 
 from sparsefx.codegen.cpu import enable_cpu_kernels, prepare_cpu_decode
 from sparsefx.codegen.cpu.sparse_gemv import cpu_supports_kernel
-from sparsefx.codegen.eager import MultiTierLinear, TieredLinear
+from sparsefx.codegen.eager import BandedLinear, MultiTierLinear, TieredLinear
 from sparsefx.ir.ops import tiered_linear_math, tiered_linear_reference
 from sparsefx.models import tiny_model
 from sparsefx.passes.config import Recipe
@@ -28,7 +28,9 @@ def _compressed(recipe="{method: daws, sparsity: 0.5}"):
                                           ("{method: daws, sparsity: 0.6, medium_fraction: 0}", True),
                                           ("{method: daws, sparsity: 0.5, medium_tiers: [0.3, 0.6, 0.8]}", False),
                                           ("{method: daws, sparsity: 0.5, medium_tiers: [0.3, 0.6], "
-                                           "medium_dtype: float16}", False)])
+                                           "medium_dtype: float16}", False),
+                                          ("{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], "
+                                           "layout: banded}", False)])
 def test_prepared_model_decodes_through_the_kernel_with_the_same_outputs(recipe, pack):
     model = _compressed(recipe)
     prompt = torch.randint(0, 256, (1, 7))
@@ -41,7 +43,7 @@ def test_prepared_model_decodes_through_the_kernel_with_the_same_outputs(recipe,
     assert all((m.medium_packed is not None) == (pack and m.has_medium_weights) for m in tiered)
     calls = []
     for m in model.modules():
-        if isinstance(m, (TieredLinear, MultiTierLinear)):
+        if isinstance(m, (TieredLinear, MultiTierLinear, BandedLinear)):
             kernel = m.decode_kernel
             m.decode_kernel = lambda *a, k=kernel: calls.append(1) or k(*a)
     with torch.no_grad():

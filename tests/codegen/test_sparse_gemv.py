@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import (_extension, cpp_multitier_linear, cpp_tiered_linear_packed,
+from sparsefx.codegen.cpu.sparse_gemv import (_extension, banded_gemv, banded_gemv_reference, cpp_banded_linear,
+                                              cpp_multitier_linear, cpp_tiered_linear_packed,
                                               cpu_supports_kernel, multitier_gemv, multitier_gemv_reference,
                                               pack_medium, sparse_gemv, sparse_gemv_reference, tiered_gemv,
                                               tiered_gemv_packed, tiered_gemv_reference, unpack_medium)
+from sparsefx.ir.bandformat import pack_bands
 from sparsefx.ir.ops import tiered_linear_reference
 
 needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
@@ -64,6 +66,58 @@ def test_multitier_matches_reference(in_f, out_f, quantiles):
     if len(thresholds) == 3:  # and with two tiers it is the tiered GEMV
         torch.testing.assert_close(multitier_gemv(x, wt, wmts[:1], thresholds[:2]),
                                    tiered_gemv(x, wt, wmts[0], *thresholds[:2]), rtol=1e-5, atol=1e-5)
+
+
+def _banded_t(in_f, out_f, n_mediums, gen):
+    """A banded matrix for a random ``[out, in]`` weight, stored transposed ([in, out])."""
+    w = torch.randn(out_f, in_f, generator=gen)
+    shares = [(k + 1) / (n_mediums + 1) for k in range(n_mediums)]
+    cuts = [float(w.abs().flatten().kthvalue(max(1, int(s * w.numel()))).values) for s in shares]
+    return pack_bands(w, cuts).t().contiguous()
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (31, 9), (17, 23), (576, 1536), (1536, 576), (263, 2053),
+                                         (13, 16411)])   # outputs not a multiple of 16 or 8; > 16384: column blocks
+@pytest.mark.parametrize("quantiles", [(0.9, 0.7, 0.5, 0.3), (0.8, 0.8, 0.4, 0.0), (0.5, 0.2), (1.0, 0.0, 0.0),
+                                       (0.0, 0.0, 0.0, 0.0)])
+def test_banded_matches_reference(in_f, out_f, quantiles):
+    g = torch.Generator().manual_seed(in_f * 7 + out_f + len(quantiles))
+    x = torch.randn(in_f, generator=g)
+    wt = _banded_t(in_f, out_f, len(quantiles) - 1, g)
+    a = x.abs()
+    thresholds = [float(a.max()) * 1.01 if q == 1 else float(a.quantile(q)) if q > 0 else 0.0 for q in quantiles]
+    got = banded_gemv(x, wt, thresholds)
+    ref = banded_gemv_reference(x, wt, thresholds)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))  # summation order only
+    if not any(thresholds):   # every channel in the full tier: the dense product of the stored fp16 values
+        torch.testing.assert_close(got, x @ wt.float(), rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))
+
+
+def test_banded_gemv_rejects_bad_operands():
+    wt = pack_bands(torch.randn(3, 4), [0.5]).t().contiguous()
+    with pytest.raises(ValueError, match="2 to 4 thresholds"):
+        banded_gemv(torch.randn(4), wt, [0.5])
+    with pytest.raises(ValueError, match="fp16"):
+        banded_gemv(torch.randn(4), wt.float(), [0.5, 0.2])
+
+
+@needs_kernel
+@pytest.mark.parametrize("lead", [(1, 1), (3, 5)])
+def test_cpp_registered_op_computes_the_banded_linear(lead):
+    from sparsefx.ir.ops import banded_linear_math
+
+    op = cpp_banded_linear()
+    assert op is not None, "the C++ extension must build on this CPU (AVX2/FMA/F16C)"
+    g = torch.Generator().manual_seed(11 + sum(lead))
+    w = _banded_t(67, 41, 2, g).t()          # [out, in] over transposed storage
+    x, bias = torch.randn(*lead, 67, generator=g), torch.randn(41, generator=g)
+    for ts in ([1.2, 0.6, 0.2], [0.9, 0.9, 0.3], [0.0, 0.0, 0.0]):
+        ref = banded_linear_math(x, w, bias, ts)
+        for ww in (w, w.contiguous()):       # transposed and plain storage
+            torch.testing.assert_close(op(x, ww, bias, ts), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="expected 2 to 4 thresholds"):
+        op(x, w, None, [0.5])
 
 
 def test_multitier_gemv_rejects_mismatched_thresholds():

@@ -3,7 +3,9 @@ import torch
 
 from sparsefx.errors import RecipeError
 from sparsefx.ir import annotated_linears, linear_nodes, verify
-from sparsefx.ir.ops import multitier_linear_math, multitier_linear_reference, tiered_linear_reference
+from sparsefx.ir.bandformat import band_of, pack_bands, tier_weight
+from sparsefx.ir.ops import (banded_linear_math, banded_linear_reference, multitier_linear_math,
+                             multitier_linear_reference, tiered_linear_reference)
 from sparsefx.models import tiny_model
 from sparsefx.passes.calibrate import Observer
 from sparsefx.passes.config import Recipe, config_from_dict
@@ -12,6 +14,7 @@ from sparsefx.pipeline import compress
 
 tiered = torch.ops.sparsefx.tiered_linear
 multitier = torch.ops.sparsefx.multitier_linear
+banded_op = torch.ops.sparsefx.banded_linear
 
 
 @pytest.mark.parametrize("shape, out_f", [((1, 1, 7), 5), ((3, 13, 31), 17), ((2, 64), 96)])
@@ -70,6 +73,43 @@ def test_multitier_op_registration_and_compile():
     enable_cpu_kernels()  # and with the CPU kernel registered on the op (its C++ op checks too)
     with pytest.raises(RuntimeError, match="need 3 thresholds"):
         multitier(x, w, mediums, None, [0.8, 0.2])
+
+
+def _banded(out_f, in_f, n_mediums=3):
+    w = torch.randn(out_f, in_f)
+    cuts = [float(w.abs().flatten().quantile(q)) for q in torch.linspace(0.25, 0.75, n_mediums).tolist()]
+    return pack_bands(w, cuts)
+
+
+@pytest.mark.parametrize("shape, out_f", [((1, 1, 7), 5), ((3, 13, 31), 17), ((2, 64), 96)])
+def test_banded_op_matches_reference_and_multitier_linear(shape, out_f):
+    x, b = torch.randn(shape), torch.randn(out_f)
+    weight = _banded(out_f, shape[-1])
+    for ts in ([2.0, 1.0, 0.5, 0.1], [1.0, 1.0, 0.3, 0.3], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]):
+        ref = banded_linear_reference(x, weight, b, ts)
+        torch.testing.assert_close(banded_op(x, weight, b, ts), ref, rtol=1e-5, atol=1e-5)
+        # the same as multitier_linear over the tiers' weights taken apart
+        torch.testing.assert_close(ref, multitier_linear_reference(x, tier_weight(weight, 0),
+                                                                   [tier_weight(weight, k) for k in (1, 2, 3)], b, ts),
+                                   rtol=1e-5, atol=1e-5)
+    assert torch.equal(banded_op(x, weight, b, [0.0] * 4), torch.nn.functional.linear(x, weight.float(), b))
+
+
+def test_banded_op_registration_compile_and_checks():
+    x, weight = torch.randn(2, 5, 8), _banded(4, 8, 2)
+    ts = [0.8, 0.4, 0.2]
+    torch.library.opcheck(banded_op, (x, weight, None, ts))
+    fn = torch.compile(lambda x: banded_op(x, weight, None, ts), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(x), banded_linear_math(x, weight, None, ts))
+    with pytest.raises(RuntimeError, match="expected 2 to 4 thresholds"):
+        banded_op(x, weight, None, [0.8])
+    with pytest.raises(RuntimeError, match="banded weight is fp16"):
+        banded_op(x, weight.float(), None, ts)
+    from sparsefx.codegen.cpu import enable_cpu_kernels
+
+    enable_cpu_kernels()  # the CPU kernel registered on the op checks the same
+    with pytest.raises(RuntimeError, match="expected 2 to 4 thresholds"):
+        banded_op(x, weight, None, [0.8, 0.6, 0.4, 0.2, 0.1])
 
 
 def test_magnitude_quantiles_keep_the_share():
@@ -194,6 +234,50 @@ def test_medium_tiers_route_by_products(tiers, op, n_mediums, tokens):
     assert out.shape == (1, 9)
 
 
+def test_banded_layout_holds_the_separate_layouts_tiers_in_one_matrix(tokens):
+    calib = torch.randint(0, 256, (8, 32))
+    models, gms = {}, {}
+    for layout in ("separate", "banded"):
+        models[layout] = tiny_model("llama")
+        torch.manual_seed(0)
+        result = compress(models[layout], Recipe.from_yaml(f"passes: [{{method: daws, sparsity: 0.5, medium_tiers: "
+                                                           f"[0.25, 0.5, 0.75], layout: {layout}}}]"),
+                          calibration=calib, progress=False)
+        gms[layout] = result.graph_module
+        assert result.reports[-1].details["effective_sparsity"] == pytest.approx(0.5, abs=0.03)
+    gm = gms["banded"]
+    verify(gm)
+    assert len([n for n in linear_nodes(gm) if n.target == banded_op.default]) == 7 * 2
+    for name in ("layers.0.mlp.up_proj", "layers.1.self_attn.o_proj"):
+        sep, band = (models[k].model.get_submodule(name) for k in ("separate", "banded"))
+        assert type(band).__name__ == "BandedLinear" and not hasattr(band, "weight")   # no fp32 copy kept
+        assert band.weight_banded.dtype == torch.float16
+        assert band.thresholds == sep.thresholds       # the same routing
+        for k, wm in enumerate(sep.mediums, start=1):  # the same tiers, at about bf16's precision
+            assert torch.equal(band_of(band.weight_banded) >= k, wm != 0)
+            torch.testing.assert_close(tier_weight(band.weight_banded, k), wm, rtol=2 ** -9, atol=1e-7)
+        x = torch.randn(3, 5, band.in_features)
+        torch.testing.assert_close(band(x), banded_linear_reference(x, band.weight_banded, band.bias, band.thresholds))
+    with torch.no_grad():
+        logits = models["banded"](tokens).logits
+        torch.testing.assert_close(gm(tokens), logits, rtol=1e-5, atol=1e-5)
+        # fp16 storage moves the logits (a little, and channels at a threshold's edge switch tiers), far less than
+        # DAWS itself moves them from dense
+        separate, dense = models["separate"](tokens).logits, tiny_model("llama")(tokens).logits
+        assert (logits - separate).norm() < 0.3 * (dense - separate).norm()
+    out = models["banded"].generate(tokens[:1, :5], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_banded_layout_with_greedy_allocation_meets_the_budget():
+    model = tiny_model("llama")
+    recipe = Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.3, 0.6], layout: banded, "
+                              "allocation: greedy, greedy_step: 0.1}]")
+    report = compress(model, recipe, calibration=torch.randint(0, 256, (8, 32)), progress=False).reports[-1]
+    assert report.details["effective_sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert len({round(p["target"], 2) for p in report.details["per_param"].values()}) > 1
+
+
 def test_medium_tiers_with_greedy_allocation_meet_the_budget():
     model = tiny_model("llama")
     calib = torch.randint(0, 256, (8, 32))
@@ -209,6 +293,10 @@ def test_medium_tiers_with_greedy_allocation_meet_the_budget():
     ({"method": "daws", "medium_tiers": [0.0, 0.5]}, "daws.medium_tiers"),
     ({"method": "daws", "medium_tiers": [0.5, 1.0]}, "daws.medium_tiers"),
     ({"method": "daws", "medium_tiers": "0.5"}, "daws.medium_tiers"),
+    ({"method": "daws", "layout": "packed"}, "daws.layout"),
+    ({"method": "daws", "layout": "banded"}, "daws.layout"),                                    # no medium_tiers
+    ({"method": "daws", "layout": "banded", "medium_tiers": [0.2, 0.4, 0.6, 0.8]}, "daws.layout"),  # > 3 tiers
+    ({"method": "daws", "layout": "banded", "medium_tiers": [0.5], "medium_dtype": "bfloat16"}, "daws.layout"),
     ({"method": "daws", "allocation": "random"}, "daws.allocation"),
     ({"method": "daws", "greedy_tokens": 0}, "daws.greedy_tokens"),
     ({"method": "daws", "greedy_step": 0.0}, "daws.greedy_step"),

@@ -3,7 +3,8 @@
 ``prepare_cpu_decode(model)`` re-stores each ``TieredLinear``'s weights transposed (``W.T`` row-contiguous, the
 same tensor viewed as ``[out, in]``, so no memory is added and prefill GEMMs still read it) and registers the CPU
 kernel of ``sparsefx::tiered_linear``: single-token calls then read only the kept rows (``sparse_gemv``). A
-``MultiTierLinear`` (several medium tiers) is re-stored and served the same way (``multitier_gemv``). Eager
+``MultiTierLinear`` (several medium tiers) is re-stored and served the same way (``multitier_gemv``), and a
+``BandedLinear`` (every tier in one banded fp16 matrix) has that matrix re-stored transposed (``banded_gemv``). Eager
 ``TieredLinear`` modules call the C++ kernel directly for one token, skipping the op dispatcher. It also registers
 the CPU kernels of ``sparsefx::quant_linear`` and ``lowrank_quant_linear`` (``quant_gemv``): up to ``MAX_ROWS``
 tokens, they multiply straight from the packed codes instead of dequantizing the whole weight per call.
@@ -46,6 +47,17 @@ def _multitier_linear_cpu(x, weight, mediums, bias, thresholds):
     return op(x, weight, mediums, bias, thresholds)
 
 
+def _banded_linear_cpu(x, weight, bias, thresholds):
+    from ...ir.ops import banded_linear_math, check_banded_args
+    from .sparse_gemv import cpp_banded_linear
+
+    check_banded_args(x, weight, thresholds)
+    op = cpp_banded_linear()
+    if op is None:
+        return banded_linear_math(x, weight, bias, thresholds)
+    return op(x, weight, bias, thresholds)
+
+
 def _quant_linear_cpu(x, packed, scales, zeros, bias, bits, group_size):
     from ...ir.ops import quant_linear_math
     from .quant_gemv import kernel_available, quant_matmul
@@ -81,13 +93,14 @@ def _lowrank_quant_linear_cpu(x, packed, scales, zeros, at_packed, at_scales, at
 
 @functools.cache
 def enable_cpu_kernels() -> None:
-    """Register the CPU kernels of ``sparsefx::tiered_linear``, ``multitier_linear``, ``quant_linear`` and
-    ``lowrank_quant_linear`` (once; later calls do nothing). Each falls back to the op's default implementation
-    where it does not apply."""
-    from ...ir.ops import lowrank_quant_linear, multitier_linear, quant_linear, tiered_linear
+    """Register the CPU kernels of ``sparsefx::tiered_linear``, ``multitier_linear``, ``banded_linear``,
+    ``quant_linear`` and ``lowrank_quant_linear`` (once; later calls do nothing). Each falls back to the op's default
+    implementation where it does not apply."""
+    from ...ir.ops import banded_linear, lowrank_quant_linear, multitier_linear, quant_linear, tiered_linear
 
     tiered_linear.register_kernel("cpu")(_tiered_linear_cpu)
     multitier_linear.register_kernel("cpu")(_multitier_linear_cpu)
+    banded_linear.register_kernel("cpu")(_banded_linear_cpu)
     quant_linear.register_kernel("cpu")(_quant_linear_cpu)
     lowrank_quant_linear.register_kernel("cpu")(_lowrank_quant_linear_cpu)
 
@@ -150,8 +163,8 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
         >>> prepare_cpu_decode(compressed_model)  # doctest: +SKIP
         210
     """
-    from ..eager import LowRankQuantLinear, MultiTierLinear, QuantLinear, TieredLinear
-    from .sparse_gemv import _extension, kernel_available, pack_medium as pack
+    from ..eager import BandedLinear, LowRankQuantLinear, MultiTierLinear, QuantLinear, TieredLinear
+    from .sparse_gemv import _extension, cpu_supports_kernel, kernel_available, pack_medium as pack
 
     enable_cpu_kernels()
     count = 0
@@ -182,5 +195,11 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
             x_like = module.weight.new_empty(module.in_features)
             if all(kernel_available(x_like, module.weight, wm) for wm in module.mediums) and _kernel_pays(module):
                 module.decode_kernel = _multitier_decode(_extension().multitier_gemv, module.mediums)
+            count += 1
+        elif isinstance(module, BandedLinear):
+            module.weight_banded = _transposed_storage(module.weight_banded)
+            on_cpu = module.weight_banded.device.type == "cpu"
+            if on_cpu and cpu_supports_kernel() and _extension() is not None and _kernel_pays(module):
+                module.decode_kernel = _extension().banded_gemv
             count += 1
     return count
