@@ -75,7 +75,8 @@ def decode_tokens_per_s(model: nn.Module, prompt_len: int = 32, new_tokens: int 
 
 def count_params(model: nn.Module) -> dict[str, int]:
     """Total and non-zero parameters, and the same for decoder-layer linear weights (compressed linears count
-    the weights they stand for: a quantized or low-rank linear as dense, a packed N:M one by its kept values).
+    the weights they stand for: a quantized or low-rank linear as dense, a packed N:M or banded one by its non-zero
+    values).
 
     Example:
         >>> count_params(tiny_model())["linear_params"]  # doctest: +SKIP
@@ -91,10 +92,11 @@ def count_params(model: nn.Module) -> dict[str, int]:
         if isinstance(mod, nn.Linear) or (kind and isinstance(weight, torch.Tensor) and weight.dim() == 2):
             lin += weight.numel()                   # dense or activation-sparse linears keep their weight
             lin_nz += int(torch.count_nonzero(weight))
-        elif kind in ("quant_linear", "lowrank_quant_linear", "nm_linear"):
+        elif kind in ("quant_linear", "lowrank_quant_linear", "nm_linear", "banded_linear"):
             n_w = mod.in_features * mod.out_features   # stored packed: count the weights they stand for
             lin += n_w
-            lin_nz += int(torch.count_nonzero(mod.nm_values)) if kind == "nm_linear" else n_w
+            packed = {"nm_linear": "nm_values", "banded_linear": "weight_banded"}.get(kind)
+            lin_nz += int(torch.count_nonzero(getattr(mod, packed))) if packed else n_w
     return {"params_total": total, "params_nonzero": nonzero, "linear_params": lin, "linear_nonzero": lin_nz}
 
 

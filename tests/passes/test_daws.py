@@ -245,6 +245,12 @@ def test_banded_layout_holds_the_separate_layouts_tiers_in_one_matrix(tokens):
                           calibration=calib, progress=False)
         gms[layout] = result.graph_module
         assert result.reports[-1].details["effective_sparsity"] == pytest.approx(0.5, abs=0.03)
+        assert result.reports[-1].details.get("bits_per_weight") == (16.0 if layout == "banded" else None)
+    from sparsefx.eval import count_params
+
+    # the banded linears still count as the weights they stand for
+    counts = {k: count_params(m) for k, m in models.items()}
+    assert counts["banded"]["linear_params"] == counts["separate"]["linear_params"] > 0
     gm = gms["banded"]
     verify(gm)
     assert len([n for n in linear_nodes(gm) if n.target == banded_op.default]) == 7 * 2
