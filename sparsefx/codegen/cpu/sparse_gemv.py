@@ -38,14 +38,31 @@ static inline __m256 load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Short rows end before the hardware prefetcher has ramped up on them, and the next kept row starts elsewhere:
+// rows of at most kPrefetchBytes are prefetched by hand kPrefetchAhead kept rows ahead. In a scratch probe (banded
+// rows at SmolLM2's shapes) this took 192-output rows from 1.1x to 2.1x of dense fp32 and 576-output rows from
+// 1.40x to 1.54x, and cost a few per cent on 1536-output rows (hence the cap).
+static constexpr int64_t kPrefetchBytes = 2048, kPrefetchAhead = 16;
+
+template <typename T>
+static inline void prefetch_rows(const T* wp, int64_t out, int64_t o0, int64_t n, const int32_t* idx, int64_t k,
+                                 int64_t k1, int count) {
+  for (int j = 0; j < count && k + j < k1; ++j) {
+    const char* p = reinterpret_cast<const char*>(wp + (int64_t)idx[k + j] * out + o0);
+    for (int64_t b = 0; b < n * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  }
+}
+
 // yb[0:n] += sum over kept rows k in [k0, k1) of val[k] * wt[idx[k], o0 : o0 + n]
 template <typename T>
 static inline void accumulate(float* yb, const T* wp, int64_t out, int64_t o0, int64_t n,
                               const int32_t* idx, const float* val, int64_t k0, int64_t k1) {
   const int64_t nv = n & ~int64_t(7);
+  const bool prefetch = n * (int64_t)sizeof(T) <= kPrefetchBytes;
   int64_t k = k0;
   // four kept rows per sweep: a quarter of the y loads/stores of one-row-at-a-time
   for (; k + 3 < k1; k += 4) {
+    if (prefetch) prefetch_rows(wp, out, o0, n, idx, k + kPrefetchAhead, k1, 4);
     const T* w0 = wp + (int64_t)idx[k] * out + o0;
     const T* w1 = wp + (int64_t)idx[k + 1] * out + o0;
     const T* w2 = wp + (int64_t)idx[k + 2] * out + o0;
@@ -189,8 +206,10 @@ static inline void accumulate_banded(float* yb, const at::Half* wp, int64_t out,
                                      const int32_t* idx, const float* val, const int16_t* floor, int64_t k0,
                                      int64_t k1) {
   const at::Half* w[8];
+  const bool prefetch = n * 2 <= kPrefetchBytes;
   int64_t k = k0;
   for (; k + 7 < k1; k += 8) {
+    if (prefetch) prefetch_rows(wp, out, o0, n, idx, k + kPrefetchAhead, k1, 8);
     for (int j = 0; j < 8; ++j) w[j] = wp + (int64_t)idx[k + j] * out + o0;
     banded_rows<8>(yb, w, val + k, floor + k, n);
   }
@@ -636,7 +655,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v13", cpp_sources=[_CPP],
+        ext = load_inline(name="sparsefx_tiered_gemv_v14", cpp_sources=[_CPP],
                           functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv", "banded_gemv"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
