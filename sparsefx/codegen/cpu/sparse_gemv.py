@@ -60,6 +60,7 @@ static inline void accumulate(float* yb, const T* wp, int64_t out, int64_t o0, i
   const int64_t nv = n & ~int64_t(7);
   const bool prefetch = n * (int64_t)sizeof(T) <= kPrefetchBytes;
   int64_t k = k0;
+  if (prefetch) prefetch_rows(wp, out, o0, n, idx, k0, k1, (int)kPrefetchAhead);   // the first rows too
   // four kept rows per sweep: a quarter of the y loads/stores of one-row-at-a-time
   for (; k + 3 < k1; k += 4) {
     if (prefetch) prefetch_rows(wp, out, o0, n, idx, k + kPrefetchAhead, k1, 4);
@@ -208,6 +209,7 @@ static inline void accumulate_banded(float* yb, const at::Half* wp, int64_t out,
   const at::Half* w[8];
   const bool prefetch = n * 2 <= kPrefetchBytes;
   int64_t k = k0;
+  if (prefetch) prefetch_rows(wp, out, o0, n, idx, k0, k1, (int)kPrefetchAhead);   // the first rows too
   for (; k + 7 < k1; k += 8) {
     if (prefetch) prefetch_rows(wp, out, o0, n, idx, k + kPrefetchAhead, k1, 8);
     for (int j = 0; j < 8; ++j) w[j] = wp + (int64_t)idx[k + j] * out + o0;
@@ -655,7 +657,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v14", cpp_sources=[_CPP],
+        ext = load_inline(name="sparsefx_tiered_gemv_v15", cpp_sources=[_CPP],
                           functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv", "banded_gemv"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
