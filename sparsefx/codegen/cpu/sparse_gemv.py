@@ -14,8 +14,11 @@ in fp32 or fp16 (``daws.medium_dtype: float16``: half the bytes per medium row, 
 default medium weight sparsity of 50 % that is the byte count of the kept weights). ``tiered_gemv_packed`` reads the
 medium tier bitmask-packed instead (``pack_medium``: each row's non-zeros plus one bit per weight), expanding eight
 columns per mask byte with a lookup table and a permute; on this AVX2 CPU that expansion costs more than the bytes
-it saves (``bench/kernel_daws_gemv.py``), so dense fp16 rows stay the default.
-``tiered_gemv_reference`` is the pure-torch reference and fallback.
+it saves (``bench/kernel_daws_gemv.py``), so dense fp16 rows stay the default. ``multitier_gemv`` routes over several
+medium tiers, each its own matrix; ``banded_gemv`` reads the banded layout (``ir/bandformat.py``: every tier in one
+fp16 matrix, each weight's band in its low mantissa bits), all kept rows from one stream, zeroing the weights whose
+band is below their row's tier. Rows of at most 2 KiB are prefetched by hand ahead of use.
+``tiered_gemv_reference`` (and its siblings) are the pure-torch references and fallbacks.
 """
 
 from __future__ import annotations
