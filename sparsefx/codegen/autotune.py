@@ -135,24 +135,28 @@ def store(results: list[dict], device: torch.device | str, path: Path | None = N
 
 def model_shapes(model: torch.nn.Module) -> dict[str, set]:
     """The kernel shapes a model needs, by kernel: ``tiered_gemv`` ``(in, out)`` for its linears (every
-    ``nn.Linear`` or ``TieredLinear``), ``quant_matmul`` ``(1, in, out, bits)`` for its quantized linears (tuned
-    as ``quant_gemv`` ``(in, out, bits)`` where the GEMV kernel takes them).
+    ``nn.Linear`` or DAWS linear: the CPU decode step reads the tiered GEMV's tuning for all of them),
+    ``banded_gemv`` ``(in, out)`` for its banded DAWS linears, ``quant_matmul`` ``(1, in, out, bits)`` for its
+    quantized linears (tuned as ``quant_gemv`` ``(in, out, bits)`` where the GEMV kernel takes them).
 
     Example:
         >>> model_shapes(tiny_model("llama"))["tiered_gemv"]  # doctest: +SKIP
         {(64, 64), (64, 96), (96, 64), (64, 32)}
     """
-    from .eager import LowRankQuantLinear, QuantLinear, TieredLinear
+    from .eager import BandedLinear, LowRankQuantLinear, MultiTierLinear, QuantLinear, TieredLinear
 
-    shapes: dict[str, set] = {"tiered_gemv": set(), "quant_matmul": set()}
+    shapes: dict[str, set] = {"tiered_gemv": set(), "banded_gemv": set(), "quant_matmul": set()}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             shapes["quant_matmul"].add((1, m.in_features, m.out_features, m.spec.bits))
         elif isinstance(m, LowRankQuantLinear):
             if m.attrs.get("bits") and m.lq_packed is not None:
                 shapes["quant_matmul"].add((1, m.in_features, m.out_features, int(m.attrs["bits"])))
-        elif isinstance(m, (torch.nn.Linear, TieredLinear)) and not name.endswith("lm_head"):
+        elif isinstance(m, (torch.nn.Linear, TieredLinear, MultiTierLinear, BandedLinear)) and \
+                not name.endswith("lm_head"):
             shapes["tiered_gemv"].add((m.in_features, m.out_features))
+            if isinstance(m, BandedLinear):
+                shapes["banded_gemv"].add((m.in_features, m.out_features))
     return shapes
 
 
@@ -204,10 +208,31 @@ def _tiered_inputs(k: int, n: int, sparsity: float, device, dtype):
     return x.to(device, dtype), w.t().contiguous().to(device, dtype), t
 
 
+# Routing the banded GEMV is tuned at (its launcher's key has no sparsity bin): the share of channels in the full
+# tier and the three medium tiers, the rest dropped — about what daws-50-mt3 gives (bench/kernel_multitier_gemv.py).
+BANDED_TIER_SHARES = (0.03, 0.44, 0.22, 0.12)
+
+
+def _banded_inputs(k: int, n: int, device, dtype):
+    """A decode input routed into ``BANDED_TIER_SHARES``, a banded matrix (3 medium tiers) and the thresholds."""
+    from ..ir.bandformat import pack_bands
+
+    g = torch.Generator().manual_seed(k * 37 + n)
+    x = torch.randn(k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    cuts = [float(w.abs().flatten().kthvalue(max(1, int(q * w.numel()))).values) for q in (0.25, 0.5, 0.75)]
+    above, thresholds = 0.0, []
+    for share in BANDED_TIER_SHARES:
+        above += share
+        thresholds.append(float(x.abs().quantile(1.0 - above)))
+    return x.to(device, dtype), pack_bands(w, cuts).t().contiguous().to(device), thresholds
+
+
 def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 50, max_configs: int | None = None,
                 dtype=torch.float16, progress=None) -> list[dict]:
     """Time every config of the Triton kernels on each shape (and sparsity bin) with cold weights (``graph_us``);
     return the best per key."""
+    from .triton import banded as tb
     from .triton import quant as tq
     from .triton import tiered as tt
 
@@ -227,6 +252,19 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
                             "us": round(best[1], 2), "dense_us": round(dense, 2)})
             if progress:
                 progress(results[-1])
+    for k, n in sorted(shapes.get("banded_gemv", ())):
+        x, wt, ts = _banded_inputs(k, n, device, dtype)
+        wts = cold_copies_of(wt, wt.numel() * wt.element_size(), cuda)
+        best = None
+        for cfg in [c for c in tt.gemv_configs() if not c.get("GATHER")][:max_configs]:
+            us = time_us([lambda w=w: tb.banded_gemv(x, w, ts, config=cfg) for w in wts], reps, cuda)
+            if best is None or us < best[1]:
+                best = (cfg, us)
+        dense = time_us([lambda w=w: w.t() @ x.to(w.dtype) for w in wts], reps, cuda)   # the same fp16 bytes, dense
+        results.append({"kernel": "banded_gemv", "shape": (k, n), "sparsity": None, "config": best[0],
+                        "us": round(best[1], 2), "dense_us": round(dense, 2)})
+        if progress:
+            progress(results[-1])
     for m, k, n, bits in sorted(shapes.get("quant_matmul", ())):
         from ..ir.qformat import QuantSpec
         from ..passes.quant import quantize_rtn

@@ -77,6 +77,35 @@ def test_cli_tunes_the_triton_kernels_and_launchers_read_the_result(tmp_path, ca
     torch.testing.assert_close(tiered_gemv(x, w.t(), None, 0.0, 0.0), w @ x, rtol=1e-5, atol=1e-4)
 
 
+def test_cli_tunes_the_banded_triton_gemv_and_its_launcher_reads_the_result(tmp_path, cache, capsys):
+    pytest.importorskip("triton")
+    from sparsefx.codegen.triton.banded import banded_gemv
+    from sparsefx.codegen.triton.tiered import gemv_configs
+    from sparsefx.ir.bandformat import pack_bands
+    from sparsefx.ir.ops import banded_linear_reference
+
+    model = tiny_model("llama")
+    recipe = Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], "
+                              "layout: banded}]")
+    result = compress(model, recipe, calibration=torch.randint(0, 256, (8, 32)), progress=False)
+    art = save_artifact(tmp_path / "banded", model, None, recipe, result.report_dict())
+    shapes = autotune.model_shapes(model)["banded_gemv"]
+    assert shapes == autotune.model_shapes(model)["tiered_gemv"] and len(shapes) == 4
+    assert main(["autotune", str(art), "--kernels", "triton", "--max-configs", "2", "--reps", "1",
+                 "--cache", str(cache)]) == 0
+    assert "banded_gemv" in capsys.readouterr().out
+    autotune.reload()
+    plain = [c for c in gemv_configs() if not c.get("GATHER")][:2]
+    for shape in shapes:
+        assert autotune.lookup("banded_gemv", "cpu", shape) in plain
+    # the launcher runs with the stored config and still computes the right thing
+    k, n = sorted(shapes)[0]
+    banded = pack_bands(torch.randn(n, k), [0.5, 1.0, 1.5])
+    x, ts = torch.randn(k), [1.5, 0.8, 0.5, 0.2]
+    torch.testing.assert_close(banded_gemv(x, banded.t(), ts), banded_linear_reference(x, banded, None, ts),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_cli_tunes_the_cpu_kernel_and_a_losing_shape_keeps_the_dense_path(tmp_path, cache, capsys):
     from sparsefx.codegen.cpu import prepare_cpu_decode
     from sparsefx.codegen.cpu.sparse_gemv import _extension

@@ -8,7 +8,8 @@ column whose band is >= k, and dropped channels (below the last threshold) nothi
 Decode (one token): the GEMV reads ``Wt`` (the banded matrix transposed, ``[in, out]``; strides are passed) with
 the rows of dropped channels masked out of the load, so they are never fetched, and zeroes the loaded weights whose
 band is below their row's tier — one fp16 stream for every tier. The grid and its K split are those of the tiered
-GEMV (``tiered.default_gemv_config``; fp32 partial sums added with fp32 atomics). Batch > 1 runs the op's default
+GEMV (``tiered.default_gemv_config``, or what ``sparsefx autotune`` stored for ``banded_gemv`` and the shape; fp32
+partial sums added with fp32 atomics). Batch > 1 runs the op's default
 math (one masked GEMM per tier); a union-of-kept-channels GEMM like ``tiered_gemm`` is not written for this layout.
 """
 
