@@ -8,7 +8,10 @@ Decode shapes (batch 1) of DEVELOPERS.md, weights in bf16 (tiered) or packed cod
   * dequant GEMV at 4 and 3 bits (group 128, asymmetric): the general kernel (``qmm``, element-wise dequantization)
     and, at 4 bits, the GEMV kernel (``quant_gemv``, byte loads split in registers); DAM's whole linear (rank-64
     4-bit factors: projection launch + main product with the low-rank epilogue);
-  * N:M (2:4, 4:8) matmul over values + uint8 in-group indices (a magnitude mask of the same weight).
+  * N:M (2:4, 4:8) matmul over values + uint8 in-group indices (a magnitude mask of the same weight);
+  * banded DAWS GEMV (``daws.layout: banded``: every tier in one fp16 matrix) at the routing ``sparsefx autotune``
+    tunes it at (``autotune.BANDED_TIER_SHARES``: 81 % of rows read, about 50 % effective sparsity with three medium
+    tiers at 25/50/75 %), and with every threshold zero (``all rows``: a dense GEMV over the same fp16 bytes).
 Every row is against the best dense bf16 path of the same run (``F.linear`` on ``[in]`` and on ``[1, in]``, the
 faster). Times are GPU time per call (``autotune.graph_us``): the calls of a variant run over enough copies of its
 weights to overflow L2 (weights come from HBM, as in decode) and are captured in a CUDA graph, so Python's launch
@@ -56,7 +59,8 @@ def main() -> None:
     ap.add_argument("--cached", action="store_true", help="time tuned configs from the autotune cache as it is")
     ap.add_argument("--tune-bits", type=int, nargs="*", default=[4, 3],
                     help="bit widths of the quantized kernels to tune (others keep what the autotune cache has)")
-    ap.add_argument("--kernels", nargs="+", choices=["tiered", "quant", "nm"], default=["tiered", "quant", "nm"],
+    ap.add_argument("--kernels", nargs="+", choices=["tiered", "quant", "nm", "banded"],
+                    default=["tiered", "quant", "nm", "banded"],
                     help="which kernels to time (dense is always timed)")
     ap.add_argument("--tag", default="", help="results file: bench/results/kernel_triton_<tag>_<gpu>.csv/.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU under the Triton interpreter")
@@ -71,6 +75,7 @@ def main() -> None:
     else:
         device, shapes, max_configs = "cuda", SHAPES, None
     from sparsefx.codegen import autotune
+    from sparsefx.codegen.triton import banded as tb
     from sparsefx.codegen.triton import nm as tn
     from sparsefx.codegen.triton import quant as tq
     from sparsefx.codegen.triton import tiered as tt
@@ -78,7 +83,7 @@ def main() -> None:
     from sparsefx.passes.quant import quantize_rtn
 
     if args.tune:
-        wanted = {"tiered_gemv": {(i, o) for o, i in shapes},
+        wanted = {"tiered_gemv": {(i, o) for o, i in shapes}, "banded_gemv": {(i, o) for o, i in shapes},
                   "quant_matmul": {(1, i, o, b) for o, i in shapes for b in args.tune_bits}
                   | {(1, i, RANK, 4) for _, i in shapes if 4 in args.tune_bits}}
         found = autotune.tune_triton(wanted, device, sparsities=(0.5,), reps=args.reps, max_configs=max_configs,
@@ -146,6 +151,17 @@ def main() -> None:
                 us = bench(lambda wt, wm: tt.tiered_gemv(x, wt, wm, th, t, config=tcfg, n_out=out_f), blocked)
                 row("tiered_gemv", shape, f"daws blocked s={s:.2f}", config, us, dense_us, (1 - s) * wt.numel() * 2)
         del ws, wts, blocked
+        if "banded" in args.kernels:
+            xb, banded, ts = autotune.banded_inputs(in_f, out_f, device, torch.bfloat16)
+            kept = sum(autotune.BANDED_TIER_SHARES)
+            sets = copies(banded)
+            for config in configs:
+                bcfg = tt.default_gemv_config(in_f, out_f) if config == "heuristic" else None
+                us = bench(lambda b: tb.banded_gemv(xb, b, ts, config=bcfg), sets)
+                row("banded_gemv", shape, "mt3 e~0.50", config, us, dense_us, kept * banded.numel() * 2)
+                us = bench(lambda b: tb.banded_gemv(xb, b, [0.0] * len(ts), config=bcfg), sets)
+                row("banded_gemv", shape, "all rows", config, us, dense_us, banded.numel() * 2)
+            del sets
         for n_keep, m_group in ((2, 4), (4, 8)) if "nm" in args.kernels else []:
             # magnitude N:M mask (keep the n largest of every m inputs), packed as values + uint8 in-group indices
             groups = w.reshape(out_f, -1, m_group)

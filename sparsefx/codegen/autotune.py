@@ -213,8 +213,16 @@ def _tiered_inputs(k: int, n: int, sparsity: float, device, dtype):
 BANDED_TIER_SHARES = (0.03, 0.44, 0.22, 0.12)
 
 
-def _banded_inputs(k: int, n: int, device, dtype):
-    """A decode input routed into ``BANDED_TIER_SHARES``, a banded matrix (3 medium tiers) and the thresholds."""
+def banded_inputs(k: int, n: int, device, dtype):
+    """A decode input ``x: [k]`` routed into ``BANDED_TIER_SHARES``, a banded ``[k, n]`` matrix (``W.T`` with
+    three medium tiers at 25/50/75 %) and the thresholds — what ``tune_triton`` and ``bench/kernel_triton.py``
+    time the banded GEMV on.
+
+    Example:
+        >>> x, wt, ts = banded_inputs(64, 32, "cpu", torch.float32)
+        >>> wt.shape, len(ts)
+        (torch.Size([64, 32]), 4)
+    """
     from ..ir.bandformat import pack_bands
 
     g = torch.Generator().manual_seed(k * 37 + n)
@@ -253,7 +261,7 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
             if progress:
                 progress(results[-1])
     for k, n in sorted(shapes.get("banded_gemv", ())):
-        x, wt, ts = _banded_inputs(k, n, device, dtype)
+        x, wt, ts = banded_inputs(k, n, device, dtype)
         wts = cold_copies_of(wt, wt.numel() * wt.element_size(), cuda)
         best = None
         for cfg in [c for c in tt.gemv_configs() if not c.get("GATHER")][:max_configs]:
@@ -328,5 +336,5 @@ def tune_cpu(shapes: dict[str, set], sparsities=(0.25, 0.4, 0.5, 0.6, 0.75), rep
     return results
 
 
-__all__ = ["SPARSITY_BINS", "cache_path", "cold_copies_of", "device_name", "graph_us", "lookup", "model_shapes",
+__all__ = ["BANDED_TIER_SHARES", "SPARSITY_BINS", "banded_inputs", "cache_path", "cold_copies_of", "device_name", "graph_us", "lookup", "model_shapes",
            "shape_key", "sparsity_bin", "store", "time_us", "tune_cpu", "tune_triton"]
