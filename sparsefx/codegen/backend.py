@@ -46,7 +46,8 @@ counters: collections.Counter = collections.Counter()
 
 KERNELS = ("auto", "triton", "cpu", "reference")
 # compressed op -> the Triton kernel op with the same signature (codegen/triton/*.py)
-TRITON_KERNELS = {"tiered_linear": "triton_tiered_linear", "banded_linear": "triton_banded_linear",
+TRITON_KERNELS = {"tiered_linear": "triton_tiered_linear", "multitier_linear": "triton_multitier_linear",
+                  "banded_linear": "triton_banded_linear",
                   "quant_linear": "triton_quant_linear",
                   "lowrank_quant_linear": "triton_lowrank_quant_linear", "nm_linear": "triton_nm_linear"}
 # compressed ops with a CPU kernel registered on the op itself (codegen/cpu)
@@ -278,7 +279,7 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
     lowered: collections.Counter = collections.Counter()
     cpp_ops = {}
     if family == "triton":
-        from .triton import banded, nm, quant, tiered  # noqa: F401  (registers sparsefx::triton_*)
+        from .triton import banded, multitier, nm, quant, tiered  # noqa: F401  (registers sparsefx::triton_*)
     elif family == "cpu":
         from .cpu import enable_cpu_kernels
         from .cpu.sparse_gemv import cpp_banded_linear, cpp_multitier_linear, cpp_tiered_linear

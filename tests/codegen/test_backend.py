@@ -56,7 +56,9 @@ def test_daws_model_compiles_to_kernels_and_matches_eager(kernels, expect, token
                                          "factor_group: 32}]", "lowrank_quant_linear"),
                                         ("passes: [{method: magnitude, pattern: '2:4', pack: true}]", "nm_linear"),
                                         ("passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], "
-                                         "layout: banded}]", "banded_linear")])
+                                         "layout: banded}]", "banded_linear"),
+                                        ("passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], "
+                                         "medium_dtype: float16}]", "multitier_linear")])
 def test_compressed_linears_lower_to_their_triton_kernels(recipe, op, tokens):
     pytest.importorskip("triton")
     model, _, _ = _compressed("qwen2", recipe)

@@ -2,6 +2,7 @@
 
   tiered.py   DAWS / TEAL tiered activation-sparse linear: batch-1 GEMV (reads only the kept rows of ``W.T``) and
               a batch > 1 GEMM over the union of kept channels (dense fallback when the union is large)
+  multitier.py  DAWS with several medium tiers stored apart (``multitier_linear``): GEMV, one masked load per tier
   banded.py   DAWS over the banded layout (every tier in one fp16 matrix, band in the low mantissa bits): GEMV
   quant.py    group-quantized dequant-matmul (packed 2/3/4/8-bit codes) with the fused low-rank epilogue of DAM:
               ``y = x @ deq(Q).T + ((x @ deq(B).T) * d) @ deq(A).T``
