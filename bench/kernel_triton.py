@@ -11,7 +11,8 @@ Decode shapes (batch 1) of DEVELOPERS.md, weights in bf16 (tiered) or packed cod
   * N:M (2:4, 4:8) matmul over values + uint8 in-group indices (a magnitude mask of the same weight);
   * banded DAWS GEMV (``daws.layout: banded``: every tier in one fp16 matrix) at the routing ``sparsefx autotune``
     tunes it at (``autotune.BANDED_TIER_SHARES``: 81 % of rows read, about 50 % effective sparsity with three medium
-    tiers at 25/50/75 %), and with every threshold zero (``all rows``: a dense GEMV over the same fp16 bytes).
+    tiers at 25/50/75 %), and with every threshold zero (``all rows``: a dense GEMV over the same fp16 bytes); the
+    same routing over the tiers stored apart in bf16 (``multitier_gemv``, ``layout: separate``).
 Every row is against the best dense bf16 path of the same run (``F.linear`` on ``[in]`` and on ``[1, in]``, the
 faster). Times are GPU time per call (``autotune.graph_us``): the calls of a variant run over enough copies of its
 weights to overflow L2 (weights come from HBM, as in decode) and are captured in a CUDA graph, so Python's launch
@@ -76,9 +77,11 @@ def main() -> None:
         device, shapes, max_configs = "cuda", SHAPES, None
     from sparsefx.codegen import autotune
     from sparsefx.codegen.triton import banded as tb
+    from sparsefx.codegen.triton import multitier as tmt
     from sparsefx.codegen.triton import nm as tn
     from sparsefx.codegen.triton import quant as tq
     from sparsefx.codegen.triton import tiered as tt
+    from sparsefx.ir.bandformat import tier_weight
     from sparsefx.ir.qformat import QuantSpec
     from sparsefx.passes.quant import quantize_rtn
 
@@ -155,13 +158,17 @@ def main() -> None:
             xb, banded, ts = autotune.banded_inputs(in_f, out_f, device, torch.bfloat16)
             kept = sum(autotune.BANDED_TIER_SHARES)
             sets = copies(banded)
+            # the same tiers as separate bf16 matrices (full weights + three mediums, zeros stored)
+            separate = copies(*[tier_weight(banded.t(), j, torch.bfloat16).t().contiguous() for j in range(4)])
             for config in configs:
                 bcfg = tt.default_gemv_config(in_f, out_f) if config == "heuristic" else None
                 us = bench(lambda b: tb.banded_gemv(xb, b, ts, config=bcfg), sets)
                 row("banded_gemv", shape, "mt3 e~0.50", config, us, dense_us, kept * banded.numel() * 2)
                 us = bench(lambda b: tb.banded_gemv(xb, b, [0.0] * len(ts), config=bcfg), sets)
                 row("banded_gemv", shape, "all rows", config, us, dense_us, banded.numel() * 2)
-            del sets
+                us = bench(lambda *m: tmt.multitier_gemv(xb, m[0], list(m[1:]), ts, config=bcfg), separate)
+                row("multitier_gemv", shape, "mt3 e~0.50 separate", config, us, dense_us, kept * banded.numel() * 2)
+            del sets, separate
         for n_keep, m_group in ((2, 4), (4, 8)) if "nm" in args.kernels else []:
             # magnitude N:M mask (keep the n largest of every m inputs), packed as values + uint8 in-group indices
             groups = w.reshape(out_f, -1, m_group)

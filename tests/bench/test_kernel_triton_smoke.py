@@ -19,7 +19,8 @@ def test_kernel_bench_runs_every_variant_in_smoke_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "kernel_triton_cpu_interpret.csv")))
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"dense", "tiered_gemv", "quant_matmul", "dam_fused", "nm_matmul", "banded_gemv"}
+    assert kernels == {"dense", "tiered_gemv", "quant_matmul", "dam_fused", "nm_matmul", "banded_gemv",
+                       "multitier_gemv"}
     # every variant was timed (a positive time) against the dense row of the same shape
     assert all(float(r["us"]) > 0 and float(r["dense_us"]) > 0 for r in rows)
     assert any("blocked" in r["variant"] for r in rows) and any("gemv" in r["variant"] for r in rows)
