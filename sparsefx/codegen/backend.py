@@ -282,12 +282,13 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
         from .triton import banded, multitier, nm, quant, tiered  # noqa: F401  (registers sparsefx::triton_*)
     elif family == "cpu":
         from .cpu import enable_cpu_kernels
+        from .cpu.quant_gemv import cpp_quant_linear
         from .cpu.sparse_gemv import cpp_banded_linear, cpp_multitier_linear, cpp_tiered_linear
 
         enable_cpu_kernels()
-        # the tiered ops' kernels are also registered in C++ (no Python call per linear in the compiled graph)
+        # these ops' kernels are also registered in C++ (no Python call per linear in the compiled graph)
         cpp_ops = {"tiered_linear": cpp_tiered_linear(), "multitier_linear": cpp_multitier_linear(),
-                   "banded_linear": cpp_banded_linear()}
+                   "banded_linear": cpp_banded_linear(), "quant_linear": cpp_quant_linear()}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -300,6 +301,7 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
         elif family == "cpu" and op in CPU_KERNELS:
             if cpp_ops.get(op) is not None:
                 node.target = cpp_ops[op]
+                lowered[f"cpp.{op}"] += 1  # ... through its C++-registered twin (no Python call per linear)
             lowered[f"cpu.{op}"] += 1      # the op's registered CPU kernel (or its C++ twin) runs it
         else:
             lowered[f"reference.{op}"] += 1

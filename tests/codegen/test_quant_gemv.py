@@ -115,6 +115,26 @@ def test_registered_op_kernels_take_decode_and_match_the_default_implementation(
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 5), (2, 17)])     # decode, small batch, prefill (dequant + GEMM)
+def test_cpp_registered_op_computes_the_quant_linear(bits, symmetric, lead):
+    op = qg.cpp_quant_linear()
+    assert op is not None, "the C++ extension must build on this CPU (AVX2/FMA/F16C)"
+    qw = _packed(37, 192, bits, 32 if bits != 8 else 96, symmetric, seed=bits + 10 * len(lead))
+    g = torch.Generator().manual_seed(sum(lead))
+    x, bias = torch.randn(*lead, 192, generator=g), torch.randn(37, generator=g)
+    group = qw.spec.group_size
+    for b in (bias, None):
+        ref = quant_linear_math(x, qw.packed, qw.scales, qw.zeros, b, bits, group)
+        torch.testing.assert_close(op(x, qw.packed, qw.scales, qw.zeros, b, bits, group), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="bits must be 2, 3, 4 or 8"):
+        op(x, qw.packed, qw.scales, qw.zeros, None, 5, group)
+    with pytest.raises(RuntimeError, match="features"):
+        op(x[..., :160], qw.packed, qw.scales, qw.zeros, None, bits, group)
+
+
+@needs_kernel
 @pytest.mark.parametrize("with_main", [True, False])
 @pytest.mark.parametrize("factor_bits", [4, 16])
 def test_registered_lowrank_kernel_matches_the_default_implementation(with_main, factor_bits, monkeypatch):

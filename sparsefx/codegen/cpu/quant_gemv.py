@@ -318,6 +318,77 @@ torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch:
   gemv_t_into(u.data(), M, r, at_packed, at_scales, at_zeros, fbits, fgs, yp, out);
   return y;
 }
+
+// w[o0:o1, :] = deq(W) rows as fp32: (q - zero) * scale, sixteen codes at a time (the op's default math, in C++).
+template <int BITS>
+static void dequant_rows(const uint8_t* packed, const at::Half* scales, const uint8_t* zeros, float zero_sym,
+                         int64_t out, int64_t in, int64_t gs, float* w, int64_t o0, int64_t o1) {
+  const int64_t groups = in / gs, row_bytes = in * BITS / 8, group_bytes = gs * BITS / 8;
+  const uint8_t* safe_end = packed + out * row_bytes - 4;
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 vs = _mm256_set1_ps(_cvtsh_ss(scales[o * groups + g].x));
+      const __m256 vz = _mm256_set1_ps(zeros ? (float)zeros[o * groups + g] : zero_sym);
+      const uint8_t* p = packed + o * row_bytes + g * group_bytes;
+      float* wo = w + o * in + g * gs;
+      for (int64_t j = 0; j < gs; j += 16, p += 2 * BITS) {
+        __m256 q0, q1;
+        codes16<BITS>(p, p + 2 * BITS - 1 > safe_end, q0, q1);
+        _mm256_storeu_ps(wo + j, _mm256_mul_ps(_mm256_sub_ps(q0, vz), vs));
+        _mm256_storeu_ps(wo + j + 8, _mm256_mul_ps(_mm256_sub_ps(q1, vz), vs));
+      }
+    }
+}
+
+// sparsefx_cpu::quant_linear: sparsefx::quant_linear with its CPU kernel, registered in C++ so that a compiled graph
+// reaches it without a Python call per linear. Up to MAX_ROWS fp32 rows: quant_matmul from the packed codes; more
+// rows (prefill) or other dtypes: dequantize once (dequant_rows), then one GEMM — what the op's default math does.
+static constexpr int64_t kMaxRows = MAX_ROWS_VALUE;
+
+torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& packed_, const torch::Tensor& scales_,
+                               const std::optional<torch::Tensor>& zeros_, const std::optional<torch::Tensor>& bias,
+                               int64_t bits, int64_t gs) {
+  const auto packed = packed_.contiguous(), scales = scales_.contiguous();
+  const auto zeros = zeros_.has_value() ? zeros_->contiguous() : torch::empty({0}, packed.options());
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "quant_linear: bits must be 2, 3, 4 or 8, got ", bits);
+  const int64_t out = packed.size(0), in = packed.size(1) * 8 / bits;
+  check_packed(packed, scales, zeros, bits, gs, in);
+  TORCH_CHECK(x.size(-1) == in, "quant_linear: x has ", x.size(-1), " features, the packed weight ", in);
+  const int64_t M = x.numel() / in;
+  torch::Tensor y;
+  if (x.scalar_type() == torch::kFloat && M > 0 && M <= kMaxRows) {
+    y = quant_matmul(x.reshape({M, in}).contiguous(), packed, scales, zeros, bits, gs);
+  } else {
+    auto w = torch::empty({out, in}, x.options().dtype(torch::kFloat));
+    const uint8_t* pp = packed.data_ptr<uint8_t>();
+    const at::Half* scp = scales.data_ptr<at::Half>();
+    const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
+    const float zsym = (float)(1 << (bits - 1));
+    float* wp = w.data_ptr<float>();
+    at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
+      switch (bits) {
+        case 2: dequant_rows<2>(pp, scp, zp, zsym, out, in, gs, wp, o0, o1); break;
+        case 3: dequant_rows<3>(pp, scp, zp, zsym, out, in, gs, wp, o0, o1); break;
+        case 4: dequant_rows<4>(pp, scp, zp, zsym, out, in, gs, wp, o0, o1); break;
+        default: dequant_rows<8>(pp, scp, zp, zsym, out, in, gs, wp, o0, o1); break;
+      }
+    });
+    y = at::linear(x.reshape({M, in}), w.to(x.scalar_type()));
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  y = y.reshape(sizes);
+  return bias.has_value() ? y + *bias : y;
+}
+
+TORCH_LIBRARY_FRAGMENT(sparsefx_cpu, m) {
+  m.def("quant_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int bits, int group_size) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) {
+  m.impl("quant_linear", &quant_linear_cpu);
+}
 """
 
 
@@ -351,11 +422,26 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="sparsefx_quant_gemv_v5", cpp_sources=[_CPP], functions=["quant_matmul", "quant_gemv_t", "lowrank_quant_matmul"],
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+        ext = load_inline(name="sparsefx_quant_gemv_v6", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
+                          functions=["quant_matmul", "quant_gemv_t", "lowrank_quant_matmul"],
+                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+
+        @torch.library.register_fake("sparsefx_cpu::quant_linear")
+        def _(x, packed, scales, zeros, bias, bits, group_size):
+            return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+        return ext
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
         log.warning("quant_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
         return None
+
+
+def cpp_quant_linear():
+    """The C++-registered op ``sparsefx_cpu::quant_linear`` (same signature as ``sparsefx::quant_linear``), or None
+    where the extension cannot run (no AVX2/FMA/F16C, no compiler)."""
+    if not cpu_supports_kernel() or _extension() is None:
+        return None
+    return torch.ops.sparsefx_cpu.quant_linear.default
 
 
 def takes_input(x: torch.Tensor) -> bool:
