@@ -17,7 +17,8 @@ output are split between threads. For DAM's low-rank part, ``quant_gemv_t`` accu
 
 Both take up to ``MAX_ROWS`` rows of fp32 ``x`` (decode, small batches); prefill GEMMs are compute-bound and stay on
 dequantize + MKL (``ir.ops.quant_linear_math``). ``quant_matmul_reference`` / ``quant_gemv_t_reference`` are the
-pure-torch references.
+pure-torch references. ``sparsefx_cpu::quant_linear`` (``cpp_quant_linear``) is the op with this kernel registered
+in C++ — decode from the packed codes, prefill dequantized in C++ then one GEMM — for compiled graphs.
 """
 
 from __future__ import annotations
