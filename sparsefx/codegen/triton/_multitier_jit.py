@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._tile_jit import write
+from ._tile_jit import gemv_program, routed_inputs, write
 
 
 @triton.jit
@@ -20,21 +20,9 @@ def gemv(x_ptr, wt_ptr, m1_ptr, m2_ptr, m3_ptr, y_ptr, K, N, t0, t1, t2, t3, sw_
     # y[n] (+)= sum over this program's k of x[k] * (the matrix of x[k]'s tier)[k, n]; one program = BLOCK_N outputs
     # x k_chunk inputs. Tier 0 reads Wt, tier j the j-th medium; the tiers are exclusive, so each kept row is fetched
     # once, from its own matrix (which may differ in dtype: fp32 weights beside fp16 mediums).
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    k_begin = tl.program_id(1) * k_chunk
+    n, n_ok, acc, k_begin = gemv_program(N, k_chunk, BLOCK_N)
     for k0 in range(k_begin, k_begin + k_chunk, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = (k < K) & (k < k_begin + k_chunk)
-        x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        a = tl.abs(x)
-        # the tier: how many (descending) thresholds |x| stays below — 0: full weights ... N_T: dropped
-        tier = (a < t0).to(tl.int32) + (a < t1).to(tl.int32)
-        if N_T > 2:
-            tier += (a < t2).to(tl.int32)
-        if N_T > 3:
-            tier += (a < t3).to(tl.int32)
+        k, k_ok, x, tier = routed_inputs(x_ptr, k0, k_begin, k_chunk, K, t0, t1, t2, t3, N_T, BLOCK_K)
         acc = tier_product(acc, wt_ptr, sw_k, sw_n, k, n, n_ok, x, k_ok & (tier == 0))
         acc = tier_product(acc, m1_ptr, s1_k, s1_n, k, n, n_ok, x, k_ok & (tier == 1))
         if N_T > 2:
