@@ -81,17 +81,34 @@ def multitier_linear(x: torch.Tensor, weight: torch.Tensor, mediums: list[torch.
     return multitier_linear_math(x, weight, mediums, bias, thresholds)
 
 
-def multitier_linear_math(x, weight, mediums, bias, thresholds):
-    """The op's default implementation: one masked GEMM per non-empty tier (any device, any batch)."""
+def tier_gemms(x, thresholds, weight_of, bias=None):
+    """The default math of the tiered ops: one masked GEMM per non-empty tier, tier 0 taking ``|x| >= thresholds[0]``
+    and tier k ``thresholds[k] <= |x| < thresholds[k - 1]``, each with its weight ``weight_of(k)`` (called only
+    for tiers that hold some element's range)."""
     a = x.abs()
     upper = a >= thresholds[0]
-    y = F.linear(torch.where(upper, x, 0.0), weight)
-    for wm, t, t_above in zip(mediums, thresholds[1:], thresholds):
-        if t < t_above:
-            here = a >= t
-            y = y + F.linear(torch.where(here & ~upper, x, 0.0), wm.to(x.dtype))
+    y = F.linear(torch.where(upper, x, 0.0), weight_of(0))
+    for k in range(1, len(thresholds)):
+        if thresholds[k] < thresholds[k - 1]:
+            here = a >= thresholds[k]
+            y = y + F.linear(torch.where(here & ~upper, x, 0.0), weight_of(k))
             upper = here
     return y if bias is None else y + bias
+
+
+def tier_reference(x, thresholds, weight_of, bias=None):
+    """The tiered ops' semantics as plain torch (what kernels are checked against): the tier of each element by
+    counting the thresholds it reaches, then one product per tier with its weight ``weight_of(k)``."""
+    a = x.abs()
+    n = len(thresholds)
+    reached = sum((a >= t).long() for t in thresholds)        # n: tier 0 (full weights) ... 0: dropped
+    y = sum((x * (reached == n - k)) @ weight_of(k).T for k in range(n))
+    return y if bias is None else y + bias
+
+
+def multitier_linear_math(x, weight, mediums, bias, thresholds):
+    """The op's default implementation: one masked GEMM per non-empty tier (any device, any batch)."""
+    return tier_gemms(x, thresholds, lambda k: weight if k == 0 else mediums[k - 1].to(x.dtype), bias)
 
 
 def check_multitier_args(x, weight, mediums, thresholds):
@@ -111,15 +128,8 @@ def _(x, weight, mediums, bias, thresholds):
 
 
 def multitier_linear_reference(x, weight, mediums, bias, thresholds):
-    """The op's semantics as plain torch (what kernels are checked against): the tier of each element by counting
-    the thresholds it reaches."""
-    a = x.abs()
-    reached = sum((a >= t).long() for t in thresholds)        # len(thresholds): high ... 0: dropped
-    n = len(thresholds)
-    y = (x * (reached == n)) @ weight.T
-    for k, wm in enumerate(mediums):
-        y = y + (x * (reached == n - 1 - k)) @ wm.to(x.dtype).T
-    return y if bias is None else y + bias
+    """The op's semantics as plain torch (``tier_reference``)."""
+    return tier_reference(x, thresholds, lambda k: weight if k == 0 else mediums[k - 1].to(x.dtype), bias)
 
 
 @torch.library.custom_op("sparsefx::banded_linear", mutates_args=())
@@ -149,15 +159,7 @@ def banded_linear_math(x, weight, bias, thresholds):
     """The op's default implementation: one masked GEMM per non-empty tier (any device, any batch)."""
     from .bandformat import tier_weight
 
-    a = x.abs()
-    upper = a >= thresholds[0]
-    y = F.linear(torch.where(upper, x, 0.0), weight.to(x.dtype))
-    for k in range(1, len(thresholds)):
-        if thresholds[k] < thresholds[k - 1]:
-            here = a >= thresholds[k]
-            y = y + F.linear(torch.where(here & ~upper, x, 0.0), tier_weight(weight, k, x.dtype))
-            upper = here
-    return y if bias is None else y + bias
+    return tier_gemms(x, thresholds, lambda k: tier_weight(weight, k, x.dtype), bias)
 
 
 def check_banded_args(x, weight, thresholds):
@@ -179,17 +181,10 @@ def _(x, weight, bias, thresholds):
 
 
 def banded_linear_reference(x, weight, bias, thresholds):
-    """The op's semantics as plain torch: the tier of each element by counting the thresholds it reaches, the
-    weights of tier k by comparing bands."""
+    """The op's semantics as plain torch (``tier_reference``), the weights of tier k by comparing bands."""
     from .bandformat import tier_weight
 
-    a = x.abs()
-    reached = sum((a >= t).long() for t in thresholds)        # len(thresholds): full ... 0: dropped
-    n = len(thresholds)
-    y = x.new_zeros((*x.shape[:-1], weight.shape[0]))
-    for k in range(n):
-        y = y + (x * (reached == n - k)) @ tier_weight(weight, k, x.dtype).T
-    return y if bias is None else y + bias
+    return tier_reference(x, thresholds, lambda k: tier_weight(weight, k, x.dtype), bias)
 
 
 @torch.library.custom_op("sparsefx::sparse_lowrank_linear", mutates_args=())

@@ -164,7 +164,7 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
         210
     """
     from ..eager import BandedLinear, LowRankQuantLinear, MultiTierLinear, QuantLinear, TieredLinear
-    from .sparse_gemv import _extension, cpu_supports_kernel, kernel_available, pack_medium as pack
+    from .sparse_gemv import _extension, extension_runs, kernel_available, pack_medium as pack
 
     enable_cpu_kernels()
     count = 0
@@ -198,8 +198,7 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
             count += 1
         elif isinstance(module, BandedLinear):
             module.weight_banded = _transposed_storage(module.weight_banded)
-            on_cpu = module.weight_banded.device.type == "cpu"
-            if on_cpu and cpu_supports_kernel() and _extension() is not None and _kernel_pays(module):
+            if extension_runs(module.weight_banded) and _kernel_pays(module):
                 module.decode_kernel = _extension().banded_gemv
             count += 1
     return count

@@ -428,21 +428,27 @@ static bool takes_decode(const torch::Tensor& x, const torch::Tensor& weight, do
          weight.scalar_type() == torch::kFloat && rows_are_channels(weight);
 }
 
-// The ops' default math, for everything the decode kernels do not take: one masked GEMM per non-empty tier
-// (tier 0: |x| >= thresholds[0] with weight; tier k + 1: thresholds[k + 1] <= |x| < thresholds[k] with mediums[k]).
-static torch::Tensor multitier_math(const torch::Tensor& x, const torch::Tensor& weight, at::TensorList mediums,
-                                    at::ArrayRef<double> thresholds) {
+// The ops' default math, for everything the decode kernels do not take: one masked GEMM per non-empty tier (tier 0:
+// |x| >= thresholds[0]; tier k: thresholds[k] <= |x| < thresholds[k - 1]), tier k's weight being weight_of(k).
+template <typename WeightOf>
+static torch::Tensor tier_gemms(const torch::Tensor& x, at::ArrayRef<double> thresholds, WeightOf weight_of) {
   const auto a = x.abs();
   const auto zero = at::zeros({}, x.options());
   auto upper = a >= thresholds[0];
-  auto y = at::linear(at::where(upper, x, zero), weight);
-  for (size_t k = 0; k < mediums.size(); ++k) {
-    if (!(thresholds[k + 1] < thresholds[k])) continue;
-    const auto here = a >= thresholds[k + 1];
-    y = y + at::linear(at::where(here.logical_and(upper.logical_not()), x, zero), mediums[k].to(x.scalar_type()));
+  auto y = at::linear(at::where(upper, x, zero), weight_of(0));
+  for (size_t k = 1; k < thresholds.size(); ++k) {
+    if (!(thresholds[k] < thresholds[k - 1])) continue;
+    const auto here = a >= thresholds[k];
+    y = y + at::linear(at::where(here.logical_and(upper.logical_not()), x, zero), weight_of(k));
     upper = here;
   }
   return y;
+}
+
+// multitier_linear's: the full weights, then mediums[k - 1] for tier k
+static torch::Tensor multitier_math(const torch::Tensor& x, const torch::Tensor& weight, at::TensorList mediums,
+                                    at::ArrayRef<double> thresholds) {
+  return tier_gemms(x, thresholds, [&](size_t k) { return k == 0 ? weight : mediums[k - 1].to(x.scalar_type()); });
 }
 
 static torch::Tensor tiered_math(const torch::Tensor& x, const torch::Tensor& weight,
@@ -509,23 +515,14 @@ torch::Tensor multitier_linear_cpu(const torch::Tensor& x, const torch::Tensor& 
   return bias.has_value() ? y + *bias : y;
 }
 
-// The default math of sparsefx::banded_linear: one masked GEMM per non-empty tier, tier k's weights being those
-// with band >= k.
+// banded_linear's default math (tier_gemms): tier k's weights are those with band >= k.
 static torch::Tensor banded_math(const torch::Tensor& x, const torch::Tensor& weight, at::ArrayRef<double> thresholds) {
-  const auto a = x.abs();
-  const auto zero = at::zeros({}, x.options());
   const auto values = weight.to(x.scalar_type());
   const auto bands = weight.view(torch::kShort).bitwise_and(3);
-  auto upper = a >= thresholds[0];
-  auto y = at::linear(at::where(upper, x, zero), values);
-  for (size_t k = 1; k < thresholds.size(); ++k) {
-    if (!(thresholds[k] < thresholds[k - 1])) continue;
-    const auto here = a >= thresholds[k];
-    y = y + at::linear(at::where(here.logical_and(upper.logical_not()), x, zero),
-                       at::where(bands >= (int64_t)k, values, zero));
-    upper = here;
-  }
-  return y;
+  const auto zero = at::zeros({}, values.options());
+  return tier_gemms(x, thresholds, [&](size_t k) {
+    return k == 0 ? values : at::where(bands >= (int64_t)k, values, zero);
+  });
 }
 
 // sparsefx_cpu::banded_linear: sparsefx::banded_linear with its CPU kernel (one token on transposed storage:
@@ -660,7 +657,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v15", cpp_sources=[_CPP],
+        ext = load_inline(name="sparsefx_tiered_gemv_v16", cpp_sources=[_CPP],
                           functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv", "banded_gemv"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
@@ -689,37 +686,36 @@ def _register_fake() -> None:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def extension_runs(*tensors: torch.Tensor | None) -> bool:
+    """Whether the C++ extension runs here (a CPU with AVX2/FMA/F16C, the extension compiled) and every given tensor
+    lies on the CPU."""
+    return (all(t.device.type == "cpu" for t in tensors if t is not None) and cpu_supports_kernel()
+            and _extension() is not None)
+
+
 def cpp_tiered_linear():
     """The C++-registered op ``sparsefx_cpu::tiered_linear`` (same signature as ``sparsefx::tiered_linear``), or
     None where the extension cannot run (no AVX2/FMA/F16C, no compiler)."""
-    if not cpu_supports_kernel() or _extension() is None:
-        return None
-    return torch.ops.sparsefx_cpu.tiered_linear.default
+    return torch.ops.sparsefx_cpu.tiered_linear.default if extension_runs() else None
 
 
 def cpp_multitier_linear():
     """The C++-registered op ``sparsefx_cpu::multitier_linear`` (same signature as ``sparsefx::multitier_linear``),
     or None where the extension cannot run."""
-    if not cpu_supports_kernel() or _extension() is None:
-        return None
-    return torch.ops.sparsefx_cpu.multitier_linear.default
+    return torch.ops.sparsefx_cpu.multitier_linear.default if extension_runs() else None
 
 
 def cpp_banded_linear():
     """The C++-registered op ``sparsefx_cpu::banded_linear`` (same signature as ``sparsefx::banded_linear``), or None
     where the extension cannot run."""
-    if not cpu_supports_kernel() or _extension() is None:
-        return None
-    return torch.ops.sparsefx_cpu.banded_linear.default
+    return torch.ops.sparsefx_cpu.banded_linear.default if extension_runs() else None
 
 
 def cpp_tiered_linear_packed():
     """The C++-registered op ``sparsefx_cpu::tiered_linear_packed(x, weight, weight_medium, medium_mask,
     medium_values, medium_offsets, bias, t_high, t_low)``: ``tiered_linear`` whose one-token calls read the medium
     tier from its packed copy (``pack_medium``); None where the extension cannot run."""
-    if not cpu_supports_kernel() or _extension() is None:
-        return None
-    return torch.ops.sparsefx_cpu.tiered_linear_packed.default
+    return torch.ops.sparsefx_cpu.tiered_linear_packed.default if extension_runs() else None
 
 
 @functools.cache
@@ -738,8 +734,7 @@ def kernel_available(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None
     the extension compiled)."""
     dtypes_ok = (x.dtype == wt.dtype == torch.float32
                  and (wmt is None or wmt.dtype in (torch.float32, torch.float16)))
-    return (dtypes_ok and all(t.device.type == "cpu" for t in (x, wt, wmt) if t is not None) and cpu_supports_kernel()
-            and _extension() is not None)
+    return dtypes_ok and extension_runs(x, wt, wmt)
 
 
 def tiered_gemv(x: torch.Tensor, wt: torch.Tensor, wmt: torch.Tensor | None, t_high: float,
@@ -813,8 +808,7 @@ def banded_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: list[float]) -> t
             or not 2 <= len(thresholds) <= MAX_MEDIUMS + 1):
         raise ValueError(f"banded_gemv expects x: [in], wt: fp16 [in, out] and 2 to {MAX_MEDIUMS + 1} thresholds; got "
                          f"{tuple(x.shape)}, {wt.dtype} {tuple(wt.shape)} and {len(thresholds)} thresholds")
-    if not (x.dtype == torch.float32 and x.device.type == wt.device.type == "cpu" and cpu_supports_kernel()
-            and _extension() is not None):
+    if not (x.dtype == torch.float32 and extension_runs(x, wt)):
         return banded_gemv_reference(x, wt, thresholds)
     return _extension().banded_gemv(x.contiguous(), wt.contiguous(), [float(t) for t in thresholds])
 

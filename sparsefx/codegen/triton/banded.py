@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import check_device, k_chunks, output_buffer
-from .tiered import _config, default_gemv_config
+from . import check_device
+from .tiered import launch_routed_gemv
 
 
 def banded_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: list[float], config: dict | None = None,
@@ -42,15 +42,8 @@ def banded_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: list[float], conf
     if not 2 <= len(thresholds) <= MAX_MEDIUMS + 1:
         raise ValueError(f"banded_gemv: expected 2 to {MAX_MEDIUMS + 1} thresholds, got {len(thresholds)}")
     k, n = wt.shape
-    cfg = _config("banded_gemv", (k, n), default_gemv_config(k, n), x.device, config)
-    k_chunk, split = k_chunks(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
-    y = output_buffer(out, (n,), x.device, zero=split > 1)
-    ts = [float(t) for t in thresholds] + [0.0] * (MAX_MEDIUMS + 1 - len(thresholds))
-    grid = (-(-n // cfg["BLOCK_N"]), split)
-    _banded_jit.gemv[grid](x.contiguous(), wt, y, k, n, *ts, wt.stride(0), wt.stride(1), k_chunk,
-                           N_T=len(thresholds), ATOMIC=split > 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                           num_warps=cfg["num_warps"])
-    return y.to(x.dtype)
+    return launch_routed_gemv(_banded_jit.gemv, "banded_gemv", x, k, n, thresholds, [wt],
+                              [wt.stride(0), wt.stride(1)], config, out)
 
 
 @torch.library.custom_op("sparsefx::triton_banded_linear", mutates_args=())

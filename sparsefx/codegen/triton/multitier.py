@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from . import check_device, k_chunks, output_buffer
-from .tiered import _config, default_gemv_config
+from . import check_device
+from .tiered import ROUTED_THRESHOLDS, launch_routed_gemv
 
-MAX_MEDIUMS = 3
+MAX_MEDIUMS = ROUTED_THRESHOLDS - 1
 
 
 def multitier_gemv(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch.Tensor], thresholds: list[float],
@@ -40,17 +40,9 @@ def multitier_gemv(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch.Tensor], 
         raise ValueError(f"multitier_gemv: 1 to {MAX_MEDIUMS} mediums and one threshold more; got {len(wmts)} "
                          f"mediums and {len(thresholds)} thresholds")
     k, n = wt.shape
-    cfg = _config("tiered_gemv", (k, n), default_gemv_config(k, n), x.device, config)
-    k_chunk, split = k_chunks(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
-    y = output_buffer(out, (n,), x.device, zero=split > 1)
-    mats = list(wmts) + [wmts[0]] * (MAX_MEDIUMS - len(wmts))        # unused slots: never loaded
-    ts = [float(t) for t in thresholds] + [0.0] * (MAX_MEDIUMS + 1 - len(thresholds))
-    strides = [s for m in (wt, *mats) for s in (m.stride(0), m.stride(1))]
-    grid = (-(-n // cfg["BLOCK_N"]), split)
-    _multitier_jit.gemv[grid](x.contiguous(), wt, *mats, y, k, n, *ts, *strides, k_chunk, N_T=len(thresholds),
-                              ATOMIC=split > 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                              num_warps=cfg["num_warps"])
-    return y.to(x.dtype)
+    mats = [wt, *wmts] + [wmts[0]] * (MAX_MEDIUMS - len(wmts))        # unused slots: never loaded
+    strides = [s for m in mats for s in (m.stride(0), m.stride(1))]
+    return launch_routed_gemv(_multitier_jit.gemv, "tiered_gemv", x, k, n, thresholds, mats, strides, config, out)
 
 
 @torch.library.custom_op("sparsefx::triton_multitier_linear", mutates_args=())

@@ -69,6 +69,26 @@ def _config(kernel: str, shape: tuple, default: dict, device: torch.device, conf
     return lookup(kernel, device, shape) or default
 
 
+# Threshold slots of the routed GEMVs (``multitier.py``, ``banded.py``): the full tier and up to three medium tiers.
+ROUTED_THRESHOLDS = 4
+
+
+def launch_routed_gemv(jit, tuned_as: str, x: torch.Tensor, k: int, n: int, thresholds: list[float], operands: list,
+                       strides: list[int], config: dict | None, out: torch.Tensor | None) -> torch.Tensor:
+    """Launch a routed GEMV ``jit(x, *operands, y, K, N, t0, t1, t2, t3, *strides, k_chunk, N_T=..., ...)`` over a
+    ``(out blocks, K splits)`` grid with the tiered GEMV's tiles (the autotune entry ``tuned_as`` for ``(k, n)``, else
+    ``default_gemv_config``); unused threshold slots are padded, ``N_T`` says how many count. Returns ``y: [n]`` in
+    x's dtype (fp32 accumulation; ``out``: an fp32 buffer to write)."""
+    cfg = _config(tuned_as, (k, n), default_gemv_config(k, n), x.device, config)
+    k_chunk, split = k_chunks(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
+    y = output_buffer(out, (n,), x.device, zero=split > 1)
+    ts = [float(t) for t in thresholds] + [0.0] * (ROUTED_THRESHOLDS - len(thresholds))
+    jit[(-(-n // cfg["BLOCK_N"]), split)](x.contiguous(), *operands, y, k, n, *ts, *strides, k_chunk,
+                                          N_T=len(thresholds), ATOMIC=split > 1, BLOCK_N=cfg["BLOCK_N"],
+                                          BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return y.to(x.dtype)
+
+
 def block_layout(wt: torch.Tensor, block_n: int) -> torch.Tensor:
     """``W.T`` (``[in, out]``) stored by blocks of ``block_n`` outputs: ``[ceil(out / block_n), in, block_n]``
     (zero-padded), so that the rows a GEMV program reads for its output block are contiguous in memory: at 50 %
@@ -215,5 +235,6 @@ def _(x, weight, weight_medium, bias, t_high, t_low):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-__all__ = ["DENSE_ABOVE", "block_layout", "default_gemm_config", "default_gemv_config", "gemm_configs", "gemv_configs",
-           "kept_channels", "tiered_gemm", "tiered_gemv", "triton_tiered_linear"]
+__all__ = ["DENSE_ABOVE", "ROUTED_THRESHOLDS", "block_layout", "default_gemm_config", "default_gemv_config",
+           "gemm_configs", "gemv_configs", "kept_channels", "launch_routed_gemv", "tiered_gemm", "tiered_gemv",
+           "triton_tiered_linear"]
