@@ -42,9 +42,9 @@ static inline __m256 load8(const at::Half* p) {
 }
 
 // Short rows end before the hardware prefetcher has ramped up on them, and the next kept row starts elsewhere:
-// rows of at most kPrefetchBytes are prefetched by hand kPrefetchAhead kept rows ahead. In a scratch probe (banded
-// rows at SmolLM2's shapes) this took 192-output rows from 1.1x to 2.1x of dense fp32 and 576-output rows from
-// 1.40x to 1.54x, and cost a few per cent on 1536-output rows (hence the cap).
+// rows of at most kPrefetchBytes are prefetched by hand kPrefetchAhead kept rows ahead. bench/kernel_multitier_gemv.py
+// measured the gain on 576 x 1536 (SmolLM2's down_proj); an unrecorded probe found it large on 192-wide rows and a
+// small loss on 1536-wide ones, hence the cap.
 static constexpr int64_t kPrefetchBytes = 2048, kPrefetchAhead = 16;
 
 template <typename T>
@@ -156,8 +156,7 @@ static inline void accumulate_packed(float* yb, const uint8_t* mask, int64_t nby
 // Banded rows (ir/bandformat.py): fp16 weights whose two low mantissa bits are their band; a row routed to tier k
 // multiplies the weights with band >= k. Compare the band bits with floor = k - 1 (16-bit lanes) and zero the lanes
 // that fail, before converting: three integer ops on the one stream of weights, done sixteen weights at a time
-// (256-bit) over eight rows per sweep — measured near the speed of the same rows without masks, where four rows of
-// 128-bit masks ran about 15 % slower.
+// (256-bit) over eight rows per sweep, which an unrecorded probe found faster than four rows of 128-bit masks.
 static inline __m128i banded8(const at::Half* p, __m128i floor) {
   const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm_and_si128(r, _mm_cmpgt_epi16(_mm_and_si128(r, _mm_set1_epi16(3)), floor));
