@@ -17,7 +17,7 @@ columns per mask byte with a lookup table and a permute; on this AVX2 CPU that e
 it saves (``bench/kernel_daws_gemv.py``), so dense fp16 rows stay the default. ``multitier_gemv`` routes over several
 medium tiers, each its own matrix; ``banded_gemv`` reads the banded layout (``ir/bandformat.py``: every tier in one
 fp16 matrix, each weight's band in its low mantissa bits), all kept rows from one stream, zeroing the weights whose
-band is below their row's tier. Rows of at most 2 KiB are prefetched by hand ahead of use.
+band is below their row's tier. Each thread prefetches the span of rows it walks by hand, 16 KiB ahead.
 ``tiered_gemv_reference`` (and its siblings) are the pure-torch references and fallbacks.
 """
 
@@ -41,11 +41,33 @@ static inline __m256 load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Short rows end before the hardware prefetcher has ramped up on them, and the next kept row starts elsewhere:
-// rows of at most kPrefetchBytes are prefetched by hand kPrefetchAhead kept rows ahead. bench/kernel_multitier_gemv.py
-// measured the gain on 576 x 1536 (SmolLM2's down_proj); an unrecorded probe found it large on 192-wide rows and a
-// small loss on 1536-wide ones, hence the cap.
-static constexpr int64_t kPrefetchBytes = 2048, kPrefetchAhead = 16;
+// Kept rows are walked in channel order, so the rows one thread reads lie in one ascending span of the matrix, with
+// gaps at the dropped channels. Short rows (a few hundred bytes to a few KiB) end before the hardware prefetcher has
+// ramped up on them. Where the kept rows fill at least kSpanDensity of that span (a banded matrix: the rows of every
+// tier), whole-row walks prefetch the span by hand, gaps included, kSpanAhead bytes ahead of the row in use
+// (bench/decode_e2e.py); sparser walks (one tier of several matrices) would fetch mostly unused rows that way and
+// prefetch the next kPrefetchAhead kept rows instead, as do column blocks of wide rows (run_routed's LM-head path),
+// when a row (block) is at most kPrefetchBytes.
+static constexpr int64_t kSpanAhead = 16384, kPrefetchBytes = 2048, kPrefetchAhead = 16;
+static constexpr double kSpanDensity = 0.7;
+
+struct SpanPrefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  // rows idx[k0 .. k1) of wp ([in, out], whole rows); inactive when the walk reads column blocks or nothing
+  template <typename T>
+  SpanPrefetch(const T* wp, int64_t out, int64_t n, const int32_t* idx, int64_t k0, int64_t k1) {
+    if (n != out || k0 >= k1 || (double)(k1 - k0) < kSpanDensity * (double)(idx[k1 - 1] - idx[k0] + 1)) return;
+    next = reinterpret_cast<const char*>(wp + (int64_t)idx[k0] * out);
+    end = reinterpret_cast<const char*>(wp + ((int64_t)idx[k1 - 1] + 1) * out);
+  }
+  bool active() const { return next != nullptr; }
+  // prefetch up to kSpanAhead bytes past the start of `row`
+  inline void ahead_of(const void* row) {
+    const char* target = std::min(end, reinterpret_cast<const char*>(row) + kSpanAhead);
+    for (; next < target; next += 64) _mm_prefetch(next, _MM_HINT_T0);
+  }
+};
 
 template <typename T>
 static inline void prefetch_rows(const T* wp, int64_t out, int64_t o0, int64_t n, const int32_t* idx, int64_t k,
@@ -61,13 +83,15 @@ template <typename T>
 static inline void accumulate(float* yb, const T* wp, int64_t out, int64_t o0, int64_t n,
                               const int32_t* idx, const float* val, int64_t k0, int64_t k1) {
   const int64_t nv = n & ~int64_t(7);
-  const bool prefetch = n * (int64_t)sizeof(T) <= kPrefetchBytes;
+  SpanPrefetch span(wp, out, n, idx, k0, k1);
+  const bool prefetch = !span.active() && n * (int64_t)sizeof(T) <= kPrefetchBytes;
   int64_t k = k0;
   if (prefetch) prefetch_rows(wp, out, o0, n, idx, k0, k1, (int)kPrefetchAhead);   // the first rows too
   // four kept rows per sweep: a quarter of the y loads/stores of one-row-at-a-time
   for (; k + 3 < k1; k += 4) {
-    if (prefetch) prefetch_rows(wp, out, o0, n, idx, k + kPrefetchAhead, k1, 4);
     const T* w0 = wp + (int64_t)idx[k] * out + o0;
+    if (span.active()) span.ahead_of(w0);
+    if (prefetch) prefetch_rows(wp, out, o0, n, idx, k + kPrefetchAhead, k1, 4);
     const T* w1 = wp + (int64_t)idx[k + 1] * out + o0;
     const T* w2 = wp + (int64_t)idx[k + 2] * out + o0;
     const T* w3 = wp + (int64_t)idx[k + 3] * out + o0;
@@ -209,12 +233,14 @@ static inline void accumulate_banded(float* yb, const at::Half* wp, int64_t out,
                                      const int32_t* idx, const float* val, const int16_t* floor, int64_t k0,
                                      int64_t k1) {
   const at::Half* w[8];
-  const bool prefetch = n * 2 <= kPrefetchBytes;
+  SpanPrefetch span(wp, out, n, idx, k0, k1);
+  const bool prefetch = !span.active() && n * 2 <= kPrefetchBytes;
   int64_t k = k0;
   if (prefetch) prefetch_rows(wp, out, o0, n, idx, k0, k1, (int)kPrefetchAhead);   // the first rows too
   for (; k + 7 < k1; k += 8) {
-    if (prefetch) prefetch_rows(wp, out, o0, n, idx, k + kPrefetchAhead, k1, 8);
     for (int j = 0; j < 8; ++j) w[j] = wp + (int64_t)idx[k + j] * out + o0;
+    if (span.active()) span.ahead_of(w[0]);
+    if (prefetch) prefetch_rows(wp, out, o0, n, idx, k + kPrefetchAhead, k1, 8);
     banded_rows<8>(yb, w, val + k, floor + k, n);
   }
   for (; k + 3 < k1; k += 4) {
@@ -275,14 +301,16 @@ static inline int tier_of(float a, const float* th, int n) {
   return k;
 }
 
-// Accumulate the routed tiers' kept rows: y[out] fp32.
+// Accumulate the routed tiers' kept rows into y, fp32 with x's shape but its last dimension out (x holds one token:
+// contiguous, in values).
 static torch::Tensor run_routed(const torch::Tensor& x, const Tier* tiers, int ntiers, int64_t out);
 
 // Route x's channels into the tiers by descending thresholds th[0..ntiers): tier k takes th[k] <= |x| < th[k - 1]
-// (tier 0: |x| >= th[0], the full weights); below th[ntiers - 1] a channel is dropped. Run them: y[out] fp32.
+// (tier 0: |x| >= th[0], the full weights); below th[ntiers - 1] a channel is dropped. Run them (run_routed).
 static torch::Tensor run_gemv(const torch::Tensor& x, Tier* tiers, int ntiers, int64_t out, const float* th) {
-  const int64_t in = x.size(0);
+  const int64_t in = x.numel();
   const float* xp = x.data_ptr<float>();
+  for (int t = 0; t < ntiers; ++t) { tiers[t].idx.reserve(in); tiers[t].val.reserve(in); }
   for (int64_t i = 0; i < in; ++i) {
     const int k = tier_of(std::fabs(xp[i]), th, ntiers);
     if (k < ntiers) { tiers[k].idx.push_back((int32_t)i); tiers[k].val.push_back(xp[i]); }
@@ -291,7 +319,9 @@ static torch::Tensor run_gemv(const torch::Tensor& x, Tier* tiers, int ntiers, i
 }
 
 static torch::Tensor run_routed(const torch::Tensor& x, const Tier* tiers, int ntiers, int64_t out) {
-  auto y = torch::zeros({out}, x.options());
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  auto y = torch::zeros(sizes, x.options());
   float* yp = y.data_ptr<float>();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   bool packed = false;
@@ -329,6 +359,18 @@ static void check_decode_args(const torch::Tensor& x, const torch::Tensor& wt) {
   TORCH_CHECK(x.is_contiguous() && wt.is_contiguous(), "x and wt must be contiguous");
 }
 
+// The tiers over raw rows: wt fp32 [in, out] row-major, wmt's data the same shape, fp32 or fp16 (checked by the caller).
+static torch::Tensor tiered_run(const torch::Tensor& x, const float* wt, const torch::Tensor& wmt, int64_t out,
+                                double t_high, double t_low) {
+  Tier tiers[2];
+  tiers[0].w = wt;
+  tiers[0].half = false;
+  tiers[1].w = wmt.data_ptr();
+  tiers[1].half = wmt.scalar_type() == torch::kHalf;
+  const float th[2] = {(float)t_high, (float)t_low};
+  return run_gemv(x, tiers, 2, out, th);
+}
+
 // DAWS tiers for one token: y[o] = sum_{|x_i| >= t_high} x_i wt[i, o] + sum_{t_low <= |x_i| < t_high} x_i wmt[i, o]
 // x: [in] fp32; wt, wmt: [in, out] row-major (W.T and W_medium.T), wt fp32, wmt fp32 or fp16; y: [out] fp32.
 // One tier: pass t_low = t_high.
@@ -336,13 +378,21 @@ torch::Tensor tiered_gemv(torch::Tensor x, torch::Tensor wt, torch::Tensor wmt, 
   check_decode_args(x, wt);
   TORCH_CHECK(wmt.sizes() == wt.sizes() && wmt.is_contiguous(), "wmt must be contiguous with wt's shape");
   TORCH_CHECK(wmt.scalar_type() == torch::kFloat || wmt.scalar_type() == torch::kHalf, "wmt must be fp32 or fp16");
-  Tier tiers[2];
-  tiers[0].w = wt.data_ptr();
+  return tiered_run(x, wt.data_ptr<float>(), wmt, wt.size(1), t_high, t_low);
+}
+
+// The tiers over raw rows: wt fp32 [in, out] row-major, each medium's data the same shape (checked by the caller).
+static torch::Tensor multitier_run(const torch::Tensor& x, const float* wt, at::TensorList wmts, int64_t out,
+                                   at::ArrayRef<double> thresholds) {
+  std::vector<Tier> tiers(wmts.size() + 1);
+  std::vector<float> th(thresholds.begin(), thresholds.end());
+  tiers[0].w = wt;
   tiers[0].half = false;
-  tiers[1].w = wmt.data_ptr();
-  tiers[1].half = wmt.scalar_type() == torch::kHalf;
-  const float th[2] = {(float)t_high, (float)t_low};
-  return run_gemv(x, tiers, 2, wt.size(1), th);
+  for (size_t k = 0; k < wmts.size(); ++k) {
+    tiers[k + 1].w = wmts[k].data_ptr();
+    tiers[k + 1].half = wmts[k].scalar_type() == torch::kHalf;
+  }
+  return run_gemv(x, tiers.data(), (int)tiers.size(), out, th.data());
 }
 
 // Several medium tiers (sparsefx::multitier_linear) for one token: wmts[k] ([in, out], fp32 or fp16) serves
@@ -352,19 +402,33 @@ torch::Tensor multitier_gemv(torch::Tensor x, torch::Tensor wt, std::vector<torc
   check_decode_args(x, wt);
   TORCH_CHECK(thresholds.size() == wmts.size() + 1, "multitier_gemv: ", wmts.size(), " mediums need ",
               wmts.size() + 1, " thresholds, got ", thresholds.size());
-  std::vector<Tier> tiers(wmts.size() + 1);
-  std::vector<float> th(thresholds.begin(), thresholds.end());
-  tiers[0].w = wt.data_ptr();
-  tiers[0].half = false;
-  for (size_t k = 0; k < wmts.size(); ++k) {
-    const auto& wm = wmts[k];
+  for (const auto& wm : wmts) {
     TORCH_CHECK(wm.sizes() == wt.sizes() && wm.is_contiguous(), "each medium tier must be contiguous with wt's shape");
     TORCH_CHECK(wm.scalar_type() == torch::kFloat || wm.scalar_type() == torch::kHalf,
                 "each medium tier must be fp32 or fp16");
-    tiers[k + 1].w = wm.data_ptr();
-    tiers[k + 1].half = wm.scalar_type() == torch::kHalf;
   }
-  return run_gemv(x, tiers.data(), (int)tiers.size(), wt.size(1), th.data());
+  return multitier_run(x, wt.data_ptr<float>(), wmts, wt.size(1), thresholds);
+}
+
+// The banded GEMV over raw rows: wt fp16 [in, out] row-major, 2 to 4 thresholds (checked by the caller).
+static torch::Tensor banded_run(const torch::Tensor& x, const at::Half* wt, int64_t out,
+                                at::ArrayRef<double> thresholds) {
+  const int n = (int)thresholds.size();
+  const int64_t in = x.numel();
+  std::vector<float> th(thresholds.begin(), thresholds.end());
+  Tier tier;
+  tier.w = wt;
+  tier.half = true;
+  tier.banded = true;
+  const float* xp = x.data_ptr<float>();
+  tier.idx.reserve(in);
+  tier.val.reserve(in);
+  tier.floor.reserve(in);
+  for (int64_t i = 0; i < in; ++i) {
+    const int k = tier_of(std::fabs(xp[i]), th.data(), n);
+    if (k < n) { tier.idx.push_back((int32_t)i); tier.val.push_back(xp[i]); tier.floor.push_back((int16_t)(k - 1)); }
+  }
+  return run_routed(x, &tier, 1, out);
 }
 
 // sparsefx::banded_linear for one token: wt is the banded matrix transposed ([in, out] fp16, ir/bandformat.py);
@@ -377,18 +441,7 @@ torch::Tensor banded_gemv(torch::Tensor x, torch::Tensor wt, std::vector<double>
   TORCH_CHECK(x.is_contiguous() && wt.is_contiguous(), "x and wt must be contiguous");
   TORCH_CHECK(thresholds.size() >= 2 && thresholds.size() <= 4, "banded_linear: expected 2 to 4 thresholds (1 to 3 "
               "medium tiers), got ", thresholds.size());
-  const int n = (int)thresholds.size();
-  std::vector<float> th(thresholds.begin(), thresholds.end());
-  Tier tier;
-  tier.w = wt.data_ptr();
-  tier.half = true;
-  tier.banded = true;
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < x.size(0); ++i) {
-    const int k = tier_of(std::fabs(xp[i]), th.data(), n);
-    if (k < n) { tier.idx.push_back((int32_t)i); tier.val.push_back(xp[i]); tier.floor.push_back((int16_t)(k - 1)); }
-  }
-  return run_routed(x, &tier, 1, wt.size(1));
+  return banded_run(x, static_cast<const at::Half*>(wt.data_ptr()), wt.size(1), thresholds);
 }
 
 // The same with the medium tier bitmask-packed (see accumulate_packed): mask uint8 [in, ceil(out / 8)], values
@@ -416,7 +469,10 @@ torch::Tensor tiered_gemv_packed(torch::Tensor x, torch::Tensor wt, torch::Tenso
   return run_gemv(x, tiers, 2, out, th);
 }
 
-static bool rows_are_channels(const torch::Tensor& w) { return w.dim() == 2 && w.t().is_contiguous(); }
+// Whether w ([out, in]) is stored as W.T row-major (w.t() contiguous), read off the strides without making the view.
+static bool rows_are_channels(const torch::Tensor& w) {
+  return w.dim() == 2 && (w.size(0) <= 1 || w.stride(0) == 1) && (w.size(1) <= 1 || w.stride(1) == w.size(0));
+}
 
 // sparsefx_cpu::tiered_linear: sparsefx::tiered_linear with its CPU kernel, registered in C++ so that a compiled
 // graph reaches the kernel through the C++ dispatcher alone (the Python-registered kernel costs tens of microseconds
@@ -464,12 +520,10 @@ static torch::Tensor as_output(const torch::Tensor& y, const torch::Tensor& x, i
 
 torch::Tensor tiered_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& weight_medium,
                                 const std::optional<torch::Tensor>& bias, double t_high, double t_low) {
-  const int64_t in = weight.size(1);
   torch::Tensor y;
   if (takes_decode(x, weight, t_high, t_low) && rows_are_channels(weight_medium) &&
       (weight_medium.scalar_type() == torch::kFloat || weight_medium.scalar_type() == torch::kHalf))
-    y = as_output(tiered_gemv(x.reshape({in}).contiguous(), weight.t(), weight_medium.t(), t_high, t_low), x,
-                  weight.size(0));
+    y = tiered_run(x.contiguous(), weight.data_ptr<float>(), weight_medium, weight.size(0), t_high, t_low);
   else
     y = tiered_math(x, weight, weight_medium, t_high, t_low);
   return bias.has_value() ? y + *bias : y;
@@ -497,17 +551,13 @@ torch::Tensor multitier_linear_cpu(const torch::Tensor& x, const torch::Tensor& 
                                    const std::optional<torch::Tensor>& bias, at::ArrayRef<double> thresholds) {
   TORCH_CHECK(thresholds.size() == mediums.size() + 1, "multitier_linear: ", mediums.size(), " mediums need ",
               mediums.size() + 1, " thresholds, got ", thresholds.size());
-  const int64_t in = weight.size(1);
   bool decode = takes_decode(x, weight, thresholds[0], thresholds.back());
   for (const auto& wm : mediums)
     decode = decode && rows_are_channels(wm) &&
              (wm.scalar_type() == torch::kFloat || wm.scalar_type() == torch::kHalf);
   torch::Tensor y;
   if (decode) {
-    std::vector<torch::Tensor> wmts;
-    for (const auto& wm : mediums) wmts.push_back(wm.t());
-    y = as_output(multitier_gemv(x.reshape({in}).contiguous(), weight.t(), wmts,
-                                 std::vector<double>(thresholds.begin(), thresholds.end())), x, weight.size(0));
+    y = multitier_run(x.contiguous(), weight.data_ptr<float>(), mediums, weight.size(0), thresholds);
   } else {
     y = multitier_math(x, weight, mediums, thresholds);
   }
@@ -536,8 +586,7 @@ torch::Tensor banded_linear_cpu(const torch::Tensor& x, const torch::Tensor& wei
   torch::Tensor y;
   if (x.numel() == in && (thresholds[0] > 0 || thresholds.back() > 0) && x.scalar_type() == torch::kFloat &&
       rows_are_channels(weight))
-    y = as_output(banded_gemv(x.reshape({in}).contiguous(), weight.t(),
-                              std::vector<double>(thresholds.begin(), thresholds.end())), x, weight.size(0));
+    y = banded_run(x.contiguous(), static_cast<const at::Half*>(weight.data_ptr()), weight.size(0), thresholds);
   else
     y = banded_math(x, weight, thresholds);
   return bias.has_value() ? y + *bias : y;
@@ -656,7 +705,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v16", cpp_sources=[_CPP],
+        ext = load_inline(name="sparsefx_tiered_gemv_v17", cpp_sources=[_CPP],
                           functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv", "banded_gemv"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
