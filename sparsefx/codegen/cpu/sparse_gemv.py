@@ -43,12 +43,12 @@ static inline __m256 load8(const at::Half* p) {
 
 // Kept rows are walked in channel order, so the rows one thread reads lie in one ascending span of the matrix, with
 // gaps at the dropped channels. Short rows (a few hundred bytes to a few KiB) end before the hardware prefetcher has
-// ramped up on them. Where the kept rows fill at least kSpanDensity of that span (a banded matrix: the rows of every
-// tier), whole-row walks prefetch the span by hand, gaps included, kSpanAhead bytes ahead of the row in use
-// (bench/decode_e2e.py); sparser walks (one tier of several matrices) would fetch mostly unused rows that way and
-// prefetch the next kPrefetchAhead kept rows instead, as do column blocks of wide rows (run_routed's LM-head path),
-// when a row (block) is at most kPrefetchBytes.
-static constexpr int64_t kSpanAhead = 16384, kPrefetchBytes = 2048, kPrefetchAhead = 16;
+// ramped up on them. Where rows are at most kSpanRowBytes and the kept ones fill at least kSpanDensity of that span
+// (a banded matrix: the rows of every tier), whole-row walks prefetch the span by hand, gaps included, kSpanAhead bytes
+// ahead of the row in use (bench/decode_e2e.py); sparser walks (one tier of several matrices) would fetch mostly
+// unused rows that way and prefetch the next kPrefetchAhead kept rows instead, as do column blocks of wide rows
+// (run_routed's LM-head path), when a row (block) is at most kPrefetchBytes. Longer rows are left to the hardware.
+static constexpr int64_t kSpanAhead = 16384, kSpanRowBytes = 4096, kPrefetchBytes = 2048, kPrefetchAhead = 16;
 static constexpr double kSpanDensity = 0.7;
 
 struct SpanPrefetch {
@@ -57,7 +57,9 @@ struct SpanPrefetch {
   // rows idx[k0 .. k1) of wp ([in, out], whole rows); inactive when the walk reads column blocks or nothing
   template <typename T>
   SpanPrefetch(const T* wp, int64_t out, int64_t n, const int32_t* idx, int64_t k0, int64_t k1) {
-    if (n != out || k0 >= k1 || (double)(k1 - k0) < kSpanDensity * (double)(idx[k1 - 1] - idx[k0] + 1)) return;
+    if (n != out || k0 >= k1 || out * (int64_t)sizeof(T) > kSpanRowBytes ||
+        (double)(k1 - k0) < kSpanDensity * (double)(idx[k1 - 1] - idx[k0] + 1))
+      return;
     next = reinterpret_cast<const char*>(wp + (int64_t)idx[k0] * out);
     end = reinterpret_cast<const char*>(wp + ((int64_t)idx[k1 - 1] + 1) * out);
   }
