@@ -17,7 +17,7 @@ columns per mask byte with a lookup table and a permute; on this AVX2 CPU that e
 it saves (``bench/kernel_daws_gemv.py``), so dense fp16 rows stay the default. ``multitier_gemv`` routes over several
 medium tiers, each its own matrix; ``banded_gemv`` reads the banded layout (``ir/bandformat.py``: every tier in one
 fp16 matrix, each weight's band in its low mantissa bits), all kept rows from one stream, zeroing the weights whose
-band is below their row's tier. Each thread prefetches the span of rows it walks by hand, 16 KiB ahead.
+band is below their row's tier. Short kept rows are prefetched by hand (see kSpanAhead in the C++ source).
 ``tiered_gemv_reference`` (and its siblings) are the pure-torch references and fallbacks.
 """
 
@@ -446,12 +446,10 @@ torch::Tensor banded_gemv(torch::Tensor x, torch::Tensor wt, std::vector<double>
   return banded_run(x, static_cast<const at::Half*>(wt.data_ptr()), wt.size(1), thresholds);
 }
 
-// The same with the medium tier bitmask-packed (see accumulate_packed): mask uint8 [in, ceil(out / 8)], values
+// A bitmask-packed medium tier (see accumulate_packed): mask uint8 [in, ceil(out / 8)], values
 // fp32 or fp16 [>= offsets[in] + 8] (zero padded), offsets int64 [in + 1].
-torch::Tensor tiered_gemv_packed(torch::Tensor x, torch::Tensor wt, torch::Tensor mask, torch::Tensor values,
-                                 torch::Tensor offsets, double t_high, double t_low) {
-  check_decode_args(x, wt);
-  const int64_t in = wt.size(0), out = wt.size(1);
+static void check_packed(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& offsets,
+                         int64_t in, int64_t out) {
   TORCH_CHECK(mask.scalar_type() == torch::kByte && mask.dim() == 2 && mask.size(0) == in &&
               mask.size(1) == (out + 7) / 8 && mask.is_contiguous(), "mask must be contiguous uint8 [in, ceil(out/8)]");
   TORCH_CHECK(offsets.scalar_type() == torch::kLong && offsets.dim() == 1 && offsets.size(0) == in + 1 &&
@@ -459,8 +457,14 @@ torch::Tensor tiered_gemv_packed(torch::Tensor x, torch::Tensor wt, torch::Tenso
   TORCH_CHECK((values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kHalf) && values.dim() == 1 &&
               values.is_contiguous() && values.numel() >= offsets[in].item<int64_t>() + 8,
               "values must be contiguous fp32 or fp16 holding offsets[in] values and 8 of padding");
+}
+
+// The packed tiers over raw rows: wt fp32 [in, out] row-major (the packed medium checked by the caller).
+static torch::Tensor packed_run(const torch::Tensor& x, const float* wt, const torch::Tensor& mask,
+                                const torch::Tensor& values, const torch::Tensor& offsets, int64_t out, double t_high,
+                                double t_low) {
   Tier tiers[2];
-  tiers[0].w = wt.data_ptr();
+  tiers[0].w = wt;
   tiers[0].half = false;
   tiers[1].w = values.data_ptr();
   tiers[1].half = values.scalar_type() == torch::kHalf;
@@ -469,6 +473,13 @@ torch::Tensor tiered_gemv_packed(torch::Tensor x, torch::Tensor wt, torch::Tenso
   tiers[1].nbytes = mask.size(1);
   const float th[2] = {(float)t_high, (float)t_low};
   return run_gemv(x, tiers, 2, out, th);
+}
+
+torch::Tensor tiered_gemv_packed(torch::Tensor x, torch::Tensor wt, torch::Tensor mask, torch::Tensor values,
+                                 torch::Tensor offsets, double t_high, double t_low) {
+  check_decode_args(x, wt);
+  check_packed(mask, values, offsets, wt.size(0), wt.size(1));
+  return packed_run(x, wt.data_ptr<float>(), mask, values, offsets, wt.size(1), t_high, t_low);
 }
 
 // Whether w ([out, in]) is stored as W.T row-major (w.t() contiguous), read off the strides without making the view.
@@ -514,12 +525,6 @@ static torch::Tensor tiered_math(const torch::Tensor& x, const torch::Tensor& we
   return multitier_math(x, weight, {weight_medium}, thresholds);
 }
 
-static torch::Tensor as_output(const torch::Tensor& y, const torch::Tensor& x, int64_t out) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = out;
-  return y.reshape(sizes);
-}
-
 torch::Tensor tiered_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& weight_medium,
                                 const std::optional<torch::Tensor>& bias, double t_high, double t_low) {
   torch::Tensor y;
@@ -537,12 +542,12 @@ torch::Tensor tiered_linear_packed_cpu(const torch::Tensor& x, const torch::Tens
                                        const torch::Tensor& weight_medium, const torch::Tensor& medium_mask,
                                        const torch::Tensor& medium_values, const torch::Tensor& medium_offsets,
                                        const std::optional<torch::Tensor>& bias, double t_high, double t_low) {
-  const int64_t in = weight.size(1);
   torch::Tensor y;
-  if (takes_decode(x, weight, t_high, t_low))
-    y = as_output(tiered_gemv_packed(x.reshape({in}).contiguous(), weight.t(), medium_mask, medium_values,
-                                     medium_offsets, t_high, t_low), x, weight.size(0));
-  else
+  if (takes_decode(x, weight, t_high, t_low)) {
+    check_packed(medium_mask, medium_values, medium_offsets, weight.size(1), weight.size(0));
+    y = packed_run(x.contiguous(), weight.data_ptr<float>(), medium_mask, medium_values, medium_offsets,
+                   weight.size(0), t_high, t_low);
+  } else
     y = tiered_math(x, weight, weight_medium, t_high, t_low);
   return bias.has_value() ? y + *bias : y;
 }
