@@ -282,13 +282,14 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
         from .triton import banded, multitier, nm, quant, tiered  # noqa: F401  (registers sparsefx::triton_*)
     elif family == "cpu":
         from .cpu import enable_cpu_kernels
-        from .cpu.quant_gemv import cpp_quant_linear
+        from .cpu.quant_gemv import cpp_lowrank_quant_linear, cpp_quant_linear
         from .cpu.sparse_gemv import cpp_banded_linear, cpp_multitier_linear, cpp_tiered_linear
 
         enable_cpu_kernels()
         # these ops' kernels are also registered in C++ (no Python call per linear in the compiled graph)
         cpp_ops = {"tiered_linear": cpp_tiered_linear(), "multitier_linear": cpp_multitier_linear(),
-                   "banded_linear": cpp_banded_linear(), "quant_linear": cpp_quant_linear()}
+                   "banded_linear": cpp_banded_linear(), "quant_linear": cpp_quant_linear(),
+                   "lowrank_quant_linear": cpp_lowrank_quant_linear()}
     for node in graph.nodes:
         if node.op != "call_function":
             continue

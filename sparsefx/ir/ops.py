@@ -311,8 +311,9 @@ def lowrank_quant_linear_math(x, packed, scales, zeros, at_packed, at_scales, at
 
 
 @lowrank_quant_linear.register_fake
-def _(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales, b_zeros, bias, bits,
-      group_size, factor_bits, factor_group):
+def lowrank_quant_linear_fake(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales,
+                              b_zeros, bias, bits, group_size, factor_bits, factor_group):
+    """Output shape of ``lowrank_quant_linear`` (and of its C++ twin ``sparsefx_cpu::lowrank_quant_linear``)."""
     r = d.shape[0]
     torch._check(at_packed.shape[0] == r and b_packed.shape[0] == r, lambda: "lowrank_quant_linear: rank mismatch")
     out = at_packed.shape[1] * 8 // factor_bits if factor_bits != 16 else at_packed.shape[1]

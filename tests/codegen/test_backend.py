@@ -91,10 +91,8 @@ def test_quantized_models_lower_to_the_cpu_kernels(recipe, op, tokens, monkeypat
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert backend.counters[f"cpu.{op}"] == 7 * model.config.num_hidden_layers
     assert backend.counters["fallback"] == 0
-    if op == "quant_linear":   # registered in C++: the compiled graph calls it without Python
-        assert backend.counters["cpp.quant_linear"] == 7 * model.config.num_hidden_layers and not calls
-    else:                      # the Python-registered kernel, which calls the packed-code kernel
-        assert len(calls) >= 7 * model.config.num_hidden_layers
+    # registered in C++: the compiled graph calls the kernel without going through Python
+    assert backend.counters[f"cpp.{op}"] == 7 * model.config.num_hidden_layers and not calls
 
 
 def test_binding_an_artifact_to_a_dense_model(tmp_path, tokens):

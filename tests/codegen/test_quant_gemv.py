@@ -102,16 +102,18 @@ def test_registered_op_kernels_take_decode_and_match_the_default_implementation(
     enable_cpu_kernels()
     calls = _count_kernel_calls(monkeypatch)
     qw = _packed(37, 128, 3, 64, False, 3)
-    bias = torch.randn(37)
-    x = torch.randn(1, 1, 128)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(37, generator=g)
+    x = torch.randn(1, 1, 128, generator=g)
     got = torch.ops.sparsefx.quant_linear(x, qw.packed, qw.scales, qw.zeros, bias, 3, 64)
     assert calls == [(1, 1, 128)]
-    torch.testing.assert_close(got, quant_linear_math(x, qw.packed, qw.scales, qw.zeros, bias, 3, 64))
+    # fp32 sums in another order than the dense GEMM's: compare at the other kernel tests' tolerance
+    torch.testing.assert_close(got, quant_linear_math(x, qw.packed, qw.scales, qw.zeros, bias, 3, 64),
+                               rtol=1e-5, atol=1e-4)
     prefill = torch.randn(2, 9, 128)                     # 18 rows: the default implementation
     torch.testing.assert_close(torch.ops.sparsefx.quant_linear(prefill, qw.packed, qw.scales, qw.zeros, bias, 3, 64),
                                quant_linear_math(prefill, qw.packed, qw.scales, qw.zeros, bias, 3, 64))
     assert len(calls) == 1
-
 
 
 @needs_kernel
@@ -132,6 +134,57 @@ def test_cpp_registered_op_computes_the_quant_linear(bits, symmetric, lead):
         op(x, qw.packed, qw.scales, qw.zeros, None, 5, group)
     with pytest.raises(RuntimeError, match="features"):
         op(x[..., :160], qw.packed, qw.scales, qw.zeros, None, bits, group)
+
+
+def _lowrank_args(with_main, factor_bits, out, in_f, rank, seed):
+    """Stored tensors of a ``lowrank_quant_linear`` (main 3-bit group 32 or none; factors fp16 or packed, group 32)
+    and a bias, in the op's argument order."""
+    g = torch.Generator().manual_seed(seed)
+    if factor_bits == 16:
+        at = (torch.randn(rank, out, generator=g).half(), None, None)
+        b = (torch.randn(rank, in_f, generator=g).half(), None, None)
+    else:
+        at_q, b_q = _packed(rank, out, factor_bits, 32, False, seed + 1), _packed(rank, in_f, factor_bits, 32, True,
+                                                                                  seed + 2)
+        at, b = (at_q.packed, at_q.scales, at_q.zeros), (b_q.packed, b_q.scales, b_q.zeros)
+    main = _packed(out, in_f, 3, 32, False, seed + 3)
+    return (((main.packed, main.scales, main.zeros) if with_main else (None, None, None)) + at
+            + (torch.rand(rank, generator=g) + 0.5,) + b + (torch.randn(out, generator=g),))
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_main", [True, False])
+@pytest.mark.parametrize("factor_bits", [3, 4, 16])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 2), (2, 11)])     # decode, small batch, prefill (dequant + GEMMs)
+def test_cpp_registered_op_computes_the_lowrank_quant_linear(with_main, factor_bits, lead):
+    op = qg.cpp_lowrank_quant_linear()
+    assert op is not None, "the C++ extension must build on this CPU (AVX2/FMA/F16C)"
+    args = _lowrank_args(with_main, factor_bits, out=96, in_f=160, rank=5, seed=factor_bits + 7 * len(lead))
+    x = torch.randn(*lead, 160, generator=torch.Generator().manual_seed(sum(lead)))
+    attrs = (3, 32, factor_bits, 32)
+    for bias in (args[-1], None):
+        ref = lowrank_quant_linear_math(x.double(), *args[:-1], bias, *attrs)
+        got = op(x, *args[:-1], bias, *attrs)
+        assert got.shape == (*lead, 96) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+    # another dtype takes the GEMMs in that dtype
+    torch.testing.assert_close(op(x.double(), *args, *attrs), lowrank_quant_linear_math(x.double(), *args, *attrs))
+
+
+@needs_kernel
+def test_cpp_lowrank_op_names_inconsistent_operands():
+    op = qg.cpp_lowrank_quant_linear()
+    args = list(_lowrank_args(True, 4, out=64, in_f=128, rank=4, seed=0))
+    x = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match=r"r = d.numel\(\) = 5"):
+        op(x, *args[:6], torch.ones(5), *args[7:], 3, 32, 4, 32)
+    with pytest.raises(RuntimeError, match="factor_bits"):
+        op(x, *args, 3, 32, 5, 32)
+    with pytest.raises(RuntimeError, match="main weight has 32 rows, the factors 64"):
+        main = _packed(32, 128, 3, 32, False, 1)
+        op(x, main.packed, main.scales, main.zeros, *args[3:], 3, 32, 4, 32)
+    with pytest.raises(RuntimeError, match="x has 96 features, B packs 128"):
+        op(torch.randn(1, 96), *args, 3, 32, 4, 32)
 
 
 @needs_kernel

@@ -17,8 +17,11 @@ output are split between threads. For DAM's low-rank part, ``quant_gemv_t`` accu
 
 Both take up to ``MAX_ROWS`` rows of fp32 ``x`` (decode, small batches); prefill GEMMs are compute-bound and stay on
 dequantize + MKL (``ir.ops.quant_linear_math``). ``quant_matmul_reference`` / ``quant_gemv_t_reference`` are the
-pure-torch references. ``sparsefx_cpu::quant_linear`` (``cpp_quant_linear``) is the op with this kernel registered
-in C++ — decode from the packed codes, prefill dequantized in C++ then one GEMM — for compiled graphs.
+pure-torch references. ``sparsefx_cpu::quant_linear`` (``cpp_quant_linear``) and ``sparsefx_cpu::lowrank_quant_linear``
+(``cpp_lowrank_quant_linear``) are the ops with these kernels registered in C++ — decode from the packed codes,
+prefill dequantized in C++ then GEMMs — for compiled graphs. DAM's decode runs in one parallel region: ``u = (x Bᵀ)
+d`` first (rank-wide), then each thread takes a run of ``Aᵀ``'s output groups and writes their main rows and adds
+their low-rank columns.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 
 import torch
 
+from ...ir.ops import lowrank_quant_linear_fake
 from .sparse_gemv import cpu_supports_kernel
 
 log = logging.getLogger(__name__)
@@ -190,33 +194,57 @@ static void check_packed(const torch::Tensor& packed, const torch::Tensor& scale
               zeros.sizes() == scales.sizes()), "zeros must be uint8 like scales, or empty (symmetric)");
 }
 
-// y[M, out] = x @ deq(W)^T for x: [M, in] fp32 (row-major), W packed [out, in * bits / 8] (checked by the caller).
-static void matmul_into(const float* x0, int64_t M, int64_t in, const torch::Tensor& packed, const torch::Tensor& scales,
-                        const torch::Tensor& zeros, int64_t bits, int64_t gs, float* yp) {
-  const int64_t out = packed.size(0), groups = in / gs;
-  std::vector<float> xsum((size_t)(M * groups), 0.0f);    // per-group sums of x, for the zero points
-  std::vector<float> xperm((size_t)(M * in));              // x in codes32's lane order, chunk by chunk
+// x as the row kernels read it, prepared once per call: permuted into codes32's lane order chunk by chunk, and its
+// per-group sums (for the zero points).
+struct PreparedX {
+  std::vector<float> xperm, xsum;
+};
+
+static PreparedX prepare_x(const float* x0, int64_t M, int64_t in, int64_t bits, int64_t gs) {
+  const int64_t groups = in / gs;
+  PreparedX px{std::vector<float>((size_t)(M * in)), std::vector<float>((size_t)(M * groups), 0.0f)};
   int order[32];
   for (int j = 0; j < 32; ++j) order[j] = chunk_order((int)bits, j);
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t i = 0; i < in; ++i) xsum[m * groups + i / gs] += x0[m * in + i];
+    for (int64_t i = 0; i < in; ++i) px.xsum[m * groups + i / gs] += x0[m * in + i];
     for (int64_t c = 0; c < in; c += 32)
-      for (int j = 0; j < 32; ++j) xperm[m * in + c + j] = x0[m * in + c + order[j]];
+      for (int j = 0; j < 32; ++j) px.xperm[m * in + c + j] = x0[m * in + c + order[j]];
   }
-  const float* xp = xperm.data();
-  const float* sp = xsum.data();
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const at::Half* scp = scales.data_ptr<at::Half>();
-  const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
-  const float zsym = (float)(1 << (bits - 1));
-  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
-    switch (bits) {
-      case 2: rows_any<2>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
-      case 3: rows_any<3>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
-      case 4: rows_any<4>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
-      default: rows_any<8>(M, xp, sp, pp, scp, zp, zsym, in, gs, yp, out, o0, o1); break;
-    }
-  });
+  return px;
+}
+
+// A packed matrix's raw pointers (shapes checked by the caller with check_packed).
+struct PackedRef {
+  const uint8_t* codes;
+  const at::Half* scales;
+  const uint8_t* zeros;   // null: symmetric, zero point 2^(bits-1)
+  int64_t bits, gs;
+  float zero_sym;
+};
+
+static PackedRef packed_ref(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
+                            int64_t bits, int64_t gs) {
+  return {packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr,
+          bits, gs, (float)(1 << (bits - 1))};
+}
+
+// y[m, o] = x[m] . deq(W)[o] for o in [o0, o1): W packed [out, in * bits / 8].
+static void rows_range(const PreparedX& px, int64_t M, int64_t in, const PackedRef& w, float* y, int64_t out,
+                       int64_t o0, int64_t o1) {
+  const float* xp = px.xperm.data();
+  const float* sp = px.xsum.data();
+  switch (w.bits) {
+    case 2: rows_any<2>(M, xp, sp, w.codes, w.scales, w.zeros, w.zero_sym, in, w.gs, y, out, o0, o1); break;
+    case 3: rows_any<3>(M, xp, sp, w.codes, w.scales, w.zeros, w.zero_sym, in, w.gs, y, out, o0, o1); break;
+    case 4: rows_any<4>(M, xp, sp, w.codes, w.scales, w.zeros, w.zero_sym, in, w.gs, y, out, o0, o1); break;
+    default: rows_any<8>(M, xp, sp, w.codes, w.scales, w.zeros, w.zero_sym, in, w.gs, y, out, o0, o1); break;
+  }
+}
+
+// y[M, out] = x @ deq(W)^T for x: [M, in] fp32 (row-major), rows of the output split between threads.
+static void matmul_into(const float* x0, int64_t M, int64_t in, const PackedRef& w, int64_t out, float* yp) {
+  const PreparedX px = prepare_x(x0, M, in, w.bits, w.gs);
+  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) { rows_range(px, M, in, w, yp, out, o0, o1); });
 }
 
 static void check_x(const torch::Tensor& x) {
@@ -230,7 +258,8 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
   check_x(x);
   check_packed(packed, scales, zeros, bits, gs, x.size(1));
   auto y = torch::empty({x.size(0), packed.size(0)}, x.options());
-  matmul_into(x.data_ptr<float>(), x.size(0), x.size(1), packed, scales, zeros, bits, gs, y.data_ptr<float>());
+  matmul_into(x.data_ptr<float>(), x.size(0), x.size(1), packed_ref(packed, scales, zeros, bits, gs), packed.size(0),
+              y.data_ptr<float>());
   return y;
 }
 
@@ -261,20 +290,38 @@ static void cols(int64_t M, const float* u, int64_t r, const uint8_t* packed, co
   }
 }
 
-// y += u @ deq(At) for u: [M, r] fp32 (row-major), At packed [r, out * bits / 8] (checked by the caller).
-static void gemv_t_into(const float* up, int64_t M, int64_t r, const torch::Tensor& packed, const torch::Tensor& scales,
-                        const torch::Tensor& zeros, int64_t bits, int64_t gs, float* yp, int64_t out) {
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const at::Half* scp = scales.data_ptr<at::Half>();
-  const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
-  const float zsym = (float)(1 << (bits - 1));
-  at::parallel_for(0, out / gs, 4, [&](int64_t g0, int64_t g1) {
-    switch (bits) {
-      case 2: cols<2>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
-      case 3: cols<3>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
-      case 4: cols<4>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
-      default: cols<8>(M, up, r, pp, scp, zp, zsym, out, gs, yp, g0, g1); break;
+// y[:, g0 * gs : g1 * gs] += u @ deq(At)[:, same columns] for u: [M, r] fp32 (row-major), At packed
+// [r, out * bits / 8] with groups along out.
+static void cols_range(const float* up, int64_t M, int64_t r, const PackedRef& w, float* yp, int64_t out, int64_t g0,
+                       int64_t g1) {
+  switch (w.bits) {
+    case 2: cols<2>(M, up, r, w.codes, w.scales, w.zeros, w.zero_sym, out, w.gs, yp, g0, g1); break;
+    case 3: cols<3>(M, up, r, w.codes, w.scales, w.zeros, w.zero_sym, out, w.gs, yp, g0, g1); break;
+    case 4: cols<4>(M, up, r, w.codes, w.scales, w.zeros, w.zero_sym, out, w.gs, yp, g0, g1); break;
+    default: cols<8>(M, up, r, w.codes, w.scales, w.zeros, w.zero_sym, out, w.gs, yp, g0, g1); break;
+  }
+}
+
+// DAM's linear for M fp32 rows of x, all parts packed: y = x @ deq(Q)^T + ((x @ deq(B)^T) * d) @ deq(At), main null =
+// no main weight. u = (x B^T) d is r wide, so it is computed first; then one parallel region splits the outputs by
+// At's groups, and each thread writes its outputs' main rows and adds their low-rank columns while they are in cache
+// (one fork/join per linear instead of two).
+static void lowrank_into(const float* x, int64_t M, int64_t in, const PackedRef* main, const PackedRef& at_,
+                         const float* d, const PackedRef& b, int64_t r, float* y, int64_t out) {
+  std::vector<float> u((size_t)(M * r));
+  matmul_into(x, M, in, b, r, u.data());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < r; ++k) u[m * r + k] *= d[k];
+  PreparedX px;
+  if (main) px = prepare_x(x, M, in, main->bits, main->gs);
+  at::parallel_for(0, out / at_.gs, 1, [&](int64_t g0, int64_t g1) {
+    const int64_t o0 = g0 * at_.gs, o1 = g1 * at_.gs;
+    if (main) {
+      rows_range(px, M, in, *main, y, out, o0, o1);
+    } else {
+      for (int64_t m = 0; m < M; ++m) std::fill(y + m * out + o0, y + m * out + o1, 0.0f);
     }
+    cols_range(u.data(), M, r, at_, y, out, g0, g1);
   });
 }
 
@@ -286,8 +333,11 @@ void quant_gemv_t(torch::Tensor u, torch::Tensor packed, torch::Tensor scales, t
   check_packed(packed, scales, zeros, bits, gs, y.size(1));
   TORCH_CHECK(y.dim() == 2 && y.size(0) == u.size(0) && y.scalar_type() == torch::kFloat && y.is_contiguous(),
               "y must be contiguous fp32 [M, out]");
-  gemv_t_into(u.data_ptr<float>(), u.size(0), u.size(1), packed, scales, zeros, bits, gs, y.data_ptr<float>(),
-              y.size(1));
+  const PackedRef w = packed_ref(packed, scales, zeros, bits, gs);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, y.size(1) / gs, 4, [&](int64_t g0, int64_t g1) {
+    cols_range(u.data_ptr<float>(), u.size(0), u.size(1), w, yp, y.size(1), g0, g1);
+  });
 }
 
 // DAM's whole linear in one call: y = x @ deq(Q)^T + ((x @ deq(B)^T) * d) @ deq(At), factors packed with
@@ -307,16 +357,11 @@ torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch:
     check_packed(packed, scales, zeros, bits, gs, in);
     TORCH_CHECK(packed.size(0) == out, "main weight and factors disagree on out_features");
   }
-  auto y = main ? torch::empty({M, out}, x.options()) : torch::zeros({M, out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (main) matmul_into(xp, M, in, packed, scales, zeros, bits, gs, yp);
-  std::vector<float> u((size_t)(M * r));
-  matmul_into(xp, M, in, b_packed, b_scales, b_zeros, fbits, fgs, u.data());
-  const float* dp = d.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < r; ++k) u[m * r + k] *= dp[k];
-  gemv_t_into(u.data(), M, r, at_packed, at_scales, at_zeros, fbits, fgs, yp, out);
+  auto y = torch::empty({M, out}, x.options());
+  const PackedRef main_ref = main ? packed_ref(packed, scales, zeros, bits, gs) : PackedRef{};
+  lowrank_into(x.data_ptr<float>(), M, in, main ? &main_ref : nullptr,
+               packed_ref(at_packed, at_scales, at_zeros, fbits, fgs), d.data_ptr<float>(),
+               packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), r, y.data_ptr<float>(), out);
   return y;
 }
 
@@ -341,54 +386,136 @@ static void dequant_rows(const uint8_t* packed, const at::Half* scales, const ui
     }
 }
 
-// sparsefx_cpu::quant_linear: sparsefx::quant_linear with its CPU kernel, registered in C++ so that a compiled graph
-// reaches it without a Python call per linear. Up to MAX_ROWS fp32 rows: quant_matmul from the packed codes; more
-// rows (prefill) or other dtypes: dequantize once (dequant_rows), then one GEMM — what the op's default math does.
-static constexpr int64_t kMaxRows = MAX_ROWS_VALUE;
+// deq(W) as an fp32 [rows, cols] tensor, rows split between threads (the ops' default math, in C++).
+static torch::Tensor dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
+                                int64_t bits, int64_t gs) {
+  const int64_t rows = packed.size(0), cols = packed.size(1) * 8 / bits;
+  auto w = torch::empty({rows, cols}, packed.options().dtype(torch::kFloat));
+  const PackedRef p = packed_ref(packed, scales, zeros, bits, gs);
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t o0, int64_t o1) {
+    switch (bits) {
+      case 2: dequant_rows<2>(p.codes, p.scales, p.zeros, p.zero_sym, rows, cols, gs, wp, o0, o1); break;
+      case 3: dequant_rows<3>(p.codes, p.scales, p.zeros, p.zero_sym, rows, cols, gs, wp, o0, o1); break;
+      case 4: dequant_rows<4>(p.codes, p.scales, p.zeros, p.zero_sym, rows, cols, gs, wp, o0, o1); break;
+      default: dequant_rows<8>(p.codes, p.scales, p.zeros, p.zero_sym, rows, cols, gs, wp, o0, o1); break;
+    }
+  });
+  return w;
+}
 
-torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& packed_, const torch::Tensor& scales_,
-                               const std::optional<torch::Tensor>& zeros_, const std::optional<torch::Tensor>& bias,
-                               int64_t bits, int64_t gs) {
-  const auto packed = packed_.contiguous(), scales = scales_.contiguous();
-  const auto zeros = zeros_.has_value() ? zeros_->contiguous() : torch::empty({0}, packed.options());
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "quant_linear: bits must be 2, 3, 4 or 8, got ", bits);
-  const int64_t out = packed.size(0), in = packed.size(1) * 8 / bits;
-  check_packed(packed, scales, zeros, bits, gs, in);
-  TORCH_CHECK(x.size(-1) == in, "quant_linear: x has ", x.size(-1), " features, the packed weight ", in);
-  const int64_t M = x.numel() / in;
-  torch::Tensor y;
-  if (x.scalar_type() == torch::kFloat && M > 0 && M <= kMaxRows) {
-    y = quant_matmul(x.reshape({M, in}).contiguous(), packed, scales, zeros, bits, gs);
-  } else {
-    auto w = torch::empty({out, in}, x.options().dtype(torch::kFloat));
-    const uint8_t* pp = packed.data_ptr<uint8_t>();
-    const at::Half* scp = scales.data_ptr<at::Half>();
-    const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
-    const float zsym = (float)(1 << (bits - 1));
-    float* wp = w.data_ptr<float>();
-    at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
-      switch (bits) {
-        case 2: dequant_rows<2>(pp, scp, zp, zsym, out, in, gs, wp, o0, o1); break;
-        case 3: dequant_rows<3>(pp, scp, zp, zsym, out, in, gs, wp, o0, o1); break;
-        case 4: dequant_rows<4>(pp, scp, zp, zsym, out, in, gs, wp, o0, o1); break;
-        default: dequant_rows<8>(pp, scp, zp, zsym, out, in, gs, wp, o0, o1); break;
-      }
-    });
-    y = at::linear(x.reshape({M, in}), w.to(x.scalar_type()));
-  }
+static torch::Tensor zeros_or_empty(const std::optional<torch::Tensor>& zeros, const torch::Tensor& like) {
+  return zeros.has_value() ? zeros->contiguous() : torch::empty({0}, like.options());
+}
+
+// y: [M, out] -> x's leading dimensions with out last, plus the bias.
+static torch::Tensor finish(torch::Tensor y, const torch::Tensor& x, int64_t out,
+                            const std::optional<torch::Tensor>& bias) {
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   y = y.reshape(sizes);
   return bias.has_value() ? y + *bias : y;
 }
 
+// The compiled graph's ops below: sparsefx::quant_linear and sparsefx::lowrank_quant_linear with their CPU kernels,
+// registered in C++ so that a compiled graph reaches them without a Python call per linear. Up to MAX_ROWS fp32 rows
+// (decode, small batches) multiply from the packed codes; more rows (prefill) or other dtypes dequantize once and
+// run GEMMs — what the ops' default math does.
+static constexpr int64_t kMaxRows = MAX_ROWS_VALUE;
+
+static bool decode_rows(const torch::Tensor& x, int64_t M) {
+  return x.scalar_type() == torch::kFloat && M > 0 && M <= kMaxRows;
+}
+
+static void check_bits(int64_t bits, const char* op, const char* what) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, op, ": ", what, " must be 2, 3, 4 or 8, got ", bits);
+}
+
+torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& packed_, const torch::Tensor& scales_,
+                               const std::optional<torch::Tensor>& zeros_, const std::optional<torch::Tensor>& bias,
+                               int64_t bits, int64_t gs) {
+  const auto packed = packed_.contiguous(), scales = scales_.contiguous(), zeros = zeros_or_empty(zeros_, packed);
+  check_bits(bits, "quant_linear", "bits");
+  const int64_t out = packed.size(0), in = packed.size(1) * 8 / bits;
+  check_packed(packed, scales, zeros, bits, gs, in);
+  TORCH_CHECK(x.size(-1) == in, "quant_linear: x has ", x.size(-1), " features, the packed weight ", in);
+  const int64_t M = x.numel() / in;
+  const auto x2 = x.reshape({M, in});
+  const auto y = decode_rows(x, M) ? quant_matmul(x2.contiguous(), packed, scales, zeros, bits, gs)
+                                   : at::linear(x2, dequantize(packed, scales, zeros, bits, gs).to(x.scalar_type()));
+  return finish(y, x, out, bias);
+}
+
+torch::Tensor lowrank_quant_linear_cpu(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& packed_, const std::optional<torch::Tensor>& scales_,
+    const std::optional<torch::Tensor>& zeros_, const torch::Tensor& at_packed_,
+    const std::optional<torch::Tensor>& at_scales_, const std::optional<torch::Tensor>& at_zeros_,
+    const torch::Tensor& d_, const torch::Tensor& b_packed_, const std::optional<torch::Tensor>& b_scales_,
+    const std::optional<torch::Tensor>& b_zeros_, const std::optional<torch::Tensor>& bias, int64_t bits, int64_t gs,
+    int64_t fbits, int64_t fgs) {
+  const char* op = "lowrank_quant_linear";
+  const int64_t in = x.size(-1), M = x.numel() / std::max<int64_t>(in, 1), r = d_.numel();
+  const auto at_packed = at_packed_.contiguous(), b_packed = b_packed_.contiguous();
+  const auto d = d_.to(torch::kFloat).contiguous();
+  const bool fp16_factors = fbits == 16;
+  if (!fp16_factors) check_bits(fbits, op, "factor_bits (or 16 for fp16 factors)");
+  TORCH_CHECK(at_packed.dim() == 2 && b_packed.dim() == 2 && at_packed.size(0) == r && b_packed.size(0) == r, op,
+              ": A^T and B must be [r, ...] with r = d.numel() = ", r, "; got ", at_packed.sizes(), " and ",
+              b_packed.sizes());
+  const int64_t out = fp16_factors ? at_packed.size(1) : at_packed.size(1) * 8 / fbits;
+  torch::Tensor at_scales, at_zeros, b_scales, b_zeros;
+  if (fp16_factors) {
+    TORCH_CHECK(at_packed.scalar_type() == torch::kHalf && b_packed.scalar_type() == torch::kHalf &&
+                b_packed.size(1) == in, op, ": factor_bits 16 takes fp16 A^T [r, out] and B [r, in] (B is ",
+                b_packed.sizes(), ", x has ", in, " features)");
+  } else {
+    TORCH_CHECK(at_scales_.has_value() && b_scales_.has_value(), op, ": packed factors need their scales");
+    TORCH_CHECK(b_packed.size(1) * 8 == in * fbits, op, ": x has ", in, " features, B packs ",
+                b_packed.size(1) * 8 / fbits);
+    at_scales = at_scales_->contiguous(), b_scales = b_scales_->contiguous();
+    at_zeros = zeros_or_empty(at_zeros_, at_packed), b_zeros = zeros_or_empty(b_zeros_, b_packed);
+    check_packed(at_packed, at_scales, at_zeros, fbits, fgs, out);
+    check_packed(b_packed, b_scales, b_zeros, fbits, fgs, in);
+  }
+  const bool main = packed_.has_value();
+  torch::Tensor packed, scales, zeros;
+  if (main) {
+    check_bits(bits, op, "bits");
+    TORCH_CHECK(scales_.has_value(), op, ": the packed main weight needs its scales");
+    packed = packed_->contiguous(), scales = scales_->contiguous(), zeros = zeros_or_empty(zeros_, packed);
+    check_packed(packed, scales, zeros, bits, gs, in);
+    TORCH_CHECK(packed.size(0) == out, op, ": the main weight has ", packed.size(0), " rows, the factors ", out);
+  }
+  const auto x2 = x.reshape({M, in});
+  torch::Tensor y;
+  if (decode_rows(x, M) && !fp16_factors) {          // the whole linear from the packed codes, one parallel region
+    const auto none = torch::empty({0}, at_packed.options());
+    y = lowrank_quant_matmul(x2.contiguous(), main ? packed : none, main ? scales : none.to(torch::kHalf),
+                             main ? zeros : none, bits, gs, at_packed, at_scales, at_zeros, d, b_packed, b_scales,
+                             b_zeros, fbits, fgs);
+  } else {                                            // fp16 factors (small), or prefill: the default math's GEMMs
+    const auto dt = x.scalar_type();
+    const auto a = fp16_factors ? at_packed.to(dt) : dequantize(at_packed, at_scales, at_zeros, fbits, fgs).to(dt);
+    const auto b = fp16_factors ? b_packed.to(dt) : dequantize(b_packed, b_scales, b_zeros, fbits, fgs).to(dt);
+    y = at::matmul(at::linear(x2, b) * d.to(dt), a);
+    if (main)
+      y += decode_rows(x, M) ? quant_matmul(x2.contiguous(), packed, scales, zeros, bits, gs)
+                             : at::linear(x2, dequantize(packed, scales, zeros, bits, gs).to(dt));
+  }
+  return finish(y, x, out, bias);
+}
+
 TORCH_LIBRARY_FRAGMENT(sparsefx_cpu, m) {
   m.def("quant_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int bits, int group_size) "
         "-> Tensor");
+  m.def("lowrank_quant_linear(Tensor x, Tensor? packed, Tensor? scales, Tensor? zeros, Tensor at_packed, "
+        "Tensor? at_scales, Tensor? at_zeros, Tensor d, Tensor b_packed, Tensor? b_scales, Tensor? b_zeros, "
+        "Tensor? bias, int bits, int group_size, int factor_bits, int factor_group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);
+  m.impl("lowrank_quant_linear", &lowrank_quant_linear_cpu);
 }
 """
 
@@ -423,7 +550,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_quant_gemv_v6", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
+        ext = load_inline(name="sparsefx_quant_gemv_v7", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
                           functions=["quant_matmul", "quant_gemv_t", "lowrank_quant_matmul"],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
 
@@ -431,6 +558,8 @@ def _extension():
         def _(x, packed, scales, zeros, bias, bits, group_size):
             return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
+        # same shapes as the op it stands in for
+        torch.library.register_fake("sparsefx_cpu::lowrank_quant_linear")(lowrank_quant_linear_fake)
         return ext
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
         log.warning("quant_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
@@ -443,6 +572,15 @@ def cpp_quant_linear():
     if not cpu_supports_kernel() or _extension() is None:
         return None
     return torch.ops.sparsefx_cpu.quant_linear.default
+
+
+def cpp_lowrank_quant_linear():
+    """The C++-registered op ``sparsefx_cpu::lowrank_quant_linear`` (same signature as
+    ``sparsefx::lowrank_quant_linear``): decode from the packed codes with the whole linear in one parallel region,
+    fp16 factors and prefill through GEMMs. None where the extension cannot run."""
+    if not cpu_supports_kernel() or _extension() is None:
+        return None
+    return torch.ops.sparsefx_cpu.lowrank_quant_linear.default
 
 
 def takes_input(x: torch.Tensor) -> bool:
