@@ -216,7 +216,9 @@ def test_registered_lowrank_kernel_matches_the_default_implementation(with_main,
 @pytest.mark.parametrize("recipe", ["{method: rtn, bits: 3, group_size: 32}",
                                     "{method: dam, budget: 5.0, bits: 3, group_size: 32, factor_group: 32}",
                                     "{method: l_then_q, budget: 5.0, bits: 3, group_size: 32}"])
-def test_prepared_quantized_model_decodes_through_the_kernel_with_the_same_outputs(recipe, monkeypatch):
+def test_prepared_quantized_model_decodes_through_the_kernel_with_the_same_outputs(recipe):
+    from sparsefx.codegen.eager import LowRankQuantLinear, QuantLinear
+
     model = tiny_model("llama")
     compress(model, Recipe.from_yaml(f"passes: [{recipe}]"), calibration=torch.randint(0, 256, (8, 32)),
              progress=False)
@@ -225,10 +227,15 @@ def test_prepared_quantized_model_decodes_through_the_kernel_with_the_same_outpu
         ref = model(prompt, use_cache=True)
         ref_next = model(prompt[:, -1:] * 0 + 5, past_key_values=ref.past_key_values, use_cache=True).logits
     assert prepare_cpu_decode(model) == 7 * model.config.num_hidden_layers
-    calls = _count_kernel_calls(monkeypatch)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, LowRankQuantLinear)):   # the C++-registered op, called directly
+            assert m.decode_kernel in (qg.cpp_quant_linear(), qg.cpp_lowrank_quant_linear())
+            m.decode_kernel = lambda x, *a, _k=m.decode_kernel: calls.append(x.shape) or _k(x, *a)
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         nxt = model(prompt[:, -1:] * 0 + 5, past_key_values=out.past_key_values, use_cache=True).logits
-    assert calls                                          # the decode step went through the kernel
+    # every linear of the decode step went through the kernel (the prompt's calls too: the op takes prefill)
+    assert sum(tuple(shape[:2]) == (1, 1) for shape in calls) == 7 * model.config.num_hidden_layers
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nxt, ref_next, rtol=1e-4, atol=1e-4)

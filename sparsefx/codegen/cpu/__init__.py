@@ -7,7 +7,8 @@ kernel of ``sparsefx::tiered_linear``: single-token calls then read only the kep
 ``BandedLinear`` (every tier in one banded fp16 matrix) has that matrix re-stored transposed (``banded_gemv``). Eager
 ``TieredLinear`` modules call the C++ kernel directly for one token, skipping the op dispatcher. It also registers
 the CPU kernels of ``sparsefx::quant_linear`` and ``lowrank_quant_linear`` (``quant_gemv``): up to ``MAX_ROWS``
-tokens, they multiply straight from the packed codes instead of dequantizing the whole weight per call.
+tokens, they multiply straight from the packed codes instead of dequantizing the whole weight per call; prepared
+quantized modules call those ops' C++-registered twins directly.
 """
 
 from __future__ import annotations
@@ -164,15 +165,18 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
         210
     """
     from ..eager import BandedLinear, LowRankQuantLinear, MultiTierLinear, QuantLinear, TieredLinear
+    from .quant_gemv import cpp_lowrank_quant_linear, cpp_quant_linear
     from .sparse_gemv import _extension, extension_runs, kernel_available, pack_medium as pack
 
     enable_cpu_kernels()
     count = 0
     for module in model.modules():
         if isinstance(module, (QuantLinear, LowRankQuantLinear)):
-            # packed storage is what the kernel reads: nothing to re-store; the module skips the dispatcher
-            module.decode_kernel = (_quant_linear_cpu if isinstance(module, QuantLinear)
-                                    else _lowrank_quant_linear_cpu)
+            # packed storage is what the kernel reads: nothing to re-store. The module calls the C++-registered op
+            # (same signature; no Python between the call and the kernel), or the Python kernel without it.
+            quant = isinstance(module, QuantLinear)
+            module.decode_kernel = ((cpp_quant_linear() if quant else cpp_lowrank_quant_linear())
+                                    or (_quant_linear_cpu if quant else _lowrank_quant_linear_cpu))
             count += 1
         elif isinstance(module, TieredLinear):
             own_medium = module.has_medium_weights
