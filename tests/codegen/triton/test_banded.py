@@ -27,7 +27,8 @@ def _case(k, n, n_mediums, seed):
 @pytest.mark.parametrize("k,n", [(67, 45), (128, 1), (1, 33), (257, 131)])
 @pytest.mark.parametrize("thresholds", [[1.2, 0.8, 0.5, 0.2], [1.0, 0.4], [0.9, 0.9, 0.3], [0.0, 0.0, 0.0]])
 @pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 4},
-                                    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4}])
+                                    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4},
+                                    {"BLOCK_N": 256, "BLOCK_K": 16, "SPLIT_K": 64, "num_warps": 4}])   # wide
 def test_gemv_matches_reference(k, n, dtype, thresholds, config):
     x, banded = _case(k, n, len(thresholds) - 1, seed=k * n + len(thresholds))
     x, banded = x.to(DEVICE, dtype), banded.to(DEVICE)

@@ -25,7 +25,8 @@ def _case(k, n, n_mediums, seed, medium_dtype):
 @pytest.mark.parametrize("medium_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k,n", [(67, 45), (128, 1), (1, 33), (257, 131)])
 @pytest.mark.parametrize("thresholds", [[1.2, 0.8, 0.5, 0.2], [1.0, 0.4], [0.9, 0.9, 0.3], [0.0, 0.0, 0.0]])
-@pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 4}])
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 4},
+                                    {"BLOCK_N": 256, "BLOCK_K": 16, "SPLIT_K": 64, "num_warps": 4}])   # wide
 def test_gemv_matches_reference(k, n, dtype, medium_dtype, thresholds, config):
     x, w, mediums = _case(k, n, len(thresholds) - 1, k * n + len(thresholds), medium_dtype)
     x, w = x.to(DEVICE, dtype), w.to(DEVICE, dtype)

@@ -48,6 +48,18 @@ def test_gemv_matches_reference(k, n, dtype, config):
     torch.testing.assert_close(y.float(), ref, **TOL[dtype])
 
 
+def test_every_gemv_config_the_tuner_tries_computes_the_same():
+    # wide tiles with more K splits than K blocks included: k_chunks leaves no split empty or overlapping
+    from sparsefx.codegen.triton.tiered import gemv_configs
+
+    x, w, wm = _case(203, 301, torch.float16, seed=5)
+    ref = tiered_linear_reference(x[None].float(), w.float(), wm.float(), None, 1.0, 0.4)[0]
+    for cfg in gemv_configs():
+        out = torch.full((301,), float("nan"), device=DEVICE)
+        y = tiered_gemv(x, w.t(), wm.t(), 1.0, 0.4, config=cfg, out=out)
+        torch.testing.assert_close(y.float(), ref, **TOL[torch.float16], msg=lambda m, c=cfg: f"{c}: {m}")
+
+
 @pytest.mark.parametrize("gather", [0, 1])
 def test_gemv_over_the_blocked_layout(gather):
     # [blocks, in, block_n] storage (the last block padded) gives the plain layout's result, both tiers
