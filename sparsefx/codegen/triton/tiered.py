@@ -44,8 +44,8 @@ def gemv_configs() -> list[dict]:
 
     After the first grid come wide, short tiles with the K loop split until each program runs one to a few tiles
     (the shape of TEAL's GEMV: one masked tile per program, rows of 512 B-1 KiB): on an H100 the tuner picked the
-    largest split the first grid offers (32) for 11008 x 4096, at the edge of what it could try. These have not been
-    timed on a GPU yet."""
+    largest split the first grid offers (32) for W 4096 x 11008 (11008 inputs), at the edge of what it could try.
+    These have not been timed on a GPU yet."""
     grid = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "GATHER": g}
             for bn in (64, 128) for bk in (64, 128) for sk in (4, 8, 16, 32) for g in (0, 1)]
     wide = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "GATHER": 0}
