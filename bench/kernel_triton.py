@@ -6,8 +6,8 @@ Decode shapes (batch 1) of DEVELOPERS.md, weights in bf16 (tiered) or packed cod
   * tiered GEMV (TEAL-style single tier and DAWS's two tiers) at 0/40/50/75 % activation sparsity, over ``W.T`` and
     over ``block_layout(W.T, 64)`` (``blocked``: each output block's rows contiguous);
   * dequant GEMV at 4 and 3 bits (group 128, asymmetric): the general kernel (``qmm``, element-wise dequantization)
-    and, at 4 bits, the GEMV kernel (``quant_gemv``, byte loads split in registers); DAM's whole linear (rank-64
-    4-bit factors: projection launch + main product with the low-rank epilogue);
+    and the GEMV kernel (``quant_gemv``, byte loads — three-byte words at 3 bits — split in registers); DAM's
+    whole linear (rank-64 4-bit factors: projection launch + main product with the low-rank epilogue);
   * N:M (2:4, 4:8) matmul over values + uint8 in-group indices (a magnitude mask of the same weight);
   * banded DAWS GEMV (``daws.layout: banded``: every tier in one fp16 matrix) at the routing ``sparsefx autotune``
     tunes it at (``autotune.BANDED_TIER_SHARES``: 81 % of rows read, about 50 % effective sparsity with three medium

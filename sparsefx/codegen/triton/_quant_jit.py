@@ -85,10 +85,11 @@ def qgemv(x_ptr, y_ptr, N, K, p_ptr, s_ptr, z_ptr, p_stride, n_groups,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # one token: y[n] = colscale[n] * sum_g scale[n, g] * (sum_{k in g} x[k] code[n, k] - zero[n, g] sum_{k in g} x[k])
     #                   (+ t deq(A^T)[:, n] + bias[n] in the first K split)
-    # Codes are read as whole bytes, [BLOCK_N, NB] per step (one coalesced segment per row); byte j of the step
-    # holds codes PER * j + i at bit i * BITS, so code plane i multiplies x[k0 + PER * j + i] (a strided load of
-    # the small, cached x). GPB groups per step (BLOCK_K >= GROUP) or one group over several steps.
-    PER: tl.constexpr = 8 // BITS
+    # Codes are read in whole units, [BLOCK_N, NB] per step (one coalesced segment per row): a unit is a byte, or
+    # for 3-bit codes three bytes (eight codes) joined into one 24-bit word. Unit j of the step holds codes
+    # PER * j + i at bit i * BITS, so code plane i multiplies x[k0 + PER * j + i] (a strided load of the small,
+    # cached x). GPB groups per step (BLOCK_K >= GROUP) or one group over several steps.
+    PER: tl.constexpr = 8 if BITS == 3 else 8 // BITS
     NB: tl.constexpr = BLOCK_K // PER
     GPB: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -102,8 +103,15 @@ def qgemv(x_ptr, y_ptr, N, K, p_ptr, s_ptr, z_ptr, p_stride, n_groups,
     j = tl.arange(0, NB)
     for k0 in range(k_begin, k_end, BLOCK_K):
         byte_ok = k0 + PER * j < k_end
-        b = tl.load(p_ptr + n[:, None] * p_stride + (k0 // PER + j)[None, :],
-                    mask=n_ok[:, None] & byte_ok[None, :], other=0, eviction_policy="evict_first").to(tl.int32)
+        unit_ok = n_ok[:, None] & byte_ok[None, :]
+        if BITS == 3:   # the three bytes of each unit: the second and third loads hit the lines the first fetched
+            u = p_ptr + n[:, None] * p_stride + (3 * (k0 // PER + j))[None, :]
+            b = tl.load(u, mask=unit_ok, other=0, eviction_policy="evict_first").to(tl.int32)
+            b = b | (tl.load(u + 1, mask=unit_ok, other=0, eviction_policy="evict_first").to(tl.int32) << 8)
+            b = b | (tl.load(u + 2, mask=unit_ok, other=0, eviction_policy="evict_first").to(tl.int32) << 16)
+        else:
+            b = tl.load(p_ptr + n[:, None] * p_stride + (k0 // PER + j)[None, :],
+                        mask=unit_ok, other=0, eviction_policy="evict_first").to(tl.int32)
         prod = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
         xs = tl.zeros([NB], dtype=tl.float32)
         for i in tl.static_range(PER):

@@ -15,11 +15,12 @@ which is the point of a quantized GEMV (4-bit codes are a quarter of fp16's byte
 rank-r projection ``t = (x deq(B)^T) * d`` (``colscale = d``), then the main product with ``t deq(A^T)`` fused as
 the epilogue. ``sparsefx::quant_linear`` is the main product alone.
 
-One token (decode) with 2/4/8-bit codes in power-of-two groups takes the GEMV kernel ``quant_gemv``: each program
-owns ``BLOCK_N`` weight rows and reads their codes as whole bytes (one coalesced segment per row), splits them in
-registers, dots them with x per group and applies scale and zero once per group (``sum scale * (x.codes - zero *
-sum x)``). Everything else (3-bit codes, groups of 96/192, several rows) takes the general kernel ``qmm``, which
-dequantizes element by element: broadcast-and-sum for a few rows, ``tl.dot`` beyond (it needs 16 rows).
+One token (decode) with 2/3/4/8-bit codes in power-of-two groups takes the GEMV kernel ``quant_gemv``: each program
+owns ``BLOCK_N`` weight rows and reads their codes in whole units (bytes; for 3-bit codes, three bytes joined into
+one word of eight codes), one coalesced segment per row, splits them in registers, dots them with x per group and
+applies scale and zero once per group (``sum scale * (x.codes - zero * sum x)``). Everything else (groups of
+96/192, several rows) takes the general kernel ``qmm``, which dequantizes element by element: broadcast-and-sum for
+a few rows, ``tl.dot`` beyond (it needs 16 rows).
 A ``SPLIT_K`` > 1 splits the K loop between programs that add fp32 partial sums with atomics (the epilogue and
 bias are added by the first split only).
 """
@@ -104,8 +105,8 @@ def default_gemv_config(k: int, n: int) -> dict:
 
 
 def gemv_eligible(m: int, main: Packed | None) -> bool:
-    """Whether ``quant_gemv`` can run: one row, 2/4/8-bit codes in power-of-two groups of at least 32."""
-    return (m == 1 and main is not None and main.bits in (2, 4, 8) and main.group >= 32
+    """Whether ``quant_gemv`` can run: one row, 2/3/4/8-bit codes in power-of-two groups of at least 32."""
+    return (m == 1 and main is not None and main.bits in (2, 3, 4, 8) and main.group >= 32
             and main.group & (main.group - 1) == 0)
 
 
@@ -135,7 +136,7 @@ def _check(x, main, lowrank) -> tuple[int, int, int]:
 def quant_gemv(x: torch.Tensor, main: Packed, bias: torch.Tensor | None = None,
                colscale: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, Packed] | None = None,
                config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``quant_matmul`` for one token (``x: [1, K]``) with 2/4/8-bit codes in power-of-two groups (see
+    """``quant_matmul`` for one token (``x: [1, K]``) with 2/3/4/8-bit codes in power-of-two groups (see
     ``gemv_eligible``), through the GEMV kernel -> fp32 ``[1, N]``.
 
     Example:
@@ -143,8 +144,8 @@ def quant_gemv(x: torch.Tensor, main: Packed, bias: torch.Tensor | None = None,
     """
     m, k, n = _check(x, main, lowrank)
     if not gemv_eligible(m, main):
-        raise ValueError(f"quant_gemv takes one row of 2/4/8-bit codes in power-of-two groups >= 32; got {m} rows "
-                         f"of {None if main is None else main.bits}-bit codes in groups of "
+        raise ValueError(f"quant_gemv takes one row of 2/3/4/8-bit codes in power-of-two groups >= 32; got {m} "
+                         f"rows of {None if main is None else main.bits}-bit codes in groups of "
                          f"{None if main is None else main.group} (use quant_matmul)")
     from ..autotune import lookup
 
@@ -171,7 +172,7 @@ def quant_matmul(x: torch.Tensor, main: Packed | None, bias: torch.Tensor | None
     ``t @ deq(at)`` for ``lowrank = (t [M, R], at [R, N])``, plus ``bias`` -> fp32 ``[M, N]`` (written into
     ``out`` when given).
 
-    One token with 2/4/8-bit codes in power-of-two groups goes to ``quant_gemv`` unless a ``config`` of this
+    One token with 2/3/4/8-bit codes in power-of-two groups goes to ``quant_gemv`` unless a ``config`` of this
     kernel is given.
 
     Example:

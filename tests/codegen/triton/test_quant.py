@@ -64,7 +64,7 @@ GEMV_CONFIGS = [None, {"BLOCK_N": 4, "BLOCK_K": 128, "SPLIT_K": 3, "num_warps": 
                 {"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4}]  # block wider than a group
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 256])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gemv_kernel_matches_reference(bits, group, symmetric):
@@ -102,12 +102,11 @@ def test_gemv_kernel_lowrank_epilogue(factor_bits):
 
 
 def test_gemv_kernel_refuses_what_it_cannot_take():
-    three = _packed(8, 96, 3, 32, False, seed=0)
-    odd_group = _packed(8, 192, 4, 96, False, seed=0)
-    assert not gemv_eligible(1, three) and not gemv_eligible(1, odd_group)
+    odd_group = _packed(8, 192, 3, 96, False, seed=0)
+    assert gemv_eligible(1, _packed(8, 96, 3, 32, False, seed=0)) and not gemv_eligible(1, odd_group)
     assert not gemv_eligible(2, _packed(8, 64, 4, 32, False, seed=0))
     with pytest.raises(ValueError, match="quant_gemv takes one row"):
-        quant_gemv(torch.randn(1, 96, device=DEVICE), three)
+        quant_gemv(torch.randn(1, 192, device=DEVICE), odd_group)
     # the heuristic splits K until a large GPU has enough programs: more splits for fewer row blocks
     assert default_gemv_config(4096, 64)["SPLIT_K"] > default_gemv_config(4096, 4096)["SPLIT_K"] > 1
 
