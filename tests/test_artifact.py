@@ -113,6 +113,30 @@ def test_activation_sparsity_artifacts_restore_exactly(tmp_path, tokens, entry, 
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 
 
+@pytest.mark.parametrize("entry", ["{method: dam, budget: 5.0, bits: 3, group_size: 32, factor_group: 32}",
+                                   "{method: rtn, bits: 3, group_size: 32}", "{method: daws, sparsity: 0.5}"])
+def test_artifacts_load_in_a_fresh_interpreter(tmp_path, tokens, entry):
+    # nothing imported beforehand defines the sparsefx::* ops: loading must (DAM's restore runs its op once)
+    import subprocess
+    import sys
+
+    recipe = Recipe.from_yaml(f"passes: [{entry}]\ncalibration: {{samples: 4, seqlen: 16}}")
+    model = tiny_model("llama")
+    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
+    out = save_artifact(tmp_path / "a", model, None, recipe, result.report_dict())
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        save_file({"tokens": tokens, "want": model(tokens).logits}, tmp_path / "io.safetensors")
+    script = ("import sys, torch\nfrom safetensors.torch import load_file\nfrom sparsefx.artifact import load\n"
+              "io = load_file(sys.argv[2])\nm = load(sys.argv[1])\nwith torch.no_grad():\n"
+              "    got = m(io['tokens']).logits\n"
+              "torch.testing.assert_close(got, io['want'], rtol=1e-5, atol=1e-5)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "io.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_teal_artifact_stores_no_medium_weights(tmp_path, tokens):
     from safetensors import safe_open
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from ..ir import ops as _ops  # noqa: F401  (defines the sparsefx::* ops these modules call, also in a fresh process)
 from ..ir.annotate import LINEAR
 
 
