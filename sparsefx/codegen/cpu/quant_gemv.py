@@ -305,9 +305,15 @@ static void cols_range(const float* up, int64_t M, int64_t r, const PackedRef& w
 // DAM's linear for M fp32 rows of x, all parts packed: y = x @ deq(Q)^T + ((x @ deq(B)^T) * d) @ deq(At), main null =
 // no main weight. u = (x B^T) d is r wide, so it is computed first; then one parallel region splits the outputs by
 // At's groups, and each thread writes its outputs' main rows and adds their low-rank columns while they are in cache
-// (one fork/join per linear instead of two).
-static void lowrank_into(const float* x, int64_t M, int64_t in, const PackedRef* main, const PackedRef& at_,
-                         const float* d, const PackedRef& b, int64_t r, float* y, int64_t out) {
+// (one fork/join per linear instead of two). x: contiguous fp32 [M, in]; d: contiguous fp32 [r]; every part checked
+// by the caller. Returns y: [M, out] fp32.
+static torch::Tensor lowrank_decode(const torch::Tensor& x_, const PackedRef* main, const PackedRef& at_,
+                                    const torch::Tensor& d_, const PackedRef& b, int64_t out) {
+  const int64_t M = x_.size(0), in = x_.size(1), r = d_.numel();
+  const float* x = x_.data_ptr<float>();
+  const float* d = d_.data_ptr<float>();
+  auto y_ = torch::empty({M, out}, x_.options());
+  float* y = y_.data_ptr<float>();
   std::vector<float> u((size_t)(M * r));
   matmul_into(x, M, in, b, r, u.data());
   for (int64_t m = 0; m < M; ++m)
@@ -323,6 +329,7 @@ static void lowrank_into(const float* x, int64_t M, int64_t in, const PackedRef*
     }
     cols_range(u.data(), M, r, at_, y, out, g0, g1);
   });
+  return y_;
 }
 
 // y += u @ deq(At): u [M, r] fp32, At packed [r, out * bits / 8] (groups along out), y [M, out] fp32 (in place).
@@ -347,7 +354,7 @@ torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch:
                                    torch::Tensor at_zeros, torch::Tensor d, torch::Tensor b_packed,
                                    torch::Tensor b_scales, torch::Tensor b_zeros, int64_t fbits, int64_t fgs) {
   check_x(x);
-  const int64_t M = x.size(0), in = x.size(1), r = b_packed.size(0), out = at_packed.size(1) * 8 / fbits;
+  const int64_t in = x.size(1), r = b_packed.size(0), out = at_packed.size(1) * 8 / fbits;
   check_packed(b_packed, b_scales, b_zeros, fbits, fgs, in);
   check_packed(at_packed, at_scales, at_zeros, fbits, fgs, out);
   TORCH_CHECK(at_packed.size(0) == r && d.numel() == r && d.scalar_type() == torch::kFloat && d.is_contiguous(),
@@ -357,12 +364,9 @@ torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch:
     check_packed(packed, scales, zeros, bits, gs, in);
     TORCH_CHECK(packed.size(0) == out, "main weight and factors disagree on out_features");
   }
-  auto y = torch::empty({M, out}, x.options());
   const PackedRef main_ref = main ? packed_ref(packed, scales, zeros, bits, gs) : PackedRef{};
-  lowrank_into(x.data_ptr<float>(), M, in, main ? &main_ref : nullptr,
-               packed_ref(at_packed, at_scales, at_zeros, fbits, fgs), d.data_ptr<float>(),
-               packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), r, y.data_ptr<float>(), out);
-  return y;
+  return lowrank_decode(x, main ? &main_ref : nullptr, packed_ref(at_packed, at_scales, at_zeros, fbits, fgs), d,
+                        packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), out);
 }
 
 // w[o0:o1, :] = deq(W) rows as fp32: (q - zero) * scale, sixteen codes at a time (the op's default math, in C++).
@@ -489,10 +493,9 @@ torch::Tensor lowrank_quant_linear_cpu(
   const auto x2 = x.reshape({M, in});
   torch::Tensor y;
   if (decode_rows(x, M) && !fp16_factors) {          // the whole linear from the packed codes, one parallel region
-    const auto none = torch::empty({0}, at_packed.options());
-    y = lowrank_quant_matmul(x2.contiguous(), main ? packed : none, main ? scales : none.to(torch::kHalf),
-                             main ? zeros : none, bits, gs, at_packed, at_scales, at_zeros, d, b_packed, b_scales,
-                             b_zeros, fbits, fgs);
+    const PackedRef main_ref = main ? packed_ref(packed, scales, zeros, bits, gs) : PackedRef{};
+    y = lowrank_decode(x2.contiguous(), main ? &main_ref : nullptr, packed_ref(at_packed, at_scales, at_zeros, fbits,
+                       fgs), d, packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), out);
   } else {                                            // fp16 factors (small), or prefill: the default math's GEMMs
     const auto dt = x.scalar_type();
     const auto a = fp16_factors ? at_packed.to(dt) : dequantize(at_packed, at_scales, at_zeros, fbits, fgs).to(dt);
@@ -550,7 +553,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_quant_gemv_v7", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
+        ext = load_inline(name="sparsefx_quant_gemv_v8", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
                           functions=["quant_matmul", "quant_gemv_t", "lowrank_quant_matmul"],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
 
