@@ -185,6 +185,8 @@ def test_cpp_lowrank_op_names_inconsistent_operands():
         op(x, main.packed, main.scales, main.zeros, *args[3:], 3, 32, 4, 32)
     with pytest.raises(RuntimeError, match="x has 96 features, B packs 128"):
         op(torch.randn(1, 96), *args, 3, 32, 4, 32)
+    with pytest.raises(RuntimeError, match="positive multiple of 32"):   # not a division by zero
+        op(x, *args, 3, 32, 4, 0)
 
 
 @needs_kernel

@@ -185,7 +185,8 @@ static void rows_any(int64_t M, const float* x, const float* xsum, const uint8_t
 static void check_packed(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
                          int64_t bits, int64_t gs, int64_t cols) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
-  TORCH_CHECK(gs % 32 == 0 && cols % gs == 0, "group_size must be a multiple of 32 dividing the packed width");
+  TORCH_CHECK(gs > 0 && gs % 32 == 0 && cols % gs == 0, "group_size must be a positive multiple of 32 dividing the "
+              "packed width, got ", gs);
   TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.dim() == 2 && packed.is_contiguous() &&
               packed.size(1) * 8 == cols * bits, "packed must be contiguous uint8 [rows, cols * bits / 8]");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
@@ -553,7 +554,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_quant_gemv_v8", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
+        ext = load_inline(name="sparsefx_quant_gemv_v9", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
                           functions=["quant_matmul", "quant_gemv_t", "lowrank_quant_matmul"],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
 
