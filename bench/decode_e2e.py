@@ -10,12 +10,16 @@ Each variant is compressed (calibration: c4, --calib-samples x 512 tokens), prep
 (DynamicCache), no sampling logic. Variants run interleaved, round after round, so machine drift hits all alike;
 the table gives median tokens/s and the ratio to dense. Writes bench/results/decode_e2e_<model>.csv/.json.
 
-``--compile`` adds ``dense+inductor`` (``torch.compile(dense)``) and ``<recipe>+sparsefx`` (``torch.compile(model,
-backend="sparsefx")``: Inductor around the C++ decode kernel) for every recipe, and compares each compiled model's
-prompt logits with its eager twin's (max |difference| and top-1 agreement over the prompt positions), next to the
-eager model's own change under 1e-7 relative noise on its input embeddings. The prompt is the start of the eval
-text: on random token ids, thresholded models are chaotic (in an ad-hoc check, 1e-7 noise changed 44 % of the
-top-1 predictions of DAWS-50 in eager alone), on text they are not.
+``dense`` is the model as transformers runs it; ``dense-prepared`` is the same dense model after
+``prepare_cpu_decode`` (its linears, the LM head included, re-stored transposed): what the weight layout alone buys,
+so the compressed variants' lead over it is what compression buys. Compressed variants are prepared the same way.
+
+``--compile`` adds ``dense+inductor`` (``torch.compile(dense)``, likewise ``dense-prepared+inductor``) and
+``<recipe>+sparsefx`` (``torch.compile(model, backend="sparsefx")``: Inductor around the C++ decode kernel) for every
+recipe, and compares each compiled model's prompt logits with its eager twin's (max |difference| and top-1 agreement
+over the prompt positions), next to the eager model's own change under 1e-7 relative noise on its input embeddings.
+The prompt is the start of the eval text: on random token ids, thresholded models are chaotic (in an ad-hoc check,
+1e-7 noise changed 44 % of the top-1 predictions of DAWS-50 in eager alone), on text they are not.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also torch.compile'd variants (inductor / sparsefx)")
+    ap.add_argument("--no-dense-prepared", action="store_true",
+                    help="leave out dense-prepared (the dense model with its linears re-stored for decode)")
     ap.add_argument("--tag", default="", help="results file suffix: decode_e2e[_TAG]_<model>")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -67,6 +73,10 @@ def main() -> None:
     dense, tok = load_model(args.model)
     calib = calibration_batches(tok, dataclasses.replace(PROTOCOL, calib_samples=args.calib_samples))
     variants = {"dense": (dense, None)}
+    if not args.no_dense_prepared:
+        prepared, _ = load_model(args.model)
+        prepare_cpu_decode(prepared)
+        variants["dense-prepared"] = (prepared, None)
     bits = {}
     for spec in args.recipes:
         model, _ = load_model(args.model)
@@ -87,7 +97,7 @@ def main() -> None:
         # compiled instead of falling back to eager at Dynamo's default recompile limit (8)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(variants))
         for name, (model, effective) in list(variants.items()):
-            backend = "inductor" if name == "dense" else "sparsefx"
+            backend = "inductor" if name.startswith("dense") else "sparsefx"
             compiled = torch.compile(model, backend=backend)
             with torch.inference_mode():
                 a, b = compiled(prompt).logits, model(prompt).logits

@@ -74,10 +74,38 @@ def test_registered_cpu_kernel_of_the_op_on_transposed_storage(in_f, out_f):
                        tiered_linear_math(x, w, wm, b, 0.0, 0.0))
 
 
-def test_prepare_without_compressed_linears_changes_nothing():
+def test_prepare_without_compressed_linears_changes_nothing_unless_asked_for_dense_linears():
     model = tiny_model("llama")
     before = {n: p.data_ptr() for n, p in model.named_parameters()}
-    assert prepare_cpu_decode(model) == 0
+    assert prepare_cpu_decode(model, dense_linears=False) == 0
+    assert before == {n: p.data_ptr() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_linears_are_restored_transposed_with_ties_kept(tied):
+    model = tiny_model("llama")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    linears = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    n_params = sum(p.numel() for p in model.parameters())
+    prompt = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        ref = model(prompt, use_cache=True)
+        ref_next = model(prompt[:, -1:], past_key_values=ref.past_key_values, use_cache=True).logits
+    assert prepare_cpu_decode(model) == 0          # the count is of compressed linears
+    for name, w in linears.items():
+        weight = model.get_submodule(name).weight
+        assert weight.t().is_contiguous() and not weight.is_contiguous(), name
+        assert torch.equal(weight, w), name
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert sum(p.numel() for p in model.parameters()) == n_params  # a tie stays one tensor
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        nxt = model(prompt[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nxt, ref_next, rtol=1e-5, atol=1e-5)
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    prepare_cpu_decode(model)                      # a second preparation re-stores nothing
     assert before == {n: p.data_ptr() for n, p in model.named_parameters()}
 
 

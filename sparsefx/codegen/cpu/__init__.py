@@ -9,6 +9,12 @@ kernel of ``sparsefx::tiered_linear``: single-token calls then read only the kep
 the CPU kernels of ``sparsefx::quant_linear`` and ``lowrank_quant_linear`` (``quant_gemv``): up to ``MAX_ROWS``
 tokens, they multiply straight from the packed codes instead of dequantizing the whole weight per call; prepared
 quantized modules call those ops' C++-registered twins directly.
+
+Linears left dense (the LM head above all: 49152 x 576 in SmolLM2, a quarter of the dense model's bytes and most of
+a 3-bit model's) are re-stored transposed too, tied embeddings with them. The op stays ``F.linear``, but MKL's
+one-token product over a contiguous ``[in, out]`` streams the weight at close to the read bandwidth, where over
+``[out, in]`` rows it reaches about half of it (``bench/decode_e2e.py``, ``dense-prepared``). Prefill GEMMs read
+either layout at the same speed.
 """
 
 from __future__ import annotations
@@ -150,15 +156,33 @@ def _multitier_decode(kernel, mediums):
     return decode
 
 
+def _restore_dense_linears(model: nn.Module) -> int:
+    """Re-store every plain ``nn.Linear`` weight transposed (see the module docstring); a parameter shared with other
+    modules (tied input embeddings) is replaced in all of them, so the tie and the memory stay as they were. Return
+    how many weights were re-stored."""
+    fresh: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(w, nn.Parameter) and w.dim() == 2 and min(w.shape) > 1 \
+                and not _rows_are_channels(w):
+            fresh.setdefault(id(w), nn.Parameter(_transposed_storage(w.data), requires_grad=w.requires_grad))
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) in fresh:
+                setattr(module, name, fresh[id(p)])
+    return len(fresh)
+
+
 @torch.no_grad()
-def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
+def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False, dense_linears: bool = True) -> int:
     """Re-store compressed linears for the CPU decode kernel; return how many were prepared.
 
     With ``pack_medium``, a DAWS medium tier whose weights are pruned (density <= ``PACK_MAX_DENSITY``) also gets a
     bitmask-packed copy that one-token calls read instead of its dense rows (the dense tensor stays for prefill).
     Off by default: on this AVX2 CPU the expansion costs more than the bytes it saves — packed rows measured slower
     than dense fp16 rows (``daws.medium_dtype: float16``) at every shape of ``bench/kernel_daws_gemv.py``.
-    Outputs equal the unprepared model's up to fp32 summation order.
+    With ``dense_linears`` (the default), plain ``nn.Linear`` weights are re-stored transposed as well (not counted
+    in the return value). Outputs equal the unprepared model's up to fp32 summation order.
 
     Example:
         >>> prepare_cpu_decode(compressed_model)  # doctest: +SKIP
@@ -205,4 +229,6 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False) -> int:
             if extension_runs(module.weight_banded) and _kernel_pays(module):
                 module.decode_kernel = _extension().banded_gemv
             count += 1
+    if dense_linears:
+        _restore_dense_linears(model)
     return count
