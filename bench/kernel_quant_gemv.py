@@ -2,12 +2,12 @@
 
     python bench/kernel_quant_gemv.py            # shapes of DEVELOPERS.md, 8/4/3/2 bits, group 64 asymmetric
 
-Variants per shape: dense fp32 (the faster of torch.mv and F.linear), the op's default implementation
-(dequantize the whole weight, then F.linear — what ran before the kernel), and the C++ kernel that multiplies
-straight from the packed codes (``sparsefx/codegen/cpu/quant_gemv.py``) at each bit width. "Cold": every call uses
-the next of several weight copies that together exceed the last-level cache, as in decode. Variants are timed
-interleaved (``sparsefx.experiments.interleaved_medians``). Packed codes are random bytes (every bit pattern is a
-valid code), scales random fp16: the kernel's work does not depend on the values.
+Variants per shape: dense fp32 (the fastest of ``experiments.dense_gemv_calls``: torch.mv, F.linear, F.linear over the
+transposed copy), the op's default implementation (dequantize the whole weight, then F.linear — what ran before the
+kernel), and the C++ kernel that multiplies straight from the packed codes (``sparsefx/codegen/cpu/quant_gemv.py``) at
+each bit width. "Cold": every call uses the next of several weight copies that together exceed the last-level cache,
+as in decode. Variants are timed interleaved (``sparsefx.experiments.interleaved_medians``). Packed codes are random
+bytes (every bit pattern is a valid code), scales random fp16: the kernel's work does not depend on the values.
 Writes bench/results/kernel_quant_gemv.csv and .json.
 """
 
@@ -16,11 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sparsefx.codegen.cpu.quant_gemv import _extension, quant_matmul, quant_matmul_reference
-from sparsefx.experiments import (KERNEL_SHAPES, cold_copies, interleaved_medians, kernel_bench_parser, run_meta,
-                                  write_results)
+from sparsefx.experiments import (KERNEL_SHAPES, best_dense, cold_copies, cold_weights, dense_gemv_calls,
+                                  interleaved_medians, kernel_bench_parser, run_meta, write_results)
 from sparsefx.ir.ops import quant_linear_math
 from sparsefx.ir.qformat import QuantSpec
 
@@ -48,17 +47,14 @@ def main() -> None:
     for out_f, in_f in KERNEL_SHAPES:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(args.rows, in_f, generator=gen)
-        dense_copies = cold_copies(out_f * in_f * 4)
-        ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(dense_copies)]
+        ws, wts, nxt_dense = cold_weights(out_f, in_f, cold_copies(out_f * in_f * 4), gen)
         state: dict = {}
 
         def nxt(key, n):
             state[key] = (state.get(key, 0) + 1) % n
             return state[key]
 
-        fns = {"linear": lambda: F.linear(x, ws[nxt("dense", dense_copies)])}
-        if args.rows == 1:
-            fns["mv"] = lambda: torch.mv(ws[nxt("dense", dense_copies)], x[0])
+        fns = dense_gemv_calls(x, ws, wts, nxt_dense)
         packs = {}
         for bits in BITS:
             spec = QuantSpec(bits, args.group_size, args.symmetric)
@@ -71,20 +67,20 @@ def main() -> None:
         # the default implementation dequantizes per call: time it at 4 bits only (its cost hardly depends on bits)
         fns["dequant4"] = lambda: quant_linear_math(x, *packs[4][nxt(4, len(packs[4]))], None, 4, args.group_size)
         t = interleaved_medians(fns, args.reps)
-        dense = min(t["linear"], t.get("mv", float("inf")))
+        dense, dense_call = best_dense(t)
         for bits in BITS:
             spec = QuantSpec(bits, args.group_size, args.symmetric)
             weight_bytes = out_f * in_f * spec.bits_per_weight / 8
             rows.append({"out": out_f, "in": in_f, "bits": bits, "group_size": args.group_size,
                          "symmetric": args.symmetric, "tokens": args.rows,
-                         "dense_ms": round(dense * 1e3, 4), "kernel_ms": round(t[f"kernel{bits}"] * 1e3, 4),
+                         "dense_ms": round(dense * 1e3, 4), "best_dense": dense_call, "kernel_ms": round(t[f"kernel{bits}"] * 1e3, 4),
                          "speedup_vs_dense": round(dense / t[f"kernel{bits}"], 3),
                          "ideal_speedup": round(32 / spec.bits_per_weight, 3),
                          "dequant_then_linear_ms": round(t["dequant4"] * 1e3, 4) if bits == 4 else None,
                          "kernel_GBps": round(weight_bytes / t[f"kernel{bits}"] / 1e9, 2),
                          "dense_GBps": round(out_f * in_f * 4 / dense / 1e9, 2)})
             print(rows[-1], flush=True)
-        del ws, packs
+        del ws, wts, packs
     write_results(args.out, "kernel_quant_gemv" + (f"_m{args.rows}" if args.rows != 1 else ""), rows,
                   run_meta(reps=args.reps, group_size=args.group_size, symmetric=args.symmetric, rows=args.rows))
 

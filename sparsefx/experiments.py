@@ -113,6 +113,28 @@ def cold_weights(out_f: int, in_f: int, copies: int, gen: torch.Generator):
     return ws, wts, nxt
 
 
+DENSE_CALLS = ("mv", "linear", "linear_t")
+
+
+def dense_gemv_calls(x: torch.Tensor, ws, wts, nxt) -> dict:
+    """The dense fp32 products a kernel benchmark measures itself against, each on the next cold copy (``nxt()``):
+    ``mv`` (``torch.mv(W, x)``, one row of x only) and ``linear`` (``F.linear(x, W)``) read W's ``[out, in]`` rows;
+    ``linear_t`` is ``F.linear`` over the transposed copy (``Wt: [in, out]`` contiguous, the layout
+    ``codegen.cpu.prepare_cpu_decode`` gives dense linears), which MKL streams faster on some shapes. The baseline
+    is the fastest of them (``best_dense``)."""
+    fns = {"linear": lambda: torch.nn.functional.linear(x, ws[nxt()]),
+           "linear_t": lambda: torch.nn.functional.linear(x, wts[nxt()].t())}
+    if x.dim() == 1 or x.shape[0] == 1:
+        fns["mv"] = lambda: torch.mv(ws[nxt()], x.reshape(-1))
+    return fns
+
+
+def best_dense(t: dict) -> tuple[float, str]:
+    """The fastest of the ``dense_gemv_calls`` timed in ``t`` (seconds per call) and its name."""
+    name = min((k for k in DENSE_CALLS if k in t), key=t.__getitem__)
+    return t[name], name
+
+
 def kernel_bench_cases():
     """Per shape of ``KERNEL_SHAPES``: ``(out, in, gen, x, ws, wts, nxt)`` — a seeded generator, the input
     ``x: [in]`` drawn from it, then cold fp32 weight copies and their transposes (``cold_weights``), enough copies
