@@ -86,8 +86,9 @@ def main() -> None:
         prepare_cpu_decode(model)
         effective = next((r.details["effective_sparsity"] for r in reversed(result.reports)
                           if "effective_sparsity" in r.details), None)
-        bits[name] = next((r.details["bits_per_weight"] for r in reversed(result.reports)
-                           if "bits_per_weight" in r.details), None)
+        # the first pass that stores bits: the layers' linears (a later pass may requantize only the LM head)
+        bits[name] = next((r.details["bits_per_weight"] for r in result.reports if "bits_per_weight" in r.details),
+                          None)
         variants[name] = (model, effective)
     # the prompt: the start of the eval text (real text: see the module docstring on sensitivity)
     prompt = eval_windows(tok, PROTOCOL)[:1, :args.prompt]
