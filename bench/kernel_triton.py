@@ -13,14 +13,14 @@ Decode shapes (batch 1) of DEVELOPERS.md, weights in bf16 (tiered) or packed cod
     tunes it at (``autotune.BANDED_TIER_SHARES``: 81 % of rows read, about 50 % effective sparsity with three medium
     tiers at 25/50/75 %), and with every threshold zero (``all rows``: a dense GEMV over the same fp16 bytes); the
     same routing over the tiers stored apart in bf16 (``multitier_gemv``, ``layout: separate``).
-Every row is against the best dense bf16 path of the same run (``F.linear`` on ``[in]`` and on ``[1, in]``, the
-faster). Times are GPU time per call (``autotune.graph_us``): the calls of a variant run over enough copies of its
-weights to overflow L2 (weights come from HBM, as in decode) and are captured in a CUDA graph, so Python's launch
-overhead (tens of microseconds per kernel, more than a kernel takes) is not counted, as decode with CUDA graphs
-does not pay it. Bandwidth = bytes the kernel must read / time, also as a fraction of a device-to-device
-copy's rate (the achievable peak, measured in the same run). ``config``: ``heuristic`` (the launcher's default) or
-``tuned`` (``--tune`` first runs ``autotune.tune_triton`` over these shapes in bf16 and stores the winners in the
-autotune cache; rows then show both).
+Every row is against the best dense bf16 path of the same run (``F.linear`` on ``[in]`` and on ``[1, in]``, and
+``F.linear`` over the transposed copy ``W.T`` that the tiered kernels read: the fastest). Times are GPU time per call
+(``autotune.graph_us``): the calls of a variant run over enough copies of its weights to overflow L2 (weights come
+from HBM, as in decode) and are captured in a CUDA graph, so Python's launch overhead (tens of microseconds per
+kernel, more than a kernel takes) is not counted, as decode with CUDA graphs does not pay it. Bandwidth = bytes the
+kernel must read / time, also as a fraction of a device-to-device copy's rate (the achievable peak, measured in the
+same run). ``config``: ``heuristic`` (the launcher's default) or ``tuned`` (``--tune`` first runs
+``autotune.tune_triton`` over these shapes in bf16 and stores the winners in the autotune cache; rows then show both).
 
 ``--smoke`` runs the same code on one tiny shape on CPU under ``TRITON_INTERPRET=1`` with wall-clock timing (and a
 throw-away autotune cache): it checks that the script runs (the test suite does this), its figures mean nothing.
@@ -135,7 +135,8 @@ def main() -> None:
         x = torch.randn(in_f, device=device, dtype=torch.bfloat16)
         ws, wts = copies(w), copies(wt, wm)
         blocked = copies(tt.block_layout(wt, BLOCKED_N), tt.block_layout(wm, BLOCKED_N))
-        dense_us = min(bench(lambda w: F.linear(x, w), ws), bench(lambda w: F.linear(x[None], w), ws))
+        dense_us = min(bench(lambda w: F.linear(x, w), ws), bench(lambda w: F.linear(x[None], w), ws),
+                       bench(lambda wt, wm: F.linear(x, wt.t()), wts))
         row("dense", shape, "F.linear bf16", "torch", dense_us, dense_us, w.numel() * 2)
         for config in configs if "tiered" in args.kernels else []:
             # heuristic: the launcher's default, passed explicitly; tuned: None, so the launcher reads the cache
