@@ -60,7 +60,8 @@ def cmd_eval(args) -> int:
         import torch
 
         model.forward = torch.compile(model.forward, backend="sparsefx", dynamic=True)
-    res = evaluate(model, tok, _protocol(args), speed=not args.no_speed, progress=not args.no_progress)
+    res = evaluate(model, tok, _protocol(args), speed=not args.no_speed, progress=not args.no_progress,
+                   prepare_decode=not args.compile)
     out = {**res.to_dict(), "compiled": bool(args.compile)}
     print(f"model            {args.model}{'  (torch.compile, backend sparsefx)' if args.compile else ''}")
     print(f"perplexity       {res.ppl:.4f}  ({res.tokens} predicted tokens)")

@@ -101,8 +101,13 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: bool = True,
-             progress: bool = True, windows: torch.Tensor | None = None) -> EvalResult:
+             progress: bool = True, windows: torch.Tensor | None = None, prepare_decode: bool = True) -> EvalResult:
     """Perplexity under ``protocol`` plus counts and (optionally) decode speed.
+
+    With ``speed`` and ``prepare_decode``, a model on CPU is prepared for the CPU decode kernels
+    (``codegen.cpu.prepare_cpu_decode``: weights re-stored in place, outputs equal up to fp32 summation order) after
+    the perplexity and before the timing, so the speed is what the kernels give. Pass ``prepare_decode=False`` for a
+    compiled model (the ``sparsefx`` backend lowers to the kernels itself) or to time the model as it is.
 
     Example:
         >>> evaluate(model, tok).ppl  # doctest: +SKIP
@@ -111,6 +116,12 @@ def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: 
     t0 = time.perf_counter()
     windows = eval_windows(tokenizer, protocol) if windows is None else windows
     ppl, nll, n = perplexity(model, windows, progress)
-    tok_s = decode_tokens_per_s(model) if speed else None
+    tok_s = None
+    if speed:
+        if prepare_decode and next(model.parameters()).device.type == "cpu":
+            from .codegen.cpu import prepare_cpu_decode
+
+            prepare_cpu_decode(model)
+        tok_s = decode_tokens_per_s(model)
     return EvalResult(ppl=ppl, nll_sum=nll, tokens=n, decode_tok_s=tok_s, eval_seconds=time.perf_counter() - t0,
                       **count_params(model))

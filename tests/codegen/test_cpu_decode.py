@@ -126,3 +126,17 @@ def test_packed_model_compiles_to_the_packed_op_with_eager_outputs():
     gm, _ = torch._dynamo.export(layer)(x1)
     packed_op = torch.ops.sparsefx_cpu.tiered_linear_packed
     assert any(n.target in (packed_op, packed_op.default) for n in gm.graph.nodes), gm.graph
+
+
+@needs_kernel
+@pytest.mark.parametrize("prepare", [True, False])
+def test_evaluate_times_decode_through_the_cpu_kernels_unless_told_not_to(prepare):
+    from sparsefx.eval import evaluate
+
+    model = _compressed()
+    res = evaluate(model, None, progress=False, windows=torch.randint(0, 256, (2, 33)), prepare_decode=prepare)
+    assert res.decode_tok_s > 0
+    tiered = [m for m in model.modules() if isinstance(m, TieredLinear)]
+    assert len(tiered) == 7 * model.config.num_hidden_layers
+    assert all((m.decode_kernel is not None) == prepare for m in tiered)
+    assert model.lm_head.weight.t().is_contiguous() == prepare      # the dense LM head re-stored too
