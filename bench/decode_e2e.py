@@ -20,12 +20,18 @@ recipe, and compares each compiled model's prompt logits with its eager twin's (
 over the prompt positions), next to the eager model's own change under 1e-7 relative noise on its input embeddings.
 The prompt is the start of the eval text: on random token ids, thresholded models are chaotic (in an ad-hoc check,
 1e-7 noise changed 44 % of the top-1 predictions of DAWS-50 in eager alone), on text they are not.
+
+``--skip-module-guards`` (with ``--compile``) adds a twin of every compiled variant, suffix ``-noguards``, compiled
+with ``options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}``: Dynamo then checks no
+nn.Module attribute before each call, which a decode loop over a model that is not modified after compiling can
+afford (a modified model would keep running the old code).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -62,6 +68,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also torch.compile'd variants (inductor / sparsefx)")
+    ap.add_argument("--skip-module-guards", action="store_true",
+                    help="with --compile, also compile every variant with Dynamo's guards on nn.Module attributes "
+                         "left out (torch.compiler.skip_guard_on_all_nn_modules_unsafe; suffix -noguards)")
     ap.add_argument("--no-dense-prepared", action="store_true",
                     help="leave out dense-prepared (the dense model with its linears re-stored for decode)")
     ap.add_argument("--tag", default="", help="results file suffix: decode_e2e[_TAG]_<model>")
@@ -96,10 +105,15 @@ def main() -> None:
     if args.compile:
         # every variant compiles the same HF forward code objects (twice: prompt and decode shapes); keep them all
         # compiled instead of falling back to eager at Dynamo's default recompile limit (8)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(variants))
-        for name, (model, effective) in list(variants.items()):
+        guard_modes = {"": None}
+        if args.skip_module_guards:
+            guard_modes["-noguards"] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   4 * len(guard_modes) * len(variants))
+        for (name, (model, effective)), (suffix, options) in itertools.product(list(variants.items()),
+                                                                               guard_modes.items()):
             backend = "inductor" if name.startswith("dense") else "sparsefx"
-            compiled = torch.compile(model, backend=backend)
+            compiled = torch.compile(model, backend=backend, options=options)
             with torch.inference_mode():
                 a, b = compiled(prompt).logits, model(prompt).logits
                 # Thresholded routing is discontinuous: Inductor's reassociated fp32 sums (e.g. in RMSNorm) can move
@@ -108,11 +122,11 @@ def main() -> None:
                 emb = model.get_input_embeddings()(prompt)
                 noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(1))
                 c = model(inputs_embeds=emb * (1 + 1e-7 * noise)).logits
-                diffs[f"{name}+{backend}"] = {
+                diffs[f"{name}+{backend}{suffix}"] = {
                     "max_abs_logit_diff_vs_eager": float((a - b).abs().max()),
                     "top1_agree_vs_eager": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
                     "eager_max_abs_diff_under_1e-7_noise": float((c - b).abs().max())}
-            variants[f"{name}+{backend}"] = (compiled, effective)
+            variants[f"{name}+{backend}{suffix}"] = (compiled, effective)
     speeds: dict[str, list[float]] = {name: [] for name in variants}
     for name, (model, _) in variants.items():  # warm-up (kernel build, allocator, compiles for both shapes)
         decode_tok_s(model, prompt, 4)
