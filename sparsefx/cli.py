@@ -61,10 +61,11 @@ def cmd_eval(args) -> int:
 
         model.forward = torch.compile(model.forward, backend="sparsefx", dynamic=True)
     res = evaluate(model, tok, _protocol(args), speed=not args.no_speed, progress=not args.no_progress,
-                   prepare_decode=not args.compile)
-    out = {**res.to_dict(), "compiled": bool(args.compile)}
+                   prepare_decode=not args.compile, decode_path=args.decode_path)
+    out = {**res.to_dict(), "compiled": bool(args.compile), "decode_path": bool(args.decode_path)}
     print(f"model            {args.model}{'  (torch.compile, backend sparsefx)' if args.compile else ''}")
-    print(f"perplexity       {res.ppl:.4f}  ({res.tokens} predicted tokens)")
+    print(f"perplexity       {res.ppl:.4f}  ({res.tokens} predicted tokens"
+          f"{', token by token through the KV cache' if args.decode_path else ''})")
     if res.decode_tok_s:
         print(f"decode tokens/s  {res.decode_tok_s:.2f}  (batch 1, greedy, KV cache)")
     print(f"parameters       {res.params_total:,}  non-zero {res.params_nonzero:,}")
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the result to this JSON file")
     e.add_argument("--compile", action="store_true",
                    help='run the model through torch.compile(backend="sparsefx") (Inductor + the kernels)')
+    e.add_argument("--decode-path", action="store_true",
+                   help="score the text one token at a time through the KV cache (and, on CPU, the decode "
+                        "kernels), as generate() runs the model; one forward per token, so much slower")
     common(e)
     e.set_defaults(fn=cmd_eval)
 

@@ -33,10 +33,15 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> tuple[float, float, int]:
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True,
+               decode: bool = False) -> tuple[float, float, int]:
     """``(ppl, nll_sum, n_predicted)`` of ``model`` over token ``windows: [W, L]``, each window on its own.
 
-    Every window predicts its tokens 1..L-1 from the tokens before them (no context across windows).
+    Every window predicts its tokens 1..L-1 from the tokens before them (no context across windows). By default a
+    window is one forward (prefill). With ``decode``, it is fed one token at a time through the KV cache, as
+    ``generate()`` runs a model: batch-1 calls reach the decode kernels (CPU, once the model is prepared by
+    ``codegen.cpu.prepare_cpu_decode``), so their numerics are what is scored. Same predictions, L forwards per
+    window.
 
     Example:
         >>> ppl, _, _ = perplexity(model, eval_windows(tok))  # doctest: +SKIP
@@ -45,13 +50,27 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -
 
     device = next(model.parameters()).device
     nll, n = 0.0, 0
-    for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+    for w in tqdm(windows, desc="perplexity" + (" (token by token)" if decode else ""), unit="window",
+                  disable=not progress):
         ids = w[None].to(device)                                   # [1, L]
-        logits = model(input_ids=ids, use_cache=False).logits      # [1, L, V]
+        logits = _logits_token_by_token(model, ids) if decode else model(input_ids=ids, use_cache=False).logits
         loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
         nll += loss.item()
         n += ids.shape[1] - 1
     return math.exp(nll / n), nll, n
+
+
+def _logits_token_by_token(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``[1, L, V]`` logits of ``ids: [1, L]``, one forward per token with the HF KV cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    steps = []
+    for t in range(ids.shape[1]):
+        out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits[:, -1:].float())
+    return torch.cat(steps, dim=1)
 
 
 @torch.inference_mode()
@@ -101,8 +120,13 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: bool = True,
-             progress: bool = True, windows: torch.Tensor | None = None, prepare_decode: bool = True) -> EvalResult:
+             progress: bool = True, windows: torch.Tensor | None = None, prepare_decode: bool = True,
+             decode_path: bool = False) -> EvalResult:
     """Perplexity under ``protocol`` plus counts and (optionally) decode speed.
+
+    With ``decode_path``, the perplexity is scored token by token through the KV cache (``perplexity(...,
+    decode=True)``), a CPU model prepared for the decode kernels first (unless ``prepare_decode`` is False): the
+    numerics of generation rather than of prefill.
 
     With ``speed`` and ``prepare_decode``, a model on CPU is prepared for the CPU decode kernels
     (``codegen.cpu.prepare_cpu_decode``: weights re-stored in place, outputs equal up to fp32 summation order) after
@@ -115,13 +139,20 @@ def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: 
     """
     t0 = time.perf_counter()
     windows = eval_windows(tokenizer, protocol) if windows is None else windows
-    ppl, nll, n = perplexity(model, windows, progress)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if decode_path and prepare_decode and on_cpu:
+        _prepare(model)
+    ppl, nll, n = perplexity(model, windows, progress, decode=decode_path)
     tok_s = None
     if speed:
-        if prepare_decode and next(model.parameters()).device.type == "cpu":
-            from .codegen.cpu import prepare_cpu_decode
-
-            prepare_cpu_decode(model)
+        if prepare_decode and on_cpu:
+            _prepare(model)
         tok_s = decode_tokens_per_s(model)
     return EvalResult(ppl=ppl, nll_sum=nll, tokens=n, decode_tok_s=tok_s, eval_seconds=time.perf_counter() - t0,
                       **count_params(model))
+
+
+def _prepare(model: nn.Module) -> None:
+    from .codegen.cpu import prepare_cpu_decode
+
+    prepare_cpu_decode(model)

@@ -91,3 +91,20 @@ def test_margin_pairs_file(tmp_path, capsys, smollm2):
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert main(["eval", "smollm2", "--level", "0.1"]) == 2
     assert "--level applies to structurally pruned artifacts" in capsys.readouterr().err
+
+
+def test_eval_decode_path_matches_prefill_on_a_quantized_artifact(tmp_path, smollm2):
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text("passes: [{method: rtn, bits: 4, group_size: 64}]\n")
+    out = tmp_path / "rtn4"
+    assert main(["compress", "smollm2", "-r", str(recipe), "-o", str(out), "--no-progress"]) == 0
+    res = {}
+    for flags in ((), ("--decode-path",)):
+        path = tmp_path / f"eval{len(flags)}.json"
+        assert main(["eval", str(out), "--tokens", "1024", "--no-speed", "--no-progress", "--json", str(path),
+                     *flags]) == 0
+        res[flags] = json.loads(path.read_text())
+    assert res[("--decode-path",)]["decode_path"] and not res[()]["decode_path"]
+    assert res[("--decode-path",)]["tokens"] == res[()]["tokens"] == 1023
+    # the C++ decode kernel (packed codes) against dequantize + GEMM: fp32 summation order only
+    assert res[("--decode-path",)]["ppl"] == pytest.approx(res[()]["ppl"], rel=1e-4)

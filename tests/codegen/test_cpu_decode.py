@@ -140,3 +140,25 @@ def test_evaluate_times_decode_through_the_cpu_kernels_unless_told_not_to(prepar
     assert len(tiered) == 7 * model.config.num_hidden_layers
     assert all((m.decode_kernel is not None) == prepare for m in tiered)
     assert model.lm_head.weight.t().is_contiguous() == prepare      # the dense LM head re-stored too
+
+
+@needs_kernel
+@pytest.mark.parametrize("recipe", ["{method: rtn, bits: 4, group_size: 32}", "{method: daws, sparsity: 0.5}"])
+def test_decode_path_perplexity_runs_the_decode_kernels_and_matches_prefill(recipe):
+    from sparsefx.eval import evaluate, perplexity
+
+    model = _compressed(recipe)
+    windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    prefill = perplexity(model, windows, progress=False)
+    prepare_cpu_decode(model)
+    calls = []
+    for m in model.modules():
+        if getattr(m, "decode_kernel", None) is not None:
+            kernel = m.decode_kernel
+            m.decode_kernel = lambda *a, k=kernel: calls.append(1) or k(*a)
+    res = evaluate(model, None, speed=False, progress=False, windows=windows, prepare_decode=False,
+                   decode_path=True)
+    # one call per compressed linear per token fed: every position of every window
+    assert len(calls) == 7 * model.config.num_hidden_layers * windows.numel()
+    assert res.tokens == prefill[2] == windows.shape[0] * (windows.shape[1] - 1)
+    assert res.ppl == pytest.approx(prefill[0], rel=1e-4)
