@@ -25,19 +25,27 @@ def test_compress_then_eval_artifact(tmp_path, capsys, smollm2):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_eval_compiled_through_the_backend_matches_eager(tmp_path, smollm2):
-    recipe = tmp_path / "daws.yaml"
-    recipe.write_text("calibration: {samples: 2, seqlen: 64}\npasses: [{method: daws, sparsity: 0.5}]\n")
-    out = tmp_path / "daws"
+def _compress_then_eval(tmp_path, recipe_yaml: str, flag: str) -> dict:
+    """Compress SmolLM2 with ``recipe_yaml``, then ``sparsefx eval`` the artifact on 1,024 tokens without and with
+    ``flag``: ``{(): json, (flag,): json}``."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_yaml)
+    out = tmp_path / "artifact"
     assert main(["compress", "smollm2", "-r", str(recipe), "-o", str(out), "--no-progress"]) == 0
     res = {}
+    for flags in ((), (flag,)):
+        path = tmp_path / f"eval{len(flags)}.json"
+        assert main(["eval", str(out), "--tokens", "1024", "--no-speed", "--no-progress", "--json", str(path),
+                     *flags]) == 0
+        res[flags] = json.loads(path.read_text())
+    return res
+
+
+def test_eval_compiled_through_the_backend_matches_eager(tmp_path, smollm2):
     backend.counters.clear()
     with torch._inductor.config.patch(fx_graph_cache=False):   # a cache hit would skip the lowering pass
-        for flags in ((), ("--compile",)):
-            path = tmp_path / f"eval{len(flags)}.json"
-            assert main(["eval", str(out), "--tokens", "1024", "--no-speed", "--no-progress", "--json", str(path),
-                         *flags]) == 0
-            res[flags] = json.loads(path.read_text())
+        res = _compress_then_eval(tmp_path, "calibration: {samples: 2, seqlen: 64}\npasses: [{method: daws, "
+                                            "sparsity: 0.5}]\n", "--compile")
     assert res[("--compile",)]["compiled"] and not res[()]["compiled"]
     assert backend.counters["cpu.tiered_linear"] == 210 and backend.counters["fallback"] == 0
     # Not bit-equal: Inductor reassociates fp32 sums (RMSNorm), a few |x| cross a threshold and the change cascades.
@@ -94,16 +102,7 @@ def test_margin_pairs_file(tmp_path, capsys, smollm2):
 
 
 def test_eval_decode_path_matches_prefill_on_a_quantized_artifact(tmp_path, smollm2):
-    recipe = tmp_path / "rtn.yaml"
-    recipe.write_text("passes: [{method: rtn, bits: 4, group_size: 64}]\n")
-    out = tmp_path / "rtn4"
-    assert main(["compress", "smollm2", "-r", str(recipe), "-o", str(out), "--no-progress"]) == 0
-    res = {}
-    for flags in ((), ("--decode-path",)):
-        path = tmp_path / f"eval{len(flags)}.json"
-        assert main(["eval", str(out), "--tokens", "1024", "--no-speed", "--no-progress", "--json", str(path),
-                     *flags]) == 0
-        res[flags] = json.loads(path.read_text())
+    res = _compress_then_eval(tmp_path, "passes: [{method: rtn, bits: 4, group_size: 64}]\n", "--decode-path")
     assert res[("--decode-path",)]["decode_path"] and not res[()]["decode_path"]
     assert res[("--decode-path",)]["tokens"] == res[()]["tokens"] == 1023
     # the C++ decode kernel (packed codes) against dequantize + GEMM: fp32 summation order only
