@@ -59,10 +59,16 @@ def cmd_eval(args) -> int:
     if args.compile:   # the sparsefx backend: compressed ops lowered to kernels, the rest compiled by Inductor
         import torch
 
-        model.forward = torch.compile(model.forward, backend="sparsefx", dynamic=True)
+        model.forward = torch.compile(model.forward, backend="sparsefx", dynamic=True,
+                                      options={"int8_activations": bool(args.int8_activations)})
+    if args.int8_activations and not args.decode_path:
+        print("note: --int8-activations changes only the decode kernels; this perplexity is prefill's "
+              "(add --decode-path to score them)", file=sys.stderr)
     res = evaluate(model, tok, _protocol(args), speed=not args.no_speed, progress=not args.no_progress,
-                   prepare_decode=not args.compile, decode_path=args.decode_path)
-    out = {**res.to_dict(), "compiled": bool(args.compile), "decode_path": bool(args.decode_path)}
+                   prepare_decode=not args.compile, decode_path=args.decode_path,
+                   int8_activations=args.int8_activations)
+    out = {**res.to_dict(), "compiled": bool(args.compile), "decode_path": bool(args.decode_path),
+           "int8_activations": bool(args.int8_activations)}
     print(f"model            {args.model}{'  (torch.compile, backend sparsefx)' if args.compile else ''}")
     print(f"perplexity       {res.ppl:.4f}  ({res.tokens} predicted tokens"
           f"{', token by token through the KV cache' if args.decode_path else ''})")
@@ -211,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decode-path", action="store_true",
                    help="score the text one token at a time through the KV cache (and, on CPU, the decode "
                         "kernels), as generate() runs the model; one forward per token, so much slower")
+    e.add_argument("--int8-activations", action="store_true",
+                   help="CPU: quantized linears decode with their input rounded to int8 per 32 channels (faster, "
+                        "changes decode numerics: score them with --decode-path; prefill is unaffected)")
     common(e)
     e.set_defaults(fn=cmd_eval)
 

@@ -121,7 +121,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: bool = True,
              progress: bool = True, windows: torch.Tensor | None = None, prepare_decode: bool = True,
-             decode_path: bool = False) -> EvalResult:
+             decode_path: bool = False, int8_activations: bool = False) -> EvalResult:
     """Perplexity under ``protocol`` plus counts and (optionally) decode speed.
 
     With ``decode_path``, the perplexity is scored token by token through the KV cache (``perplexity(...,
@@ -132,6 +132,8 @@ def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: 
     (``codegen.cpu.prepare_cpu_decode``: weights re-stored in place, outputs equal up to fp32 summation order) after
     the perplexity and before the timing, so the speed is what the kernels give. Pass ``prepare_decode=False`` for a
     compiled model (the ``sparsefx`` backend lowers to the kernels itself) or to time the model as it is.
+    ``int8_activations`` is passed to that preparation (quantized linears decode with x rounded to int8); only a
+    ``decode_path`` perplexity sees it.
 
     Example:
         >>> evaluate(model, tok).ppl  # doctest: +SKIP
@@ -141,18 +143,18 @@ def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: 
     windows = eval_windows(tokenizer, protocol) if windows is None else windows
     on_cpu = next(model.parameters()).device.type == "cpu"
     if decode_path and prepare_decode and on_cpu:
-        _prepare(model)
+        _prepare(model, int8_activations)
     ppl, nll, n = perplexity(model, windows, progress, decode=decode_path)
     tok_s = None
     if speed:
         if prepare_decode and on_cpu:
-            _prepare(model)
+            _prepare(model, int8_activations)
         tok_s = decode_tokens_per_s(model)
     return EvalResult(ppl=ppl, nll_sum=nll, tokens=n, decode_tok_s=tok_s, eval_seconds=time.perf_counter() - t0,
                       **count_params(model))
 
 
-def _prepare(model: nn.Module) -> None:
+def _prepare(model: nn.Module, int8_activations: bool = False) -> None:
     from .codegen.cpu import prepare_cpu_decode
 
-    prepare_cpu_decode(model)
+    prepare_cpu_decode(model, int8_activations=int8_activations)

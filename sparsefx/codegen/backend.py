@@ -22,7 +22,8 @@ Stages, on each graph Dynamo hands over:
 If a stage fails, the backend logs a warning and runs Dynamo's graph eagerly — the model still computes the same
 thing, only without the kernels. ``counters`` counts what was bound and lowered (tests assert on it).
 
-Options: ``kernels`` (``auto`` | ``triton`` | ``cpu`` | ``reference``), ``artifact`` (path), ``inductor`` (bool).
+Options: ``kernels`` (``auto`` | ``triton`` | ``cpu`` | ``reference``), ``artifact`` (path), ``inductor`` (bool),
+``int8_activations`` (bool; CPU quantized linears decode with x rounded to int8, see ``cpu/quant_gemv.py``).
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ class BackendOptions:
     kernels: str = "auto"
     artifact: str | None = None
     inductor: bool = True
+    int8_activations: bool = False   # CPU: quant_linear decodes with x rounded to int8 (quant_gemv.quant_matmul_q8)
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
             raise RecipeError(f"sparsefx backend: kernels must be one of {KERNELS}, got {self.kernels!r}")
-        if not isinstance(self.inductor, bool):
-            raise RecipeError(f"sparsefx backend: inductor must be true or false, got {self.inductor!r}")
+        for name in ("inductor", "int8_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"sparsefx backend: {name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "BackendOptions":
@@ -269,8 +272,10 @@ def _op_name(target) -> str | None:
     return text[len("sparsefx::"):].split(".")[0]
 
 
-def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
-    """Retarget every compressed op node of ``graph`` to the kernels of ``family``; return counts per op.
+def lower_graph(graph: torch.fx.Graph, family: str, int8_activations: bool = False) -> collections.Counter:
+    """Retarget every compressed op node of ``graph`` to the kernels of ``family``; return counts per op. With
+    ``int8_activations`` (CPU), ``quant_linear`` nodes go to ``sparsefx_cpu::quant_linear_q8`` (counted as
+    ``cpp.quant_linear_q8``), whose decode rounds x to int8 per 32 inputs.
 
     Example:
         >>> lower_graph(gm.graph, "triton")  # doctest: +SKIP
@@ -288,7 +293,7 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
         enable_cpu_kernels()
         # these ops' kernels are also registered in C++ (no Python call per linear in the compiled graph)
         cpp_ops = {"tiered_linear": cpp_tiered_linear(), "multitier_linear": cpp_multitier_linear(),
-                   "banded_linear": cpp_banded_linear(), "quant_linear": cpp_quant_linear(),
+                   "banded_linear": cpp_banded_linear(), "quant_linear": cpp_quant_linear(int8_activations),
                    "lowrank_quant_linear": cpp_lowrank_quant_linear()}
     for node in graph.nodes:
         if node.op != "call_function":
@@ -302,7 +307,8 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
         elif family == "cpu" and op in CPU_KERNELS:
             if cpp_ops.get(op) is not None:
                 node.target = cpp_ops[op]
-                lowered[f"cpp.{op}"] += 1  # ... through its C++-registered twin (no Python call per linear)
+                twin = f"{op}_q8" if op == "quant_linear" and int8_activations else op
+                lowered[f"cpp.{twin}"] += 1  # ... through its C++-registered twin (no Python call per linear)
             lowered[f"cpu.{op}"] += 1      # the op's registered CPU kernel (or its C++ twin) runs it
         else:
             lowered[f"reference.{op}"] += 1
@@ -310,15 +316,15 @@ def lower_graph(graph: torch.fx.Graph, family: str) -> collections.Counter:
     return lowered
 
 
-def _lowering_pass(family: str):
+def _lowering_pass(family: str, int8_activations: bool):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class LowerCompressedOps(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            lower_graph(graph, family)
+            lower_graph(graph, family, int8_activations)
 
         def uuid(self):
-            return (family, get_hash_for_files((__file__,)))
+            return (family, int8_activations, get_hash_for_files((__file__,)))
 
     return LowerCompressedOps()
 
@@ -347,7 +353,8 @@ def sparsefx_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     if opts.artifact is not None:
         gm, extra = bind_artifact(gm, example_inputs, opts.artifact)  # a bad artifact is an error, not a fallback
     try:
-        compiled = _compile(gm, [*example_inputs, *_static_fakes(extra)], family, opts.inductor)
+        compiled = _compile(gm, [*example_inputs, *_static_fakes(extra)], family, opts.inductor,
+                            opts.int8_activations)
     except torch._dynamo.exc.RestartAnalysis:
         raise     # Dynamo's own control flow (it re-traces, e.g. with scalars made tensors), not a failure
     except Exception as exc:   # lowering or compiling failed: the graph still runs, without kernels
@@ -370,16 +377,16 @@ def _static_fakes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
-def _compile(gm: GraphModule, example_inputs: list, family: str, inductor: bool):
+def _compile(gm: GraphModule, example_inputs: list, family: str, inductor: bool, int8_activations: bool):
     if inductor:
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": _lowering_pass(family)})
+        return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": _lowering_pass(family, int8_activations)})
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     def lower_and_run(fx_gm, _inputs):
-        lower_graph(fx_gm.graph, family)
+        lower_graph(fx_gm.graph, family, int8_activations)
         fx_gm.recompile()
         return make_boxed_func(fx_gm.forward)
 

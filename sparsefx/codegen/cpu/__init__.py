@@ -174,7 +174,8 @@ def _restore_dense_linears(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False, dense_linears: bool = True) -> int:
+def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False, dense_linears: bool = True,
+                       int8_activations: bool = False) -> int:
     """Re-store compressed linears for the CPU decode kernel; return how many were prepared.
 
     With ``pack_medium``, a DAWS medium tier whose weights are pruned (density <= ``PACK_MAX_DENSITY``) also gets a
@@ -183,6 +184,9 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False, dense_linear
     than dense fp16 rows (``daws.medium_dtype: float16``) at every shape of ``bench/kernel_daws_gemv.py``.
     With ``dense_linears`` (the default), plain ``nn.Linear`` weights are re-stored transposed as well (not counted
     in the return value). Outputs equal the unprepared model's up to fp32 summation order.
+    With ``int8_activations``, quantized linears (``QuantLinear``: RTN, GPTQ) decode with their input rounded to int8
+    per 32 channels (``quant_gemv.quant_matmul_q8``): faster, and no longer equal to prefill's outputs — check the
+    model with ``sparsefx eval --decode-path --int8-activations``. DAM's linears keep fp32 activations.
 
     Example:
         >>> prepare_cpu_decode(compressed_model)  # doctest: +SKIP
@@ -199,7 +203,7 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False, dense_linear
             # packed storage is what the kernel reads: nothing to re-store. The module calls the C++-registered op
             # (same signature; no Python between the call and the kernel), or the Python kernel without it.
             quant = isinstance(module, QuantLinear)
-            module.decode_kernel = ((cpp_quant_linear() if quant else cpp_lowrank_quant_linear())
+            module.decode_kernel = ((cpp_quant_linear(int8_activations) if quant else cpp_lowrank_quant_linear())
                                     or (_quant_linear_cpu if quant else _lowrank_quant_linear_cpu))
             count += 1
         elif isinstance(module, TieredLinear):

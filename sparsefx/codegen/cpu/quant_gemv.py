@@ -15,6 +15,12 @@ is scaled in vector lanes; the zero point's term uses per-group sums of x comput
 output are split between threads. For DAM's low-rank part, ``quant_gemv_t`` accumulates ``u @ deq(Aᵀ)`` where
 ``Aᵀ: [r, out]`` is packed with its groups along ``out``.
 
+``quant_matmul_q8`` (opt-in: ``prepare_cpu_decode(int8_activations=True)``, the backend's ``int8_activations``
+option) rounds each run of 32 inputs of x to int8 with its own scale, as llama.cpp's Q8_0 does, and multiplies codes
+as bytes: one vpmaddubsw (unsigned code times signed x, pairs summed to int16) and one vpmaddwd take 32 codes, where
+the fp32 kernel widens them to four fp32 vectors. 4-, 2- and 8-bit codes (the last split into nibbles) come out of
+the same bit planes as above; 3-bit codes are spread to bytes with one shuffle, one variable shift and four masks.
+
 Both take up to ``MAX_ROWS`` rows of fp32 ``x`` (decode, small batches); prefill GEMMs are compute-bound and stay on
 dequantize + MKL (``ir.ops.quant_linear_math``). ``quant_matmul_reference`` / ``quant_gemv_t_reference`` are the
 pure-torch references. ``sparsefx_cpu::quant_linear`` (``cpp_quant_linear``) and ``sparsefx_cpu::lowrank_quant_linear``
@@ -42,6 +48,7 @@ _CPP = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstring>
 
 static inline uint32_t load_u32(const uint8_t* p) {
@@ -248,6 +255,156 @@ static void matmul_into(const float* x0, int64_t M, int64_t in, const PackedRef&
   at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) { rows_range(px, M, in, w, yp, out, o0, o1); });
 }
 
+// ---- int8 activations (opt-in): x rounded to int8 per 32 inputs, codes multiplied as bytes ----
+// The fp32 kernel above is bound by widening codes to fp32 lanes (four conversions and four FMAs per 32 codes).
+// Here each 32-input block of x is rounded to int8 with its own scale (max |x| / 127, as llama.cpp's Q8_0 does),
+// codes stay bytes and one vpmaddubsw (unsigned code x signed x, pairs summed to int16) plus one vpmaddwd (pairs
+// summed to int32) take 32 of them. 4-bit codes: 15 * 127 * 2 fits int16; 8-bit codes are split into nibbles first.
+
+// Thirty-two codes from p as 32 unsigned bytes in `chunk_order`'s lane order (8-bit codes: raw bytes). 3-bit codes
+// (32 per 12 bytes) take a 16-byte load; `tail` = true where those 16 bytes could pass the buffer's end, and then
+// only the 12 are read.
+template <int BITS>
+static inline __m256i codes_u8(const uint8_t* p, bool tail) {
+  if constexpr (BITS == 8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else if constexpr (BITS == 4) {   // low nibbles (codes 0, 2, ..., 30), then high nibbles (1, 3, ..., 31)
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+  } else if constexpr (BITS == 2) {   // four bit planes of eight bytes
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const __m128i lo = _mm_unpacklo_epi64(b, _mm_srli_epi16(b, 2));
+    const __m128i hi = _mm_unpacklo_epi64(_mm_srli_epi16(b, 4), _mm_srli_epi16(b, 6));
+    return _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x03));
+  } else {   // 3 bits: 32-bit lane l takes the 12 bits of codes 4l..4l+3 (two bytes, shifted 0 or 4), then
+             // spreads them to one code per byte with shifts and masks
+    __m128i b;
+    if (tail) {
+      alignas(16) uint8_t buf[16] = {0};
+      std::memcpy(buf, p, 12);
+      b = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+    } else {
+      b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    }
+    const __m256i pick = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
+                                          6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
+    __m256i v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(b), pick);
+    v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+    v = _mm256_and_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 10)), _mm256_set1_epi32(0x003F003F));
+    return _mm256_and_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 5)), _mm256_set1_epi32(0x07070707));
+  }
+}
+
+// sum over the 32 lanes of codes * xq, as eight int32 partial sums
+template <int BITS>
+static inline __m256i dot_u8s8(__m256i codes, __m256i xq) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 8) {
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(codes, nib), xq);
+    const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), nib), xq);
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, _mm256_set1_epi16(16)));
+  } else {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xq), ones);
+  }
+}
+
+// x rounded to int8 per 32 inputs, in codes_u8's lane order: q [M, in], dx [M, in / 32] (x ~ dx * q), and per group
+// sum(dx * q) (the zero points' term, taken over the rounded x so that it cancels with the codes' term).
+struct PreparedQ8 {
+  std::vector<int8_t> q;
+  std::vector<float> dx, xsum;
+};
+
+static PreparedQ8 prepare_q8(const float* x0, int64_t M, int64_t in, int64_t bits, int64_t gs) {
+  const int64_t groups = in / gs, blocks = in / 32;
+  PreparedQ8 px{std::vector<int8_t>((size_t)(M * in)), std::vector<float>((size_t)(M * blocks)),
+                std::vector<float>((size_t)(M * groups), 0.0f)};
+  int order[32];
+  for (int j = 0; j < 32; ++j) order[j] = chunk_order((int)bits, j);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < blocks; ++c) {
+      const float* xb = x0 + m * in + c * 32;
+      float amax = 0.0f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int8_t* qb = px.q.data() + m * in + c * 32;
+      int sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        qb[j] = (int8_t)std::nearbyint(xb[order[j]] * inv);
+        sum += qb[j];
+      }
+      px.dx[m * blocks + c] = dx;
+      px.xsum[m * groups + c * 32 / gs] += dx * (float)sum;
+    }
+  return px;
+}
+
+// y[m, o] for o in [o0, o1) from int8 x (M rows of px), W packed [out, in * BITS / 8].
+template <int BITS, int M>
+static void rows_q8(const int8_t* q, const float* dx, const float* xsum, const uint8_t* packed,
+                    const at::Half* scales, const uint8_t* zeros, float zero_sym, int64_t in, int64_t gs, float* y,
+                    int64_t out, int64_t o0, int64_t o1) {
+  const int64_t groups = in / gs, blocks = in / 32, row_bytes = in * BITS / 8;
+  const uint8_t* end = packed + out * row_bytes;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* p = packed + o * row_bytes;
+    __m256 acc[M];
+    float zero_part[M];
+    for (int m = 0; m < M; ++m) { acc[m] = _mm256_setzero_ps(); zero_part[m] = 0.0f; }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 gacc[M];
+      for (int m = 0; m < M; ++m) gacc[m] = _mm256_setzero_ps();
+      for (int64_t j = g * gs; j < (g + 1) * gs; j += 32, p += 4 * BITS) {   // gs is a multiple of 32
+        const __m256i codes = codes_u8<BITS>(p, BITS == 3 && p + 16 > end);
+        for (int m = 0; m < M; ++m) {
+          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * in + j));
+          gacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<BITS>(codes, xq)),
+                                    _mm256_set1_ps(dx[m * blocks + j / 32]), gacc[m]);
+        }
+      }
+      const float s = _cvtsh_ss(scales[o * groups + g].x);
+      const float z = zeros ? (float)zeros[o * groups + g] : zero_sym;
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(s), gacc[m], acc[m]);
+        zero_part[m] += s * z * xsum[m * groups + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * out + o] = hsum(acc[m]) - zero_part[m];
+  }
+}
+
+template <int BITS>
+static void rows_q8_any(const PreparedQ8& px, int64_t M, int64_t in, const PackedRef& w, float* y, int64_t out,
+                        int64_t o0, int64_t o1) {
+  const int64_t groups = in / w.gs, blocks = in / 32;
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {   // blocks of up to four rows of x share each decoded code
+    const int8_t* q = px.q.data() + m0 * in;
+    const float* dx = px.dx.data() + m0 * blocks;
+    const float* xs = px.xsum.data() + m0 * groups;
+    float* yb = y + m0 * out;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: rows_q8<BITS, 1>(q, dx, xs, w.codes, w.scales, w.zeros, w.zero_sym, in, w.gs, yb, out, o0, o1); break;
+      case 2: rows_q8<BITS, 2>(q, dx, xs, w.codes, w.scales, w.zeros, w.zero_sym, in, w.gs, yb, out, o0, o1); break;
+      case 3: rows_q8<BITS, 3>(q, dx, xs, w.codes, w.scales, w.zeros, w.zero_sym, in, w.gs, yb, out, o0, o1); break;
+      default: rows_q8<BITS, 4>(q, dx, xs, w.codes, w.scales, w.zeros, w.zero_sym, in, w.gs, yb, out, o0, o1); break;
+    }
+  }
+}
+
+// y[M, out] = x @ deq(W)^T with x rounded to int8 per 32 inputs; rows of the output split between threads.
+static void matmul_q8_into(const float* x0, int64_t M, int64_t in, const PackedRef& w, int64_t out, float* yp) {
+  const PreparedQ8 px = prepare_q8(x0, M, in, w.bits, w.gs);
+  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
+    switch (w.bits) {
+      case 2: rows_q8_any<2>(px, M, in, w, yp, out, o0, o1); break;
+      case 3: rows_q8_any<3>(px, M, in, w, yp, out, o0, o1); break;
+      case 4: rows_q8_any<4>(px, M, in, w, yp, out, o0, o1); break;
+      default: rows_q8_any<8>(px, M, in, w, yp, out, o0, o1); break;
+    }
+  });
+}
+
 static void check_x(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous fp32 [M, in]");
 }
@@ -261,6 +418,17 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
   auto y = torch::empty({x.size(0), packed.size(0)}, x.options());
   matmul_into(x.data_ptr<float>(), x.size(0), x.size(1), packed_ref(packed, scales, zeros, bits, gs), packed.size(0),
               y.data_ptr<float>());
+  return y;
+}
+
+// quant_matmul with x rounded to int8 per 32 inputs (the int8-activation kernel). Returns y: [M, out] fp32.
+torch::Tensor quant_matmul_q8(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
+                              int64_t bits, int64_t gs) {
+  check_x(x);
+  check_packed(packed, scales, zeros, bits, gs, x.size(1));
+  auto y = torch::empty({x.size(0), packed.size(0)}, x.options());
+  matmul_q8_into(x.data_ptr<float>(), x.size(0), x.size(1), packed_ref(packed, scales, zeros, bits, gs),
+                 packed.size(0), y.data_ptr<float>());
   return y;
 }
 
@@ -436,9 +604,9 @@ static void check_bits(int64_t bits, const char* op, const char* what) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, op, ": ", what, " must be 2, 3, 4 or 8, got ", bits);
 }
 
-torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& packed_, const torch::Tensor& scales_,
-                               const std::optional<torch::Tensor>& zeros_, const std::optional<torch::Tensor>& bias,
-                               int64_t bits, int64_t gs) {
+static torch::Tensor quant_linear_impl(const torch::Tensor& x, const torch::Tensor& packed_,
+                                       const torch::Tensor& scales_, const std::optional<torch::Tensor>& zeros_,
+                                       const std::optional<torch::Tensor>& bias, int64_t bits, int64_t gs, bool q8) {
   const auto packed = packed_.contiguous(), scales = scales_.contiguous(), zeros = zeros_or_empty(zeros_, packed);
   check_bits(bits, "quant_linear", "bits");
   const int64_t out = packed.size(0), in = packed.size(1) * 8 / bits;
@@ -446,9 +614,25 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& pack
   TORCH_CHECK(x.size(-1) == in, "quant_linear: x has ", x.size(-1), " features, the packed weight ", in);
   const int64_t M = x.numel() / in;
   const auto x2 = x.reshape({M, in});
-  const auto y = decode_rows(x, M) ? quant_matmul(x2.contiguous(), packed, scales, zeros, bits, gs)
-                                   : at::linear(x2, dequantize(packed, scales, zeros, bits, gs).to(x.scalar_type()));
+  torch::Tensor y;
+  if (!decode_rows(x, M))
+    y = at::linear(x2, dequantize(packed, scales, zeros, bits, gs).to(x.scalar_type()));
+  else
+    y = (q8 ? quant_matmul_q8 : quant_matmul)(x2.contiguous(), packed, scales, zeros, bits, gs);
   return finish(y, x, out, bias);
+}
+
+torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                               const std::optional<torch::Tensor>& zeros, const std::optional<torch::Tensor>& bias,
+                               int64_t bits, int64_t gs) {
+  return quant_linear_impl(x, packed, scales, zeros, bias, bits, gs, false);
+}
+
+// quant_linear with decode rows of x rounded to int8 per 32 inputs (prefill as quant_linear: dequantize + GEMM)
+torch::Tensor quant_linear_q8_cpu(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                                  const std::optional<torch::Tensor>& zeros, const std::optional<torch::Tensor>& bias,
+                                  int64_t bits, int64_t gs) {
+  return quant_linear_impl(x, packed, scales, zeros, bias, bits, gs, true);
 }
 
 torch::Tensor lowrank_quant_linear_cpu(
@@ -512,6 +696,8 @@ torch::Tensor lowrank_quant_linear_cpu(
 TORCH_LIBRARY_FRAGMENT(sparsefx_cpu, m) {
   m.def("quant_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int bits, int group_size) "
         "-> Tensor");
+  m.def("quant_linear_q8(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
+        "int group_size) -> Tensor");
   m.def("lowrank_quant_linear(Tensor x, Tensor? packed, Tensor? scales, Tensor? zeros, Tensor at_packed, "
         "Tensor? at_scales, Tensor? at_zeros, Tensor d, Tensor b_packed, Tensor? b_scales, Tensor? b_zeros, "
         "Tensor? bias, int bits, int group_size, int factor_bits, int factor_group) -> Tensor");
@@ -519,6 +705,7 @@ TORCH_LIBRARY_FRAGMENT(sparsefx_cpu, m) {
 
 TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);
+  m.impl("quant_linear_q8", &quant_linear_q8_cpu);
   m.impl("lowrank_quant_linear", &lowrank_quant_linear_cpu);
 }
 """
@@ -554,13 +741,15 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_quant_gemv_v9", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
-                          functions=["quant_matmul", "quant_gemv_t", "lowrank_quant_matmul"],
+        ext = load_inline(name="sparsefx_quant_gemv_v10", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
+                          functions=["quant_matmul", "quant_matmul_q8", "quant_gemv_t", "lowrank_quant_matmul"],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
 
-        @torch.library.register_fake("sparsefx_cpu::quant_linear")
-        def _(x, packed, scales, zeros, bias, bits, group_size):
+        def quant_linear_fake(x, packed, scales, zeros, bias, bits, group_size):
             return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+        torch.library.register_fake("sparsefx_cpu::quant_linear")(quant_linear_fake)
+        torch.library.register_fake("sparsefx_cpu::quant_linear_q8")(quant_linear_fake)
 
         # same shapes as the op it stands in for
         torch.library.register_fake("sparsefx_cpu::lowrank_quant_linear")(lowrank_quant_linear_fake)
@@ -570,12 +759,13 @@ def _extension():
         return None
 
 
-def cpp_quant_linear():
+def cpp_quant_linear(int8_activations: bool = False):
     """The C++-registered op ``sparsefx_cpu::quant_linear`` (same signature as ``sparsefx::quant_linear``), or None
-    where the extension cannot run (no AVX2/FMA/F16C, no compiler)."""
+    where the extension cannot run (no AVX2/FMA/F16C, no compiler). With ``int8_activations``,
+    ``sparsefx_cpu::quant_linear_q8``: decode rows of x rounded to int8 per 32 inputs (``quant_matmul_q8``)."""
     if not cpu_supports_kernel() or _extension() is None:
         return None
-    return torch.ops.sparsefx_cpu.quant_linear.default
+    return (torch.ops.sparsefx_cpu.quant_linear_q8 if int8_activations else torch.ops.sparsefx_cpu.quant_linear).default
 
 
 def cpp_lowrank_quant_linear():
@@ -631,6 +821,48 @@ def quant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     else:
         y = _extension().quant_matmul(x2.contiguous(), packed.contiguous(), scales.contiguous(),
                                       _zeros_arg(zeros), bits, group_size)
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """``x: [..., in]`` (``in`` a multiple of 32) as ``quant_matmul_q8`` sees it: each run of 32 inputs rounded to
+    int8 steps of ``max |x| / 127`` (llama.cpp's Q8_0), returned as fp32 values.
+
+    Example:
+        >>> round_activations_int8(torch.linspace(-1, 1, 32))[:2]
+        tensor([-1.0000, -0.9370])
+    """
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(blocks * (127 / amax.clamp_min(torch.finfo(torch.float32).tiny))), 0.0)
+    return (q * (amax / 127)).reshape(x.shape)
+
+
+def quant_matmul_q8_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                              zeros: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """``quant_matmul_q8``'s result in float64: ``x`` rounded by ``round_activations_int8``, then the reference."""
+    return quant_matmul_reference(round_activations_int8(x).double(), packed, scales, zeros, bits, group_size)
+
+
+def quant_matmul_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    bits: int, group_size: int) -> torch.Tensor:
+    """``quant_matmul`` with ``x`` rounded to int8 per 32 inputs (``round_activations_int8``) and the codes multiplied
+    as bytes (vpmaddubsw): 1.2-3x faster than the fp32 kernel, at the cost of that rounding. Up to ``MAX_ROWS`` fp32
+    rows on a CPU with AVX2 (``kernel_available``); raises otherwise.
+
+    Example:
+        >>> from sparsefx.ir.qformat import QuantSpec
+        >>> from sparsefx.passes.quant import quantize_rtn
+        >>> qw = quantize_rtn(torch.randn(1536, 576), QuantSpec(3, 64))
+        >>> quant_matmul_q8(torch.randn(1, 576), qw.packed, qw.scales, qw.zeros, 3, 64).shape
+        torch.Size([1, 1536])
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    if not kernel_available(x2, packed, scales, zeros, bits):
+        raise ValueError("quant_matmul_q8 takes up to MAX_ROWS fp32 CPU rows and packed 2/3/4/8-bit codes with fp16 "
+                         "scales on a CPU with AVX2/FMA/F16C; use quant_matmul elsewhere")
+    y = _extension().quant_matmul_q8(x2.contiguous(), packed.contiguous(), scales.contiguous(), _zeros_arg(zeros),
+                                     bits, group_size)
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
