@@ -25,11 +25,17 @@ The prompt is the start of the eval text: on random token ids, thresholded model
 with ``options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}``: Dynamo then checks no
 nn.Module attribute before each call, which a decode loop over a model that is not modified after compiling can
 afford (a modified model would keep running the old code).
+
+``--int8-activations`` adds a twin of every recipe, suffix ``-q8``, prepared with
+``prepare_cpu_decode(int8_activations=True)`` (compiled: the backend's ``int8_activations`` option): its quantized
+linears decode with their input rounded to int8 per 32 channels (``codegen/cpu/quant_gemv.py: quant_matmul_q8``).
+Recipes without quantized linears run the same kernels in both twins.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import statistics
@@ -71,6 +77,8 @@ def main() -> None:
     ap.add_argument("--skip-module-guards", action="store_true",
                     help="with --compile, also compile every variant with Dynamo's guards on nn.Module attributes "
                          "left out (torch.compiler.skip_guard_on_all_nn_modules_unsafe; suffix -noguards)")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="also a twin of every recipe whose quantized linears decode with int8 activations (-q8)")
     ap.add_argument("--no-dense-prepared", action="store_true",
                     help="leave out dense-prepared (the dense model with its linears re-stored for decode)")
     ap.add_argument("--tag", default="", help="results file suffix: decode_e2e[_TAG]_<model>")
@@ -99,6 +107,10 @@ def main() -> None:
         bits[name] = next((r.details["bits_per_weight"] for r in result.reports if "bits_per_weight" in r.details),
                           None)
         variants[name] = (model, effective)
+        if args.int8_activations:
+            twin = copy.deepcopy(model)
+            prepare_cpu_decode(twin, int8_activations=True)
+            variants[f"{name}-q8"], bits[f"{name}-q8"] = (twin, effective), bits[name]
     # the prompt: the start of the eval text (real text: see the module docstring on sensitivity)
     prompt = eval_windows(tok, PROTOCOL)[:1, :args.prompt]
     diffs = {}
@@ -113,6 +125,8 @@ def main() -> None:
         for (name, (model, effective)), (suffix, options) in itertools.product(list(variants.items()),
                                                                                guard_modes.items()):
             backend = "inductor" if name.startswith("dense") else "sparsefx"
+            if name.endswith("-q8"):
+                options = {**(options or {}), "int8_activations": True}
             compiled = torch.compile(model, backend=backend, options=options)
             with torch.inference_mode():
                 a, b = compiled(prompt).logits, model(prompt).logits

@@ -5,7 +5,8 @@
 Variants per shape: dense fp32 (the fastest of ``experiments.dense_gemv_calls``: torch.mv, F.linear, F.linear over the
 transposed copy), the op's default implementation (dequantize the whole weight, then F.linear — what ran before the
 kernel), and the C++ kernel that multiplies straight from the packed codes (``sparsefx/codegen/cpu/quant_gemv.py``) at
-each bit width. "Cold": every call uses the next of several weight copies that together exceed the last-level cache,
+each bit width, and its int8-activation twin (``quant_matmul_q8``: x rounded to int8 per 32 inputs, codes multiplied
+as bytes; columns ``q8_*``). "Cold": every call uses the next of several weight copies that together exceed the last-level cache,
 as in decode. Variants are timed interleaved (``sparsefx.experiments.interleaved_medians``). Packed codes are random
 bytes (every bit pattern is a valid code), scales random fp16: the kernel's work does not depend on the values.
 Writes bench/results/kernel_quant_gemv.csv and .json.
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.codegen.cpu.quant_gemv import _extension, quant_matmul, quant_matmul_reference
+from sparsefx.codegen.cpu.quant_gemv import (_extension, quant_matmul, quant_matmul_q8, quant_matmul_q8_reference,
+                                             quant_matmul_reference)
 from sparsefx.experiments import (KERNEL_SHAPES, best_dense, cold_copies, cold_weights, dense_gemv_calls,
                                   interleaved_medians, kernel_bench_parser, run_meta, write_results)
 from sparsefx.ir.ops import quant_linear_math
@@ -63,7 +65,10 @@ def main() -> None:
             p0 = packs[bits][0]
             torch.testing.assert_close(quant_matmul(x, *p0, bits, args.group_size),
                                        quant_matmul_reference(x, *p0, bits, args.group_size), rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(quant_matmul_q8(x, *p0, bits, args.group_size).double(),
+                                       quant_matmul_q8_reference(x, *p0, bits, args.group_size), rtol=1e-4, atol=1e-3)
             fns[f"kernel{bits}"] = lambda b=bits, n=n: quant_matmul(x, *packs[b][nxt(b, n)], b, args.group_size)
+            fns[f"q8_{bits}"] = lambda b=bits, n=n: quant_matmul_q8(x, *packs[b][nxt(b, n)], b, args.group_size)
         # the default implementation dequantizes per call: time it at 4 bits only (its cost hardly depends on bits)
         fns["dequant4"] = lambda: quant_linear_math(x, *packs[4][nxt(4, len(packs[4]))], None, 4, args.group_size)
         t = interleaved_medians(fns, args.reps)
@@ -78,6 +83,10 @@ def main() -> None:
                          "ideal_speedup": round(32 / spec.bits_per_weight, 3),
                          "dequant_then_linear_ms": round(t["dequant4"] * 1e3, 4) if bits == 4 else None,
                          "kernel_GBps": round(weight_bytes / t[f"kernel{bits}"] / 1e9, 2),
+                         "q8_ms": round(t[f"q8_{bits}"] * 1e3, 4),
+                         "q8_speedup_vs_dense": round(dense / t[f"q8_{bits}"], 3),
+                         "q8_vs_fp32_kernel": round(t[f"kernel{bits}"] / t[f"q8_{bits}"], 3),
+                         "q8_GBps": round(weight_bytes / t[f"q8_{bits}"] / 1e9, 2),
                          "dense_GBps": round(out_f * in_f * 4 / dense / 1e9, 2)})
             print(rows[-1], flush=True)
         del ws, wts, packs

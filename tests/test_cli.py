@@ -107,3 +107,11 @@ def test_eval_decode_path_matches_prefill_on_a_quantized_artifact(tmp_path, smol
     assert res[("--decode-path",)]["tokens"] == res[()]["tokens"] == 1023
     # the C++ decode kernel (packed codes) against dequantize + GEMM: fp32 summation order only
     assert res[("--decode-path",)]["ppl"] == pytest.approx(res[()]["ppl"], rel=1e-4)
+    # int8 activations: the decode path now rounds each linear's input; close to, and not equal to, prefill's
+    q8 = tmp_path / "eval_q8.json"
+    assert main(["eval", str(tmp_path / "artifact"), "--tokens", "1024", "--no-speed", "--no-progress", "--json",
+                 str(q8), "--decode-path", "--int8-activations"]) == 0
+    got = json.loads(q8.read_text())
+    assert got["int8_activations"] and got["decode_path"] and not res[()]["int8_activations"]
+    assert got["ppl"] != res[("--decode-path",)]["ppl"]
+    assert got["ppl"] == pytest.approx(res[()]["ppl"], rel=2e-2)

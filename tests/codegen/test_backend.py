@@ -95,6 +95,29 @@ def test_quantized_models_lower_to_the_cpu_kernels(recipe, op, tokens, monkeypat
     assert backend.counters[f"cpp.{op}"] == 7 * model.config.num_hidden_layers and not calls
 
 
+def test_int8_activations_option_lowers_quant_linear_to_the_q8_op(tokens):
+    from sparsefx.codegen.cpu.quant_gemv import round_activations_int8
+
+    model, _, _ = _compressed("llama", "passes: [{method: rtn, bits: 4, group_size: 32}]")
+    one = tokens[:1, :1]
+    with torch.no_grad():
+        ref = model(one).logits
+        compiled = torch.compile(model, backend="sparsefx", options={"kernels": "cpu", "int8_activations": True})
+        out = compiled(one).logits
+    n = 7 * model.config.num_hidden_layers
+    assert backend.counters["cpp.quant_linear_q8"] == n and backend.counters["cpp.quant_linear"] == 0
+    assert backend.counters["fallback"] == 0
+    # what the q8 op computes: each linear's input rounded to int8 per 32 channels
+    handles = [m.register_forward_pre_hook(lambda _m, a: (round_activations_int8(a[0]),))
+               for m in model.modules() if type(m).__name__ == "QuantLinear"]
+    with torch.no_grad():
+        rounded = model(one).logits
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out, rounded, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_binding_an_artifact_to_a_dense_model(tmp_path, tokens):
     model, recipe, result = _compressed("qwen2", DAWS)
     dense = tiny_model("qwen2").eval()                       # same seed: the weights the artifact started from
@@ -157,6 +180,8 @@ def test_bad_options_and_artifacts_are_named(tmp_path, tokens):
         torch.compile(model, backend="sparsefx", options={"kernel": "cpu"})(tokens)
     with pytest.raises(RecipeError, match="kernels must be one of"):
         backend.BackendOptions.from_dict({"kernels": "cuda"})
+    with pytest.raises(RecipeError, match="int8_activations must be true or false"):
+        backend.BackendOptions.from_dict({"int8_activations": "yes"})
     masked, recipe, result = _compressed("llama", "passes: [{method: magnitude, sparsity: 0.5}]")
     art = save_artifact(tmp_path / "mag", masked, None, recipe, result.report_dict())
     torch._dynamo.reset()

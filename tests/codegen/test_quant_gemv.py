@@ -241,3 +241,83 @@ def test_prepared_quantized_model_decodes_through_the_kernel_with_the_same_outpu
     assert sum(tuple(shape[:2]) == (1, 1) for shape in calls) == 7 * model.config.num_hidden_layers
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nxt, ref_next, rtol=1e-4, atol=1e-4)
+
+
+# ---- int8 activations (quant_matmul_q8, sparsefx_cpu::quant_linear_q8)
+
+def test_round_activations_int8_rounds_each_block_of_32_to_its_own_step():
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(7)) * torch.tensor([1.0, 50.0, 1e-3]).repeat(32)
+    x[1, 32:64] = 0.0                                           # an all-zero block stays zero (no 0/0)
+    r = qg.round_activations_int8(x)
+    steps = x.reshape(3, 3, 32).abs().amax(-1, keepdim=True) / 127
+    assert torch.equal(r[1, 32:64], torch.zeros(32))
+    ratio = (r.reshape(3, 3, 32) / steps.clamp_min(1e-30))       # whole steps, at most 127 of them
+    assert torch.allclose(ratio, ratio.round(), atol=1e-3) and ratio.abs().max() <= 127 + 1e-3
+    assert ((r - x).reshape(3, 3, 32).abs() <= steps / 2 * (1 + 1e-5)).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group, in_f", [(32, 96), (64, 576), (96, 288), (192, 1536)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int8_activation_kernel_matches_its_reference(bits, group, in_f, symmetric):
+    seed = bits * 1000 + group + in_f + symmetric + 1
+    qw = _packed(61, in_f, bits, group, symmetric, seed)     # prime row count; the last 3-bit chunk ends the buffer
+    for rows in (1, 3, 5, qg.MAX_ROWS):
+        x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(seed + rows))
+        x[0, 32:64] = 0.0                                     # a block whose step is 0
+        got = qg.quant_matmul_q8(x, qw.packed, qw.scales, qw.zeros, bits, group)
+        want = qg.quant_matmul_q8_reference(x, qw.packed, qw.scales, qw.zeros, bits, group)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        # and it is the product over the rounded x, not over x: the fp32 result differs by more than the tolerance
+        exact = qg.quant_matmul_reference(x.double(), qw.packed, qw.scales, qw.zeros, bits, group)
+        assert (got.double() - exact).abs().max() > 1e-3
+
+
+@needs_kernel
+def test_int8_activation_kernel_refuses_what_it_cannot_take():
+    qw = _packed(16, 64, 4, 32, False, 0)
+    with pytest.raises(ValueError, match="MAX_ROWS"):
+        qg.quant_matmul_q8(torch.randn(qg.MAX_ROWS + 1, 64), qw.packed, qw.scales, qw.zeros, 4, 32)
+    with pytest.raises(ValueError, match="fp32"):
+        qg.quant_matmul_q8(torch.randn(1, 64, dtype=torch.float64), qw.packed, qw.scales, qw.zeros, 4, 32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 5), (2, 17)])     # decode, small batch, prefill (dequant + GEMM)
+def test_cpp_int8_activation_op_rounds_decode_rows_only(bits, lead):
+    op = qg.cpp_quant_linear(int8_activations=True)
+    assert op is torch.ops.sparsefx_cpu.quant_linear_q8.default
+    qw = _packed(37, 192, bits, 64, False, seed=bits + 3 * len(lead))
+    g = torch.Generator().manual_seed(sum(lead) + 1)
+    x, bias = torch.randn(*lead, 192, generator=g), torch.randn(37, generator=g)
+    got = op(x, qw.packed, qw.scales, qw.zeros, bias, bits, 64)
+    decode = x.numel() // 192 <= qg.MAX_ROWS
+    want = quant_linear_math(qg.round_activations_int8(x) if decode else x, qw.packed, qw.scales, qw.zeros, bias,
+                             bits, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_prepared_model_with_int8_activations_decodes_through_the_q8_op():
+    from sparsefx.codegen.eager import QuantLinear
+
+    model = tiny_model("llama")
+    compress(model, Recipe.from_yaml("passes: [{method: rtn, bits: 4, group_size: 32}]"),
+             calibration=torch.randint(0, 256, (8, 32)), progress=False)
+    prompt = torch.randint(0, 256, (1, qg.MAX_ROWS + 5))   # more rows than the kernel takes: a GEMM
+    with torch.no_grad():
+        ref = model(prompt, use_cache=True)
+        ref_next = model(prompt[:, -1:] * 0 + 5, past_key_values=ref.past_key_values, use_cache=True).logits
+    prepare_cpu_decode(model, int8_activations=True)
+    q8 = torch.ops.sparsefx_cpu.quant_linear_q8.default
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.decode_kernel is q8 for m in linears)
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        nxt = model(prompt[:, -1:] * 0 + 5, past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)   # prefill: exact x
+    assert not torch.allclose(nxt, ref_next, rtol=1e-5, atol=1e-5)             # decode: rounded x ...
+    torch.testing.assert_close(nxt, ref_next, rtol=0.05, atol=0.05)            # ... close to the exact step
+    assert (nxt.argmax(-1) == ref_next.argmax(-1)).all()
