@@ -719,7 +719,7 @@ def quant_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.
         >>> from sparsefx.ir.qformat import QuantSpec
         >>> from sparsefx.passes.quant import quantize_rtn
         >>> qw = quantize_rtn(torch.eye(32), QuantSpec(4, 32))
-        >>> quant_matmul_reference(torch.ones(1, 32), qw.packed, qw.scales, qw.zeros, 4, 32).sum()
+        >>> quant_matmul_reference(torch.ones(1, 32), qw.packed, qw.scales, qw.zeros, 4, 32).sum().round()
         tensor(32.)
     """
     from ...ir.qformat import dequantize_packed
@@ -819,9 +819,15 @@ def quant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     if not kernel_available(x2, packed, scales, zeros, bits):
         y = quant_matmul_reference(x2, packed, scales, zeros, bits, group_size)
     else:
-        y = _extension().quant_matmul(x2.contiguous(), packed.contiguous(), scales.contiguous(),
-                                      _zeros_arg(zeros), bits, group_size)
+        y = _run_packed("quant_matmul", x2, packed, scales, zeros, bits, group_size)
     return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def _run_packed(kernel: str, x2, packed, scales, zeros, bits, group_size) -> torch.Tensor:
+    """The extension's ``kernel`` (``quant_matmul`` or ``quant_matmul_q8``) on ``x2: [M, in]``, operands made
+    contiguous as the kernel takes them."""
+    return getattr(_extension(), kernel)(x2.contiguous(), packed.contiguous(), scales.contiguous(), _zeros_arg(zeros),
+                                         bits, group_size)
 
 
 def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
@@ -847,22 +853,22 @@ def quant_matmul_q8_reference(x: torch.Tensor, packed: torch.Tensor, scales: tor
 def quant_matmul_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     bits: int, group_size: int) -> torch.Tensor:
     """``quant_matmul`` with ``x`` rounded to int8 per 32 inputs (``round_activations_int8``) and the codes multiplied
-    as bytes (vpmaddubsw): 1.2-3x faster than the fp32 kernel, at the cost of that rounding. Up to ``MAX_ROWS`` fp32
-    rows on a CPU with AVX2 (``kernel_available``); raises otherwise.
+    as bytes (vpmaddubsw): 1.1-2.5x faster than the fp32 kernel in ``bench/kernel_quant_gemv.py``, at the cost of
+    that rounding. Up to ``MAX_ROWS`` fp32 rows on a CPU with AVX2 (``kernel_available``); raises otherwise.
 
     Example:
         >>> from sparsefx.ir.qformat import QuantSpec
         >>> from sparsefx.passes.quant import quantize_rtn
-        >>> qw = quantize_rtn(torch.randn(1536, 576), QuantSpec(3, 64))
-        >>> quant_matmul_q8(torch.randn(1, 576), qw.packed, qw.scales, qw.zeros, 3, 64).shape
-        torch.Size([1, 1536])
+        >>> w, x = quantize_rtn(torch.randn(96, 64), QuantSpec(3, 32)), torch.randn(2, 64)
+        >>> q8 = quant_matmul_q8(x, w.packed, w.scales, w.zeros, 3, 32)
+        >>> bool((q8 - quant_matmul(x, w.packed, w.scales, w.zeros, 3, 32)).abs().max() < 0.5)
+        True
     """
     x2 = x.reshape(-1, x.shape[-1])
     if not kernel_available(x2, packed, scales, zeros, bits):
         raise ValueError("quant_matmul_q8 takes up to MAX_ROWS fp32 CPU rows and packed 2/3/4/8-bit codes with fp16 "
                          "scales on a CPU with AVX2/FMA/F16C; use quant_matmul elsewhere")
-    y = _extension().quant_matmul_q8(x2.contiguous(), packed.contiguous(), scales.contiguous(), _zeros_arg(zeros),
-                                     bits, group_size)
+    y = _run_packed("quant_matmul_q8", x2, packed, scales, zeros, bits, group_size)
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
