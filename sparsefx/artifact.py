@@ -246,14 +246,27 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
     return Artifact(model.eval(), tok, recipe, report, stats, manifest)
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, level: float | None = None) -> nn.Module:
+def load(path: str | Path, dtype: torch.dtype = torch.float32, level: float | None = None,
+         prepare_decode: bool = True) -> nn.Module:
     """The compressed HF model of an artifact, ready for ``generate()``; no recalibration.
+
+    With ``prepare_decode`` (the default) the model is prepared for decoding on CPU
+    (``codegen.cpu.prepare_cpu_decode``): one-token calls of its compressed linears go to the C++ kernels, and
+    weights that those kernels read by input channel are re-stored transposed (same values, same memory). Without
+    it, a quantized model decodes through the ops' default math, which dequantizes every weight on every call —
+    slower than the dense model. ``prepare_decode=False`` keeps every tensor as the artifact stores it; outputs are
+    the same either way up to fp32 summation order. ``load_artifact`` never prepares.
 
     Example:
         >>> model = sparsefx.load("out/wanda50")  # doctest: +SKIP
         >>> small = sparsefx.load("out/gisp", level=0.3)  # doctest: +SKIP
     """
-    return load_artifact(path, dtype, level=level).model
+    model = load_artifact(path, dtype, level=level).model
+    if prepare_decode:
+        from .codegen.cpu import prepare_cpu_decode
+
+        prepare_cpu_decode(model)
+    return model
 
 
 def is_artifact(path: str | Path) -> bool:

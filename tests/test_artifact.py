@@ -137,6 +137,50 @@ def test_artifacts_load_in_a_fresh_interpreter(tmp_path, tokens, entry):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("entry", ["{method: rtn, bits: 3, group_size: 32}", "{method: daws, sparsity: 0.5}"])
+def test_load_prepares_cpu_decode_and_the_prepared_model_saves_again(tmp_path, tokens, entry):
+    from sparsefx.codegen.eager import QuantLinear, TieredLinear
+
+    recipe = Recipe.from_yaml(f"passes: [{entry}]\ncalibration: {{samples: 4, seqlen: 16}}")
+    model = tiny_model("llama")
+    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
+    out = save_artifact(tmp_path / "a", model, None, recipe, result.report_dict())
+
+    raw, ready = load(out, prepare_decode=False), load(out)
+    kinds = (QuantLinear, TieredLinear)
+    compressed = [(a, b) for a, b in zip(raw.modules(), ready.modules()) if isinstance(b, kinds)]
+    assert len(compressed) == 14
+    assert all(a.decode_kernel is None and b.decode_kernel is not None for a, b in compressed)
+    head = ready.lm_head.weight
+    assert head.stride() == (1, head.shape[0]) and raw.lm_head.weight.is_contiguous()  # dense linears re-stored
+
+    calls = 0
+
+    def counting(kernel, width):
+        def call(x, *args):
+            nonlocal calls
+            calls += x.numel() == width   # one-token calls
+            return kernel(x, *args)
+        return call
+
+    for _, b in compressed:
+        b.decode_kernel = counting(b.decode_kernel, b.in_features)
+    prompt = tokens[:1, :10]   # more rows than the decode kernels take: the prompt is a GEMM
+    with torch.no_grad():
+        torch.testing.assert_close(ready(tokens).logits, raw(tokens).logits, rtol=1e-5, atol=1e-5)
+        want = raw.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        got = ready.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-4)
+    assert calls == 3 * len(compressed)   # the 3 one-token steps after the prompt go through the kernels
+
+    again = save_artifact(tmp_path / "b", ready, None, recipe, result.report_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(load(again, prepare_decode=False)(tokens).logits, raw(tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_teal_artifact_stores_no_medium_weights(tmp_path, tokens):
     from safetensors import safe_open
 

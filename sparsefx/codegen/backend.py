@@ -1,7 +1,7 @@
 """The ``torch.compile`` backend ``"sparsefx"``: bind a compression plan, lower compressed ops to kernels, Inductor
 for the rest.
 
-    model = sparsefx.load("out/daws50").model                   # compressed modules call sparsefx::* ops
+    model = sparsefx.load("out/daws50")                         # compressed modules call sparsefx::* ops
     model.forward = torch.compile(model.forward, backend="sparsefx")
     model.generate(ids, max_new_tokens=32)                       # KV cache and all
 
