@@ -21,16 +21,9 @@ over the prompt positions), next to the eager model's own change under 1e-7 rela
 The prompt is the start of the eval text: on random token ids, thresholded models are chaotic (in an ad-hoc check,
 1e-7 noise changed 44 % of the top-1 predictions of DAWS-50 in eager alone), on text they are not.
 
-``--skip-module-guards`` (with ``--compile``) adds a twin of every compiled variant, suffix ``-noguards``, compiled
-with ``options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}``: Dynamo then checks no
-nn.Module attribute before each call, which a decode loop over a model that is not modified after compiling can
-afford (a modified model would keep running the old code).
-
-Every compiled variant is called through a function with a code object of its own (``own_frame``). Dynamo keeps its
-compiled entries per code object, and all variants run the same HF ``forward``: in one shared cache an entry with
-module guards filtered out matches any model's call — the first version of this bench timed a ``-noguards`` twin
-and its guarded twin through whichever entry matched first (and a call of another architecture through such an
-entry fails). With a frame each, every variant runs its own code, as a process that compiles one model does.
+Dynamo's guards stay as torch.compile sets them: with guards on nn.Module attributes filtered out, one process
+cannot hold two compiled models of one architecture (an entry compiled for one matches the other's calls).
+``bench/decode_guards.py`` measures that option, one compiled model per process.
 
 ``--int8-activations`` adds a twin of every recipe, suffix ``-q8``, prepared with
 ``prepare_cpu_decode(int8_activations=True)`` (compiled: the backend's ``int8_activations`` option): its quantized
@@ -43,10 +36,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import itertools
 import statistics
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -71,16 +62,6 @@ def decode_tok_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - t0)
 
 
-def own_frame(model, name: str):
-    """``model(...)`` behind a function whose code object is this variant's alone (see the module docstring)."""
-
-    def call(*args, **kwargs):
-        return model(*args, **kwargs)
-
-    code = call.__code__.replace(co_name="decode_" + "".join(c if c.isalnum() else "_" for c in name))
-    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -91,9 +72,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also torch.compile'd variants (inductor / sparsefx)")
-    ap.add_argument("--skip-module-guards", action="store_true",
-                    help="with --compile, also compile every variant with Dynamo's guards on nn.Module attributes "
-                         "left out (torch.compiler.skip_guard_on_all_nn_modules_unsafe; suffix -noguards)")
     ap.add_argument("--int8-activations", action="store_true",
                     help="also a twin of every recipe whose quantized linears decode with int8 activations (-q8)")
     ap.add_argument("--no-dense-prepared", action="store_true",
@@ -132,20 +110,13 @@ def main() -> None:
     prompt = eval_windows(tok, PROTOCOL)[:1, :args.prompt]
     diffs = {}
     if args.compile:
-        # frames that Dynamo compiles apart from own_frame (graph breaks) are the same HF code objects for every
-        # variant (twice: prompt and decode shapes); keep them all compiled instead of falling back to eager at
-        # Dynamo's default recompile limit (8)
-        guard_modes = {"": None}
-        if args.skip_module_guards:
-            guard_modes["-noguards"] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   4 * len(guard_modes) * len(variants))
-        for (name, (model, effective)), (suffix, options) in itertools.product(list(variants.items()),
-                                                                               guard_modes.items()):
+        # every variant compiles the same HF forward code objects (twice: prompt and decode shapes); keep them all
+        # compiled instead of falling back to eager at Dynamo's default recompile limit (8)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(variants))
+        for name, (model, effective) in list(variants.items()):
             backend = "inductor" if name.startswith("dense") else "sparsefx"
-            if name.endswith("-q8"):
-                options = {**(options or {}), "int8_activations": True}
-            compiled = torch.compile(own_frame(model, f"{name}{suffix}"), backend=backend, options=options)
+            options = {"int8_activations": True} if name.endswith("-q8") else None
+            compiled = torch.compile(model, backend=backend, options=options)
             with torch.inference_mode():
                 a, b = compiled(prompt).logits, model(prompt).logits
                 # Thresholded routing is discontinuous: Inductor's reassociated fp32 sums (e.g. in RMSNorm) can move
@@ -154,11 +125,11 @@ def main() -> None:
                 emb = model.get_input_embeddings()(prompt)
                 noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(1))
                 c = model(inputs_embeds=emb * (1 + 1e-7 * noise)).logits
-                diffs[f"{name}+{backend}{suffix}"] = {
+                diffs[f"{name}+{backend}"] = {
                     "max_abs_logit_diff_vs_eager": float((a - b).abs().max()),
                     "top1_agree_vs_eager": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
                     "eager_max_abs_diff_under_1e-7_noise": float((c - b).abs().max())}
-            variants[f"{name}+{backend}{suffix}"] = (compiled, effective)
+            variants[f"{name}+{backend}"] = (compiled, effective)
     speeds: dict[str, list[float]] = {name: [] for name in variants}
     for name, (model, _) in variants.items():  # warm-up (kernel build, allocator, compiles for both shapes)
         decode_tok_s(model, prompt, 4)
