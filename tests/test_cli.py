@@ -41,12 +41,23 @@ def _compress_then_eval(tmp_path, recipe_yaml: str, flag: str) -> dict:
     return res
 
 
-def test_eval_compiled_through_the_backend_matches_eager(tmp_path, smollm2):
+def test_eval_compiled_through_the_backend_matches_eager(tmp_path, smollm2, monkeypatch):
     backend.counters.clear()
+    compiled_with = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        compiled_with.append(dict(kwargs.get("options") or {}))   # a copy: torch.compile pops guard_filter_fn
+        return real_compile(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
     with torch._inductor.config.patch(fx_graph_cache=False):   # a cache hit would skip the lowering pass
         res = _compress_then_eval(tmp_path, "calibration: {samples: 2, seqlen: 64}\npasses: [{method: daws, "
                                             "sparsity: 0.5}]\n", "--compile")
     assert res[("--compile",)]["compiled"] and not res[()]["compiled"]
+    # one compiled model per process: the CLI leaves out Dynamo's nn.Module guards
+    assert [options.get("guard_filter_fn") for options in compiled_with] == \
+        [torch.compiler.skip_guard_on_all_nn_modules_unsafe]
     assert backend.counters["cpu.tiered_linear"] == 210 and backend.counters["fallback"] == 0
     # Not bit-equal: Inductor reassociates fp32 sums (RMSNorm), a few |x| cross a threshold and the change cascades.
     # This DAWS model (2 x 64 calibration tokens) is that sensitive in eager too: 1e-7 relative noise on its input
