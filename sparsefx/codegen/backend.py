@@ -53,6 +53,7 @@ TRITON_KERNELS = {"tiered_linear": "triton_tiered_linear", "multitier_linear": "
                   "lowrank_quant_linear": "triton_lowrank_quant_linear", "nm_linear": "triton_nm_linear"}
 # compressed ops with a CPU kernel registered on the op itself (codegen/cpu)
 CPU_KERNELS = ("tiered_linear", "multitier_linear", "banded_linear", "quant_linear", "lowrank_quant_linear")
+INT8_ACTIVATION_OPS = ("quant_linear", "lowrank_quant_linear")   # CPU ops with an int8-activation (_q8) twin
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class BackendOptions:
     kernels: str = "auto"
     artifact: str | None = None
     inductor: bool = True
-    int8_activations: bool = False   # CPU: quant_linear decodes with x rounded to int8 (quant_gemv.quant_matmul_q8)
+    int8_activations: bool = False   # CPU: quantized linears decode with x rounded to int8 (cpu/quant_gemv.py)
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -274,8 +275,9 @@ def _op_name(target) -> str | None:
 
 def lower_graph(graph: torch.fx.Graph, family: str, int8_activations: bool = False) -> collections.Counter:
     """Retarget every compressed op node of ``graph`` to the kernels of ``family``; return counts per op. With
-    ``int8_activations`` (CPU), ``quant_linear`` nodes go to ``sparsefx_cpu::quant_linear_q8`` (counted as
-    ``cpp.quant_linear_q8``), whose decode rounds x to int8 per 32 inputs.
+    ``int8_activations`` (CPU), ``quant_linear`` and ``lowrank_quant_linear`` nodes go to their ``_q8`` twins in
+    ``sparsefx_cpu`` (counted as ``cpp.quant_linear_q8``, ``cpp.lowrank_quant_linear_q8``), whose decode rounds x to
+    int8 per 32 inputs.
 
     Example:
         >>> lower_graph(gm.graph, "triton")  # doctest: +SKIP
@@ -294,7 +296,7 @@ def lower_graph(graph: torch.fx.Graph, family: str, int8_activations: bool = Fal
         # these ops' kernels are also registered in C++ (no Python call per linear in the compiled graph)
         cpp_ops = {"tiered_linear": cpp_tiered_linear(), "multitier_linear": cpp_multitier_linear(),
                    "banded_linear": cpp_banded_linear(), "quant_linear": cpp_quant_linear(int8_activations),
-                   "lowrank_quant_linear": cpp_lowrank_quant_linear()}
+                   "lowrank_quant_linear": cpp_lowrank_quant_linear(int8_activations)}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -307,7 +309,7 @@ def lower_graph(graph: torch.fx.Graph, family: str, int8_activations: bool = Fal
         elif family == "cpu" and op in CPU_KERNELS:
             if cpp_ops.get(op) is not None:
                 node.target = cpp_ops[op]
-                twin = f"{op}_q8" if op == "quant_linear" and int8_activations else op
+                twin = f"{op}_q8" if op in INT8_ACTIVATION_OPS and int8_activations else op
                 lowered[f"cpp.{twin}"] += 1  # ... through its C++-registered twin (no Python call per linear)
             lowered[f"cpu.{op}"] += 1      # the op's registered CPU kernel (or its C++ twin) runs it
         else:

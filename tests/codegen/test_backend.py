@@ -95,21 +95,25 @@ def test_quantized_models_lower_to_the_cpu_kernels(recipe, op, tokens, monkeypat
     assert backend.counters[f"cpp.{op}"] == 7 * model.config.num_hidden_layers and not calls
 
 
-def test_int8_activations_option_lowers_quant_linear_to_the_q8_op(tokens):
+@pytest.mark.parametrize("entry, kind, op", [
+    ("{method: rtn, bits: 4, group_size: 32}", "QuantLinear", "quant_linear"),
+    ("{method: dam, budget: 5.0, bits: 3, group_size: 32, factor_group: 32}", "LowRankQuantLinear",
+     "lowrank_quant_linear")])
+def test_int8_activations_option_lowers_quantized_linears_to_the_q8_ops(tokens, entry, kind, op):
     from sparsefx.codegen.cpu.quant_gemv import round_activations_int8
 
-    model, _, _ = _compressed("llama", "passes: [{method: rtn, bits: 4, group_size: 32}]")
+    model, _, _ = _compressed("llama", f"passes: [{entry}]")
     one = tokens[:1, :1]
     with torch.no_grad():
         ref = model(one).logits
         compiled = torch.compile(model, backend="sparsefx", options={"kernels": "cpu", "int8_activations": True})
         out = compiled(one).logits
     n = 7 * model.config.num_hidden_layers
-    assert backend.counters["cpp.quant_linear_q8"] == n and backend.counters["cpp.quant_linear"] == 0
+    assert backend.counters[f"cpp.{op}_q8"] == n and backend.counters[f"cpp.{op}"] == 0
     assert backend.counters["fallback"] == 0
-    # what the q8 op computes: each linear's input rounded to int8 per 32 channels
+    # what the q8 op computes: each linear's input rounded to int8 per 32 channels (DAM: packed factors too)
     handles = [m.register_forward_pre_hook(lambda _m, a: (round_activations_int8(a[0]),))
-               for m in model.modules() if type(m).__name__ == "QuantLinear"]
+               for m in model.modules() if type(m).__name__ == kind]
     with torch.no_grad():
         rounded = model(one).logits
     for h in handles:

@@ -300,20 +300,22 @@ def test_cpp_int8_activation_op_rounds_decode_rows_only(bits, lead):
 
 
 @needs_kernel
-def test_prepared_model_with_int8_activations_decodes_through_the_q8_op():
-    from sparsefx.codegen.eager import QuantLinear
-
+@pytest.mark.parametrize("entry, kind, op", [
+    ("{method: rtn, bits: 4, group_size: 32}", "QuantLinear", "quant_linear_q8"),
+    ("{method: dam, budget: 5.0, bits: 3, group_size: 32, factor_group: 32}", "LowRankQuantLinear",
+     "lowrank_quant_linear_q8")])
+def test_prepared_model_with_int8_activations_decodes_through_the_q8_op(entry, kind, op):
     model = tiny_model("llama")
-    compress(model, Recipe.from_yaml("passes: [{method: rtn, bits: 4, group_size: 32}]"),
-             calibration=torch.randint(0, 256, (8, 32)), progress=False)
+    compress(model, Recipe.from_yaml(f"passes: [{entry}]"), calibration=torch.randint(0, 256, (8, 32)),
+             progress=False)
     prompt = torch.randint(0, 256, (1, qg.MAX_ROWS + 5))   # more rows than the kernel takes: a GEMM
     with torch.no_grad():
         ref = model(prompt, use_cache=True)
         ref_next = model(prompt[:, -1:] * 0 + 5, past_key_values=ref.past_key_values, use_cache=True).logits
     prepare_cpu_decode(model, int8_activations=True)
-    q8 = torch.ops.sparsefx_cpu.quant_linear_q8.default
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert linears and all(m.decode_kernel is q8 for m in linears)
+    q8 = getattr(torch.ops.sparsefx_cpu, op).default
+    linears = [m for m in model.modules() if type(m).__name__ == kind]
+    assert len(linears) == 7 * model.config.num_hidden_layers and all(m.decode_kernel is q8 for m in linears)
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         nxt = model(prompt[:, -1:] * 0 + 5, past_key_values=out.past_key_values, use_cache=True).logits
@@ -321,3 +323,48 @@ def test_prepared_model_with_int8_activations_decodes_through_the_q8_op():
     assert not torch.allclose(nxt, ref_next, rtol=1e-5, atol=1e-5)             # decode: rounded x ...
     torch.testing.assert_close(nxt, ref_next, rtol=0.05, atol=0.05)            # ... close to the exact step
     assert (nxt.argmax(-1) == ref_next.argmax(-1)).all()
+
+
+# ---- int8 activations for DAM's linear (lowrank_quant_matmul_q8, sparsefx_cpu::lowrank_quant_linear_q8)
+
+@needs_kernel
+@pytest.mark.parametrize("main_bits", [None, 3, 4])
+@pytest.mark.parametrize("factor_bits", [3, 4, 8])
+def test_int8_activation_lowrank_kernel_matches_its_reference(main_bits, factor_bits):
+    seed = (main_bits or 0) * 10 + factor_bits + 500
+    # the factors' groups (64) differ from the main weight's (32), and so may their bits: each product that reads x
+    # rounds it in its own lane order
+    at, b = _packed(5, 128, factor_bits, 64, False, seed), _packed(5, 192, factor_bits, 64, True, seed + 1)
+    main = (None, None, None) if main_bits is None else (lambda q: (q.packed, q.scales, q.zeros))(
+        _packed(128, 192, main_bits, 32, False, seed + 2))
+    d = torch.rand(5) + 0.5
+    args = (*main, main_bits or 4, 32, at.packed, at.scales, at.zeros, d, b.packed, b.scales, b.zeros, factor_bits,
+            64)
+    for rows in (1, 4, qg.MAX_ROWS):
+        x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(seed + rows))
+        x[0, 64:96] = 0.0                                     # a block whose step is 0
+        got = qg.lowrank_quant_matmul_q8(x, *args)
+        want = qg.lowrank_quant_matmul_q8_reference(x, *args)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        exact = qg.lowrank_quant_matmul_reference(x.double(), *args)
+        assert (got.double() - exact).abs().max() > 1e-3    # the product over the rounded x, not over x
+    with pytest.raises(ValueError, match="MAX_ROWS"):
+        qg.lowrank_quant_matmul_q8(torch.randn(qg.MAX_ROWS + 1, 192), *args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("factor_bits", [4, 16])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 2), (2, 11)])     # decode, small batch, prefill (dequant + GEMMs)
+def test_cpp_int8_activation_lowrank_op_rounds_decode_rows_only(factor_bits, lead):
+    op = qg.cpp_lowrank_quant_linear(int8_activations=True)
+    assert op is torch.ops.sparsefx_cpu.lowrank_quant_linear_q8.default
+    args = _lowrank_args(True, factor_bits, out=96, in_f=160, rank=5, seed=factor_bits + 3 * len(lead))
+    x = torch.randn(*lead, 160, generator=torch.Generator().manual_seed(sum(lead) + 2))
+    attrs = (3, 32, factor_bits, 32)
+    got = op(x, *args, *attrs)
+    rx = qg.round_activations_int8(x) if x.numel() // 160 <= qg.MAX_ROWS else x
+    # packed factors read the rounded x too; fp16 factors (a GEMM) read x as it is
+    low_x = rx if factor_bits != 16 else x
+    want = (lowrank_quant_linear_math(low_x.double(), None, None, None, *args[3:], *attrs)
+            + quant_linear_math(rx.double(), *args[:3], None, 3, 32))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

@@ -184,9 +184,10 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False, dense_linear
     than dense fp16 rows (``daws.medium_dtype: float16``) at every shape of ``bench/kernel_daws_gemv.py``.
     With ``dense_linears`` (the default), plain ``nn.Linear`` weights are re-stored transposed as well (not counted
     in the return value). Outputs equal the unprepared model's up to fp32 summation order.
-    With ``int8_activations``, quantized linears (``QuantLinear``: RTN, GPTQ) decode with their input rounded to int8
-    per 32 channels (``quant_gemv.quant_matmul_q8``): faster, and no longer equal to prefill's outputs — check the
-    model with ``sparsefx eval --decode-path --int8-activations``. DAM's linears keep fp32 activations.
+    With ``int8_activations``, quantized linears (``QuantLinear``: RTN, GPTQ; ``LowRankQuantLinear``: DAM) decode
+    with their input rounded to int8 per 32 channels (``quant_gemv.quant_matmul_q8``, ``lowrank_quant_matmul_q8``):
+    faster, and no longer equal to prefill's outputs — check the model with
+    ``sparsefx eval --decode-path --int8-activations``.
 
     Example:
         >>> prepare_cpu_decode(compressed_model)  # doctest: +SKIP
@@ -203,7 +204,7 @@ def prepare_cpu_decode(model: nn.Module, pack_medium: bool = False, dense_linear
             # packed storage is what the kernel reads: nothing to re-store. The module calls the C++-registered op
             # (same signature; no Python between the call and the kernel), or the Python kernel without it.
             quant = isinstance(module, QuantLinear)
-            module.decode_kernel = ((cpp_quant_linear(int8_activations) if quant else cpp_lowrank_quant_linear())
+            module.decode_kernel = ((cpp_quant_linear if quant else cpp_lowrank_quant_linear)(int8_activations)
                                     or (_quant_linear_cpu if quant else _lowrank_quant_linear_cpu))
             count += 1
         elif isinstance(module, TieredLinear):

@@ -20,6 +20,8 @@ option) rounds each run of 32 inputs of x to int8 with its own scale, as llama.c
 as bytes: one vpmaddubsw (unsigned code times signed x, pairs summed to int16) and one vpmaddwd take 32 codes, where
 the fp32 kernel widens them to four fp32 vectors. 4-, 2- and 8-bit codes (the last split into nibbles) come out of
 the same bit planes as above; 3-bit codes are spread to bytes with one shuffle, one variable shift and four masks.
+DAM's op has the same option (``lowrank_quant_matmul_q8``, ``sparsefx_cpu::lowrank_quant_linear_q8``): x is rounded
+for both products that read it (``x Bᵀ`` and the main rows), ``u = (x Bᵀ) d`` stays fp32.
 
 Both take up to ``MAX_ROWS`` rows of fp32 ``x`` (decode, small batches); prefill GEMMs are compute-bound and stay on
 dequantize + MKL (``ir.ops.quant_linear_math``). ``quant_matmul_reference`` / ``quant_gemv_t_reference`` are the
@@ -392,17 +394,21 @@ static void rows_q8_any(const PreparedQ8& px, int64_t M, int64_t in, const Packe
   }
 }
 
+// rows_range for int8 x: y[m, o] for o in [o0, o1).
+static void rows_q8_range(const PreparedQ8& px, int64_t M, int64_t in, const PackedRef& w, float* y, int64_t out,
+                          int64_t o0, int64_t o1) {
+  switch (w.bits) {
+    case 2: rows_q8_any<2>(px, M, in, w, y, out, o0, o1); break;
+    case 3: rows_q8_any<3>(px, M, in, w, y, out, o0, o1); break;
+    case 4: rows_q8_any<4>(px, M, in, w, y, out, o0, o1); break;
+    default: rows_q8_any<8>(px, M, in, w, y, out, o0, o1); break;
+  }
+}
+
 // y[M, out] = x @ deq(W)^T with x rounded to int8 per 32 inputs; rows of the output split between threads.
 static void matmul_q8_into(const float* x0, int64_t M, int64_t in, const PackedRef& w, int64_t out, float* yp) {
   const PreparedQ8 px = prepare_q8(x0, M, in, w.bits, w.gs);
-  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
-    switch (w.bits) {
-      case 2: rows_q8_any<2>(px, M, in, w, yp, out, o0, o1); break;
-      case 3: rows_q8_any<3>(px, M, in, w, yp, out, o0, o1); break;
-      case 4: rows_q8_any<4>(px, M, in, w, yp, out, o0, o1); break;
-      default: rows_q8_any<8>(px, M, in, w, yp, out, o0, o1); break;
-    }
-  });
+  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) { rows_q8_range(px, M, in, w, yp, out, o0, o1); });
 }
 
 static void check_x(const torch::Tensor& x) {
@@ -475,24 +481,28 @@ static void cols_range(const float* up, int64_t M, int64_t r, const PackedRef& w
 // no main weight. u = (x B^T) d is r wide, so it is computed first; then one parallel region splits the outputs by
 // At's groups, and each thread writes its outputs' main rows and adds their low-rank columns while they are in cache
 // (one fork/join per linear instead of two). x: contiguous fp32 [M, in]; d: contiguous fp32 [r]; every part checked
-// by the caller. Returns y: [M, out] fp32.
+// by the caller. With q8, x is rounded to int8 per 32 inputs for both products that read it (x B^T and the main
+// rows), as quant_matmul_q8 does; u stays fp32. Returns y: [M, out] fp32.
 static torch::Tensor lowrank_decode(const torch::Tensor& x_, const PackedRef* main, const PackedRef& at_,
-                                    const torch::Tensor& d_, const PackedRef& b, int64_t out) {
+                                    const torch::Tensor& d_, const PackedRef& b, int64_t out, bool q8) {
   const int64_t M = x_.size(0), in = x_.size(1), r = d_.numel();
   const float* x = x_.data_ptr<float>();
   const float* d = d_.data_ptr<float>();
   auto y_ = torch::empty({M, out}, x_.options());
   float* y = y_.data_ptr<float>();
   std::vector<float> u((size_t)(M * r));
-  matmul_into(x, M, in, b, r, u.data());
+  (q8 ? matmul_q8_into : matmul_into)(x, M, in, b, r, u.data());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < r; ++k) u[m * r + k] *= d[k];
   PreparedX px;
-  if (main) px = prepare_x(x, M, in, main->bits, main->gs);
+  PreparedQ8 pq;
+  if (main && q8) pq = prepare_q8(x, M, in, main->bits, main->gs);
+  else if (main) px = prepare_x(x, M, in, main->bits, main->gs);
   at::parallel_for(0, out / at_.gs, 1, [&](int64_t g0, int64_t g1) {
     const int64_t o0 = g0 * at_.gs, o1 = g1 * at_.gs;
     if (main) {
-      rows_range(px, M, in, *main, y, out, o0, o1);
+      if (q8) rows_q8_range(pq, M, in, *main, y, out, o0, o1);
+      else rows_range(px, M, in, *main, y, out, o0, o1);
     } else {
       for (int64_t m = 0; m < M; ++m) std::fill(y + m * out + o0, y + m * out + o1, 0.0f);
     }
@@ -517,11 +527,14 @@ void quant_gemv_t(torch::Tensor u, torch::Tensor packed, torch::Tensor scales, t
 }
 
 // DAM's whole linear in one call: y = x @ deq(Q)^T + ((x @ deq(B)^T) * d) @ deq(At), factors packed with
-// factor_bits / factor_group; an empty `packed` means no main weight. Returns y: [M, out] fp32.
-torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
-                                   int64_t bits, int64_t gs, torch::Tensor at_packed, torch::Tensor at_scales,
-                                   torch::Tensor at_zeros, torch::Tensor d, torch::Tensor b_packed,
-                                   torch::Tensor b_scales, torch::Tensor b_zeros, int64_t fbits, int64_t fgs) {
+// factor_bits / factor_group; an empty `packed` means no main weight; q8: x rounded to int8 per 32 inputs. Returns
+// y: [M, out] fp32.
+static torch::Tensor lowrank_matmul_impl(const torch::Tensor& x, const torch::Tensor& packed,
+                                         const torch::Tensor& scales, const torch::Tensor& zeros, int64_t bits,
+                                         int64_t gs, const torch::Tensor& at_packed, const torch::Tensor& at_scales,
+                                         const torch::Tensor& at_zeros, const torch::Tensor& d,
+                                         const torch::Tensor& b_packed, const torch::Tensor& b_scales,
+                                         const torch::Tensor& b_zeros, int64_t fbits, int64_t fgs, bool q8) {
   check_x(x);
   const int64_t in = x.size(1), r = b_packed.size(0), out = at_packed.size(1) * 8 / fbits;
   check_packed(b_packed, b_scales, b_zeros, fbits, fgs, in);
@@ -535,7 +548,25 @@ torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch:
   }
   const PackedRef main_ref = main ? packed_ref(packed, scales, zeros, bits, gs) : PackedRef{};
   return lowrank_decode(x, main ? &main_ref : nullptr, packed_ref(at_packed, at_scales, at_zeros, fbits, fgs), d,
-                        packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), out);
+                        packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), out, q8);
+}
+
+torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
+                                   int64_t bits, int64_t gs, torch::Tensor at_packed, torch::Tensor at_scales,
+                                   torch::Tensor at_zeros, torch::Tensor d, torch::Tensor b_packed,
+                                   torch::Tensor b_scales, torch::Tensor b_zeros, int64_t fbits, int64_t fgs) {
+  return lowrank_matmul_impl(x, packed, scales, zeros, bits, gs, at_packed, at_scales, at_zeros, d, b_packed,
+                             b_scales, b_zeros, fbits, fgs, false);
+}
+
+// lowrank_quant_matmul with x rounded to int8 per 32 inputs (the int8-activation kernels).
+torch::Tensor lowrank_quant_matmul_q8(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                                      torch::Tensor zeros, int64_t bits, int64_t gs, torch::Tensor at_packed,
+                                      torch::Tensor at_scales, torch::Tensor at_zeros, torch::Tensor d,
+                                      torch::Tensor b_packed, torch::Tensor b_scales, torch::Tensor b_zeros,
+                                      int64_t fbits, int64_t fgs) {
+  return lowrank_matmul_impl(x, packed, scales, zeros, bits, gs, at_packed, at_scales, at_zeros, d, b_packed,
+                             b_scales, b_zeros, fbits, fgs, true);
 }
 
 // w[o0:o1, :] = deq(W) rows as fp32: (q - zero) * scale, sixteen codes at a time (the op's default math, in C++).
@@ -635,13 +666,13 @@ torch::Tensor quant_linear_q8_cpu(const torch::Tensor& x, const torch::Tensor& p
   return quant_linear_impl(x, packed, scales, zeros, bias, bits, gs, true);
 }
 
-torch::Tensor lowrank_quant_linear_cpu(
+static torch::Tensor lowrank_quant_linear_impl(
     const torch::Tensor& x, const std::optional<torch::Tensor>& packed_, const std::optional<torch::Tensor>& scales_,
     const std::optional<torch::Tensor>& zeros_, const torch::Tensor& at_packed_,
     const std::optional<torch::Tensor>& at_scales_, const std::optional<torch::Tensor>& at_zeros_,
     const torch::Tensor& d_, const torch::Tensor& b_packed_, const std::optional<torch::Tensor>& b_scales_,
     const std::optional<torch::Tensor>& b_zeros_, const std::optional<torch::Tensor>& bias, int64_t bits, int64_t gs,
-    int64_t fbits, int64_t fgs) {
+    int64_t fbits, int64_t fgs, bool q8) {
   const char* op = "lowrank_quant_linear";
   const int64_t in = x.size(-1), M = x.numel() / std::max<int64_t>(in, 1), r = d_.numel();
   const auto at_packed = at_packed_.contiguous(), b_packed = b_packed_.contiguous();
@@ -680,17 +711,37 @@ torch::Tensor lowrank_quant_linear_cpu(
   if (decode_rows(x, M) && !fp16_factors) {          // the whole linear from the packed codes, one parallel region
     const PackedRef main_ref = main ? packed_ref(packed, scales, zeros, bits, gs) : PackedRef{};
     y = lowrank_decode(x2.contiguous(), main ? &main_ref : nullptr, packed_ref(at_packed, at_scales, at_zeros, fbits,
-                       fgs), d, packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), out);
+                       fgs), d, packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), out, q8);
   } else {                                            // fp16 factors (small), or prefill: the default math's GEMMs
     const auto dt = x.scalar_type();
     const auto a = fp16_factors ? at_packed.to(dt) : dequantize(at_packed, at_scales, at_zeros, fbits, fgs).to(dt);
     const auto b = fp16_factors ? b_packed.to(dt) : dequantize(b_packed, b_scales, b_zeros, fbits, fgs).to(dt);
     y = at::matmul(at::linear(x2, b) * d.to(dt), a);
     if (main)
-      y += decode_rows(x, M) ? quant_matmul(x2.contiguous(), packed, scales, zeros, bits, gs)
+      y += decode_rows(x, M) ? (q8 ? quant_matmul_q8 : quant_matmul)(x2.contiguous(), packed, scales, zeros, bits, gs)
                              : at::linear(x2, dequantize(packed, scales, zeros, bits, gs).to(dt));
   }
   return finish(y, x, out, bias);
+}
+
+// The op's arguments (schema below), shared by its fp32 and int8-activation registrations.
+#define LOWRANK_OP_ARGS                                                                                            \
+  const torch::Tensor& x, const std::optional<torch::Tensor>& packed, const std::optional<torch::Tensor>& scales, \
+  const std::optional<torch::Tensor>& zeros, const torch::Tensor& at_packed,                                      \
+  const std::optional<torch::Tensor>& at_scales, const std::optional<torch::Tensor>& at_zeros,                    \
+  const torch::Tensor& d, const torch::Tensor& b_packed, const std::optional<torch::Tensor>& b_scales,            \
+  const std::optional<torch::Tensor>& b_zeros, const std::optional<torch::Tensor>& bias, int64_t bits,            \
+  int64_t gs, int64_t fbits, int64_t fgs
+
+torch::Tensor lowrank_quant_linear_cpu(LOWRANK_OP_ARGS) {
+  return lowrank_quant_linear_impl(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales,
+                                   b_zeros, bias, bits, gs, fbits, fgs, false);
+}
+
+// lowrank_quant_linear with decode rows of x rounded to int8 per 32 inputs (fp16 factors: the main weight's only)
+torch::Tensor lowrank_quant_linear_q8_cpu(LOWRANK_OP_ARGS) {
+  return lowrank_quant_linear_impl(x, packed, scales, zeros, at_packed, at_scales, at_zeros, d, b_packed, b_scales,
+                                   b_zeros, bias, bits, gs, fbits, fgs, true);
 }
 
 TORCH_LIBRARY_FRAGMENT(sparsefx_cpu, m) {
@@ -701,12 +752,16 @@ TORCH_LIBRARY_FRAGMENT(sparsefx_cpu, m) {
   m.def("lowrank_quant_linear(Tensor x, Tensor? packed, Tensor? scales, Tensor? zeros, Tensor at_packed, "
         "Tensor? at_scales, Tensor? at_zeros, Tensor d, Tensor b_packed, Tensor? b_scales, Tensor? b_zeros, "
         "Tensor? bias, int bits, int group_size, int factor_bits, int factor_group) -> Tensor");
+  m.def("lowrank_quant_linear_q8(Tensor x, Tensor? packed, Tensor? scales, Tensor? zeros, Tensor at_packed, "
+        "Tensor? at_scales, Tensor? at_zeros, Tensor d, Tensor b_packed, Tensor? b_scales, Tensor? b_zeros, "
+        "Tensor? bias, int bits, int group_size, int factor_bits, int factor_group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);
   m.impl("quant_linear_q8", &quant_linear_q8_cpu);
   m.impl("lowrank_quant_linear", &lowrank_quant_linear_cpu);
+  m.impl("lowrank_quant_linear_q8", &lowrank_quant_linear_q8_cpu);
 }
 """
 
@@ -741,8 +796,9 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_quant_gemv_v10", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
-                          functions=["quant_matmul", "quant_matmul_q8", "quant_gemv_t", "lowrank_quant_matmul"],
+        ext = load_inline(name="sparsefx_quant_gemv_v11", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
+                          functions=["quant_matmul", "quant_matmul_q8", "quant_gemv_t", "lowrank_quant_matmul",
+                                     "lowrank_quant_matmul_q8"],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
 
         def quant_linear_fake(x, packed, scales, zeros, bias, bits, group_size):
@@ -753,6 +809,7 @@ def _extension():
 
         # same shapes as the op it stands in for
         torch.library.register_fake("sparsefx_cpu::lowrank_quant_linear")(lowrank_quant_linear_fake)
+        torch.library.register_fake("sparsefx_cpu::lowrank_quant_linear_q8")(lowrank_quant_linear_fake)
         return ext
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
         log.warning("quant_gemv C++ kernel unavailable (%s); using the pure-torch fallback", exc)
@@ -768,13 +825,16 @@ def cpp_quant_linear(int8_activations: bool = False):
     return (torch.ops.sparsefx_cpu.quant_linear_q8 if int8_activations else torch.ops.sparsefx_cpu.quant_linear).default
 
 
-def cpp_lowrank_quant_linear():
+def cpp_lowrank_quant_linear(int8_activations: bool = False):
     """The C++-registered op ``sparsefx_cpu::lowrank_quant_linear`` (same signature as
     ``sparsefx::lowrank_quant_linear``): decode from the packed codes with the whole linear in one parallel region,
-    fp16 factors and prefill through GEMMs. None where the extension cannot run."""
+    fp16 factors and prefill through GEMMs. None where the extension cannot run. With ``int8_activations``,
+    ``sparsefx_cpu::lowrank_quant_linear_q8``: decode rows of x rounded to int8 per 32 inputs for the products that
+    read x (``lowrank_quant_matmul_q8``)."""
     if not cpu_supports_kernel() or _extension() is None:
         return None
-    return torch.ops.sparsefx_cpu.lowrank_quant_linear.default
+    ops = torch.ops.sparsefx_cpu
+    return (ops.lowrank_quant_linear_q8 if int8_activations else ops.lowrank_quant_linear).default
 
 
 def takes_input(x: torch.Tensor) -> bool:
@@ -903,8 +963,26 @@ def lowrank_quant_matmul_reference(x, packed, scales, zeros, bits, group_size, a
     return y if packed is None else y + quant_matmul_reference(x, packed, scales, zeros, bits, group_size)
 
 
+def lowrank_quant_matmul_q8_reference(x, packed, scales, zeros, bits, group_size, at_packed, at_scales, at_zeros, d,
+                                      b_packed, b_scales, b_zeros, factor_bits, factor_group) -> torch.Tensor:
+    """``lowrank_quant_matmul_q8``'s result in float64: ``x`` rounded by ``round_activations_int8`` for both products
+    that read it, then ``lowrank_quant_matmul_reference``."""
+    return lowrank_quant_matmul_reference(round_activations_int8(x).double(), packed, scales, zeros, bits,
+                                          group_size, at_packed, at_scales, at_zeros, d, b_packed, b_scales, b_zeros,
+                                          factor_bits, factor_group)
+
+
+def lowrank_quant_matmul_q8(x, packed, scales, zeros, bits, group_size, at_packed, at_scales, at_zeros, d, b_packed,
+                            b_scales, b_zeros, factor_bits, factor_group) -> torch.Tensor:
+    """``lowrank_quant_matmul`` with ``x`` rounded to int8 per 32 inputs for ``x Bᵀ`` and the main rows (the
+    int8-activation kernel of ``quant_matmul_q8``; ``u = (x Bᵀ) d`` stays fp32). Raises where the kernel does not
+    apply (``kernel_available`` for every packed part)."""
+    return lowrank_quant_matmul(x, packed, scales, zeros, bits, group_size, at_packed, at_scales, at_zeros, d,
+                                b_packed, b_scales, b_zeros, factor_bits, factor_group, int8_activations=True)
+
+
 def lowrank_quant_matmul(x, packed, scales, zeros, bits, group_size, at_packed, at_scales, at_zeros, d, b_packed,
-                         b_scales, b_zeros, factor_bits, factor_group) -> torch.Tensor:
+                         b_scales, b_zeros, factor_bits, factor_group, int8_activations=False) -> torch.Tensor:
     """DAM's linear (without bias) in one kernel call for packed factors: ``x: [..., in] -> [..., out]`` (see
     ``lowrank_quant_matmul_reference``); the reference where the kernel does not apply.
 
@@ -920,6 +998,9 @@ def lowrank_quant_matmul(x, packed, scales, zeros, bits, group_size, at_packed, 
     usable = (kernel_available(x2, at_packed, at_scales, at_zeros, factor_bits)
               and kernel_available(x2, b_packed, b_scales, b_zeros, factor_bits)
               and (packed is None or kernel_available(x2, packed, scales, zeros, bits)))
+    if not usable and int8_activations:
+        raise ValueError("lowrank_quant_matmul_q8 takes up to MAX_ROWS fp32 CPU rows and packed 2/3/4/8-bit parts "
+                         "with fp16 scales on a CPU with AVX2/FMA/F16C; use lowrank_quant_matmul elsewhere")
     if not usable:
         y = lowrank_quant_matmul_reference(x2, packed, scales, zeros, bits, group_size, at_packed, at_scales,
                                            at_zeros, d, b_packed, b_scales, b_zeros, factor_bits, factor_group)
@@ -927,7 +1008,8 @@ def lowrank_quant_matmul(x, packed, scales, zeros, bits, group_size, at_packed, 
         # no main weight: empty tensors (the kernel then skips it)
         main = ((_NO_ZEROS, _NO_SCALES, _NO_ZEROS, 4) if packed is None
                 else (packed.contiguous(), scales.contiguous(), _zeros_arg(zeros), bits))
-        y = _extension().lowrank_quant_matmul(
+        kernel = "lowrank_quant_matmul_q8" if int8_activations else "lowrank_quant_matmul"
+        y = getattr(_extension(), kernel)(
             x2.contiguous(), *main, group_size, at_packed.contiguous(), at_scales.contiguous(), _zeros_arg(at_zeros),
             d.float().contiguous(), b_packed.contiguous(), b_scales.contiguous(), _zeros_arg(b_zeros), factor_bits,
             factor_group)
