@@ -247,7 +247,7 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, level: float | None = None,
-         prepare_decode: bool = True) -> nn.Module:
+         prepare_decode: bool = True, int8_activations: bool = False) -> nn.Module:
     """The compressed HF model of an artifact, ready for ``generate()``; no recalibration.
 
     With ``prepare_decode`` (the default) the model is prepared for decoding on CPU
@@ -255,17 +255,20 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, level: float | No
     weights that those kernels read by input channel are re-stored transposed (same values, same memory). Without
     it, a quantized model decodes through the ops' default math, which dequantizes every weight on every call —
     slower than the dense model. ``prepare_decode=False`` keeps every tensor as the artifact stores it; outputs are
-    the same either way up to fp32 summation order. ``load_artifact`` never prepares.
+    the same either way up to fp32 summation order. ``load_artifact`` never prepares. ``int8_activations`` (opt-in)
+    has quantized linears decode with their input rounded to int8 (see ``prepare_cpu_decode``).
 
     Example:
         >>> model = sparsefx.load("out/wanda50")  # doctest: +SKIP
         >>> small = sparsefx.load("out/gisp", level=0.3)  # doctest: +SKIP
     """
+    if int8_activations and not prepare_decode:
+        raise ValueError("int8_activations is a decode preparation: drop prepare_decode=False, or int8_activations")
     model = load_artifact(path, dtype, level=level).model
     if prepare_decode:
         from .codegen.cpu import prepare_cpu_decode
 
-        prepare_cpu_decode(model)
+        prepare_cpu_decode(model, int8_activations=int8_activations)
     return model
 
 

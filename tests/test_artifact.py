@@ -175,6 +175,12 @@ def test_load_prepares_cpu_decode_and_the_prepared_model_saves_again(tmp_path, t
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-4)
     assert calls == 3 * len(compressed)   # the 3 one-token steps after the prompt go through the kernels
 
+    if "rtn" in entry:   # opt-in int8 activations go through the same call
+        q8 = torch.ops.sparsefx_cpu.quant_linear_q8.default
+        assert all(m.decode_kernel is q8 for m in load(out, int8_activations=True).modules() if isinstance(m, kinds))
+    with pytest.raises(ValueError, match="int8_activations"):
+        load(out, prepare_decode=False, int8_activations=True)
+
     again = save_artifact(tmp_path / "b", ready, None, recipe, result.report_dict())
     with torch.no_grad():
         torch.testing.assert_close(load(again, prepare_decode=False)(tokens).logits, raw(tokens).logits,
