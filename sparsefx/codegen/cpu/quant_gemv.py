@@ -529,12 +529,10 @@ void quant_gemv_t(torch::Tensor u, torch::Tensor packed, torch::Tensor scales, t
 // DAM's whole linear in one call: y = x @ deq(Q)^T + ((x @ deq(B)^T) * d) @ deq(At), factors packed with
 // factor_bits / factor_group; an empty `packed` means no main weight; q8: x rounded to int8 per 32 inputs. Returns
 // y: [M, out] fp32.
-static torch::Tensor lowrank_matmul_impl(const torch::Tensor& x, const torch::Tensor& packed,
-                                         const torch::Tensor& scales, const torch::Tensor& zeros, int64_t bits,
-                                         int64_t gs, const torch::Tensor& at_packed, const torch::Tensor& at_scales,
-                                         const torch::Tensor& at_zeros, const torch::Tensor& d,
-                                         const torch::Tensor& b_packed, const torch::Tensor& b_scales,
-                                         const torch::Tensor& b_zeros, int64_t fbits, int64_t fgs, bool q8) {
+torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
+                                   int64_t bits, int64_t gs, torch::Tensor at_packed, torch::Tensor at_scales,
+                                   torch::Tensor at_zeros, torch::Tensor d, torch::Tensor b_packed,
+                                   torch::Tensor b_scales, torch::Tensor b_zeros, int64_t fbits, int64_t fgs, bool q8) {
   check_x(x);
   const int64_t in = x.size(1), r = b_packed.size(0), out = at_packed.size(1) * 8 / fbits;
   check_packed(b_packed, b_scales, b_zeros, fbits, fgs, in);
@@ -549,24 +547,6 @@ static torch::Tensor lowrank_matmul_impl(const torch::Tensor& x, const torch::Te
   const PackedRef main_ref = main ? packed_ref(packed, scales, zeros, bits, gs) : PackedRef{};
   return lowrank_decode(x, main ? &main_ref : nullptr, packed_ref(at_packed, at_scales, at_zeros, fbits, fgs), d,
                         packed_ref(b_packed, b_scales, b_zeros, fbits, fgs), out, q8);
-}
-
-torch::Tensor lowrank_quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
-                                   int64_t bits, int64_t gs, torch::Tensor at_packed, torch::Tensor at_scales,
-                                   torch::Tensor at_zeros, torch::Tensor d, torch::Tensor b_packed,
-                                   torch::Tensor b_scales, torch::Tensor b_zeros, int64_t fbits, int64_t fgs) {
-  return lowrank_matmul_impl(x, packed, scales, zeros, bits, gs, at_packed, at_scales, at_zeros, d, b_packed,
-                             b_scales, b_zeros, fbits, fgs, false);
-}
-
-// lowrank_quant_matmul with x rounded to int8 per 32 inputs (the int8-activation kernels).
-torch::Tensor lowrank_quant_matmul_q8(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
-                                      torch::Tensor zeros, int64_t bits, int64_t gs, torch::Tensor at_packed,
-                                      torch::Tensor at_scales, torch::Tensor at_zeros, torch::Tensor d,
-                                      torch::Tensor b_packed, torch::Tensor b_scales, torch::Tensor b_zeros,
-                                      int64_t fbits, int64_t fgs) {
-  return lowrank_matmul_impl(x, packed, scales, zeros, bits, gs, at_packed, at_scales, at_zeros, d, b_packed,
-                             b_scales, b_zeros, fbits, fgs, true);
 }
 
 // w[o0:o1, :] = deq(W) rows as fp32: (q - zero) * scale, sixteen codes at a time (the op's default math, in C++).
@@ -724,7 +704,11 @@ static torch::Tensor lowrank_quant_linear_impl(
   return finish(y, x, out, bias);
 }
 
-// The op's arguments (schema below), shared by its fp32 and int8-activation registrations.
+// The op's arguments and schema, shared by its fp32 and int8-activation registrations.
+#define LOWRANK_OP_SCHEMA                                                                                      \
+  "(Tensor x, Tensor? packed, Tensor? scales, Tensor? zeros, Tensor at_packed, Tensor? at_scales, "            \
+  "Tensor? at_zeros, Tensor d, Tensor b_packed, Tensor? b_scales, Tensor? b_zeros, Tensor? bias, int bits, "  \
+  "int group_size, int factor_bits, int factor_group) -> Tensor"
 #define LOWRANK_OP_ARGS                                                                                            \
   const torch::Tensor& x, const std::optional<torch::Tensor>& packed, const std::optional<torch::Tensor>& scales, \
   const std::optional<torch::Tensor>& zeros, const torch::Tensor& at_packed,                                      \
@@ -749,12 +733,8 @@ TORCH_LIBRARY_FRAGMENT(sparsefx_cpu, m) {
         "-> Tensor");
   m.def("quant_linear_q8(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
         "int group_size) -> Tensor");
-  m.def("lowrank_quant_linear(Tensor x, Tensor? packed, Tensor? scales, Tensor? zeros, Tensor at_packed, "
-        "Tensor? at_scales, Tensor? at_zeros, Tensor d, Tensor b_packed, Tensor? b_scales, Tensor? b_zeros, "
-        "Tensor? bias, int bits, int group_size, int factor_bits, int factor_group) -> Tensor");
-  m.def("lowrank_quant_linear_q8(Tensor x, Tensor? packed, Tensor? scales, Tensor? zeros, Tensor at_packed, "
-        "Tensor? at_scales, Tensor? at_zeros, Tensor d, Tensor b_packed, Tensor? b_scales, Tensor? b_zeros, "
-        "Tensor? bias, int bits, int group_size, int factor_bits, int factor_group) -> Tensor");
+  m.def("lowrank_quant_linear" LOWRANK_OP_SCHEMA);
+  m.def("lowrank_quant_linear_q8" LOWRANK_OP_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(sparsefx_cpu, CPU, m) {
@@ -796,9 +776,8 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_quant_gemv_v11", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
-                          functions=["quant_matmul", "quant_matmul_q8", "quant_gemv_t", "lowrank_quant_matmul",
-                                     "lowrank_quant_matmul_q8"],
+        ext = load_inline(name="sparsefx_quant_gemv_v12", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
+                          functions=["quant_matmul", "quant_matmul_q8", "quant_gemv_t", "lowrank_quant_matmul"],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
 
         def quant_linear_fake(x, packed, scales, zeros, bias, bits, group_size):
@@ -1008,9 +987,8 @@ def lowrank_quant_matmul(x, packed, scales, zeros, bits, group_size, at_packed, 
         # no main weight: empty tensors (the kernel then skips it)
         main = ((_NO_ZEROS, _NO_SCALES, _NO_ZEROS, 4) if packed is None
                 else (packed.contiguous(), scales.contiguous(), _zeros_arg(zeros), bits))
-        kernel = "lowrank_quant_matmul_q8" if int8_activations else "lowrank_quant_matmul"
-        y = getattr(_extension(), kernel)(
+        y = _extension().lowrank_quant_matmul(
             x2.contiguous(), *main, group_size, at_packed.contiguous(), at_scales.contiguous(), _zeros_arg(at_zeros),
             d.float().contiguous(), b_packed.contiguous(), b_scales.contiguous(), _zeros_arg(b_zeros), factor_bits,
-            factor_group)
+            factor_group, int8_activations)
     return y.reshape(*x.shape[:-1], y.shape[-1])
