@@ -18,9 +18,10 @@ removes further units of the ranking (nested subnetworks) without recalibration.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .errors import ArtifactError
 from .passes.calibrate import ActStats
 from .passes.config import Recipe
 from .passes.structured import STRUCTURE_ATTR
+from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, TensorStore, index_name
 
 FORMAT, VERSION = "sparsefx-artifact", 1
 MANIFEST = "sparsefx.json"
@@ -56,123 +58,209 @@ class Artifact:
     manifest: dict
 
 
+class ArtifactWriter:
+    """An artifact's tensors, written piece by piece into ``folder`` (the temporary folder of ``atomic_dir``): the
+    whole-model ``save_artifact`` writes the whole model at once, the sequential pipeline one block at a time.
+
+    Dense tensors go to ``model*.safetensors`` (the HF layout, sharded past ``max_shard_size``) in their checkpoint
+    dtype (``dtypes``: one dtype, or ``{name: dtype}`` per tensor, a default under ``None``); the state of compressed
+    modules goes to ``compressed*.safetensors`` as it is (its formats fix their own dtypes), described by
+    ``compressed.json``. A tensor shared by two names (tied embeddings) is written once, under its first name.
+
+    Example:
+        >>> w = ArtifactWriter(tmp, dtypes=torch.bfloat16)   # doctest: +SKIP
+        >>> w.add_module(layer, prefix="model.layers.3.")    # doctest: +SKIP
+    """
+
+    def __init__(self, folder: Path, dtypes=None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE):
+        self.folder = Path(folder)
+        self.dtypes = dtypes
+        self.dense = ShardWriter(self.folder, "model", max_shard_size)
+        self.compressed = ShardWriter(self.folder, "compressed", max_shard_size)
+        self.plan: dict[str, dict] = {}
+        self.stats: dict[str, ActStats] = {}
+
+    def dtype_for(self, name: str, t: torch.Tensor) -> torch.dtype:
+        if not t.is_floating_point() or self.dtypes is None:
+            return t.dtype
+        if isinstance(self.dtypes, torch.dtype):
+            return self.dtypes
+        return self.dtypes.get(name) or self.dtypes.get(None) or t.dtype
+
+    def add_tensor(self, name: str, t: torch.Tensor) -> None:
+        """One dense tensor, cast to its checkpoint dtype."""
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name} was never loaded (still on the meta device)")
+        self.dense.add(name, t.to(self.dtype_for(name, t)))
+
+    def add_module(self, module: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+        """``module``'s persistent state (its names prefixed by ``prefix``) and its compressed modules' state. A
+        tensor that two names share inside ``module`` (tied embeddings) is written once, under its first name (the
+        loader ties it again from ``config.tie_word_embeddings``)."""
+        from .codegen.eager import compressed_modules
+
+        seen: set[tuple] = set()    # only within this call: a freed tensor's address is reused by the next block
+        for name, t in module.state_dict(prefix=prefix, keep_vars=True).items():
+            key = (t.data_ptr(), tuple(t.shape), t.dtype)
+            if name in skip or (t.device.type != "meta" and key in seen):
+                continue
+            seen.add(key)
+            self.add_tensor(name, t.detach())
+        for name, m in compressed_modules(module).items():
+            full = f"{prefix}{name}" if name else prefix.rstrip(".")   # "" is ``module`` itself (a compressed head)
+            attrs, state = m.export_state()
+            self.plan[full] = {"kind": m.kind, "attrs": attrs}
+            for k, v in state.items():
+                self.compressed.add(f"{full}.{k}", v.detach())
+
+    def finish(self, config, tokenizer, recipe: Recipe, report: dict, generation_config=None,
+               structure: str | None = None) -> None:
+        """Write the shards' final names, indexes, config, tokenizer, recipe, report, statistics and manifest."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        self.dense.finish()
+        self.compressed.finish()
+        if self.plan:
+            (self.folder / "compressed.json").write_text(json.dumps(self.plan, indent=1))
+        config = copy.deepcopy(config)
+        stored = self._stored_dtype()
+        if stored is not None:
+            config.dtype = stored
+        config.save_pretrained(self.folder)
+        if generation_config is not None:
+            generation_config.save_pretrained(self.folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.folder)
+        if structure is not None:
+            (self.folder / "structure.json").write_text(structure)
+        if self.stats:
+            tensors = {}
+            for i, (name, s) in enumerate(sorted(self.stats.items())):
+                tensors.update({k: v.contiguous() for k, v in s.tensors(f"input{i}").items()})
+            save_file(tensors, self.folder / "calibration.safetensors",
+                      metadata={"inputs": json.dumps(sorted(self.stats))})
+        (self.folder / "recipe.yaml").write_text(recipe.to_yaml())
+        (self.folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        files = {p.name: _sha256(p) for p in sorted(self.folder.iterdir()) if p.is_file()}
+        manifest = {"format": FORMAT, "version": VERSION, "sparsefx": __version__, "files": files}
+        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+    def _stored_dtype(self) -> torch.dtype | None:
+        if isinstance(self.dtypes, torch.dtype):
+            return self.dtypes
+        if isinstance(self.dtypes, dict):
+            counts: dict[torch.dtype, int] = {}
+            for d in self.dtypes.values():
+                if d is not None and d.is_floating_point:
+                    counts[d] = counts.get(d, 0) + 1
+            return max(counts, key=counts.get) if counts else None
+        return None
+
+
 def save_artifact(out: str | Path, model: nn.Module, tokenizer, recipe: Recipe, report: dict,
-                  stats: dict[str, ActStats] | None = None, overwrite: bool = False) -> Path:
+                  stats: dict[str, ActStats] | None = None, overwrite: bool = False, dtypes=None,
+                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a complete artifact to ``out`` atomically.
+
+    ``dtypes``: the dtype dense tensors are stored in — one ``torch.dtype`` or ``{name: dtype}`` (a checkpoint's own,
+    ``checkpoint_dtypes``), default: as they are in ``model``. ``max_shard_size`` (bytes): shard above it.
 
     Example:
         >>> save_artifact("out/wanda50", model, tok, recipe, result.report_dict())  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
-    from . import __version__
-
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _save_compressed_modules(model, tmp)
+        writer = ArtifactWriter(tmp, dtypes, max_shard_size)
+        writer.add_module(model)
+        writer.stats = dict(stats or {})
         plan = getattr(model, STRUCTURE_ATTR, None)
-        if plan is not None:
-            (tmp / "structure.json").write_text(plan.to_json())
-        if stats:
-            tensors = {}
-            for i, (name, s) in enumerate(sorted(stats.items())):
-                tensors.update({k: v.contiguous() for k, v in s.tensors(f"input{i}").items()})
-            save_file(tensors, tmp / "calibration.safetensors",
-                      metadata={"inputs": json.dumps(sorted(stats))})
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"format": FORMAT, "version": VERSION, "sparsefx": __version__, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        writer.finish(model.config, tokenizer, recipe, report,
+                      generation_config=getattr(model, "generation_config", None),
+                      structure=plan.to_json() if plan is not None else None)
     return out
 
 
-def _save_compressed_modules(model: nn.Module, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    from .codegen.eager import compressed_modules
-
-    plan, tensors = {}, {}
-    for name, module in compressed_modules(model).items():
-        attrs, state = module.export_state()
-        plan[name] = {"kind": module.kind, "attrs": attrs}
-        tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in state.items()})
-    if plan:
-        save_file(tensors, folder / "compressed.safetensors")
-        (folder / "compressed.json").write_text(json.dumps(plan, indent=1))
+def checkpoint_dtypes(folder: str | Path) -> dict:
+    """``{tensor name: dtype}`` of an HF checkpoint's safetensors (headers only; ``None`` -> the main float dtype),
+    for ``save_artifact(dtypes=...)``: what was bf16 stays bf16."""
+    store = TensorStore(folder)
+    return {**{k: store.dtype(k) for k in store.keys()}, None: store.floating_dtype()}
 
 
-def _restore_compressed_modules(model: nn.Module, folder: Path) -> None:
-    from safetensors.torch import load_file
-
+def _restore_compressed_modules(model: nn.Module, folder: Path, digests: dict[str, str] | None = None) -> None:
     from .codegen.eager import EAGER_KINDS, replace_module
 
     if not (folder / "compressed.json").is_file():
         return
     plan = json.loads((folder / "compressed.json").read_text())
-    tensors = load_file(folder / "compressed.safetensors")
+    by_module: dict[str, dict[str, torch.Tensor]] = {name: {} for name in plan}
+    stored = (folder / "compressed.safetensors").is_file() or (folder / index_name("compressed")).is_file()
+    for _, tensors in (TensorStore(folder, "compressed", "artifact").iter_files(digests) if stored else ()):
+        for key, t in tensors.items():
+            module, _, attr = key.rpartition(".")
+            if module not in by_module:
+                raise KeyError(f"compressed tensor {key} belongs to no module of compressed.json")
+            by_module[module][attr] = t
     for name, entry in plan.items():
         cls = EAGER_KINDS[entry["kind"]]
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        replace_module(model, name, cls.restore(model.get_submodule(name), entry["attrs"], state))
+        replace_module(model, name, cls.restore(model.get_submodule(name), entry["attrs"], by_module[name]))
 
 
-@contextlib.contextmanager
-def _quiet_missing_weights(path: Path):
-    """Quantized linears store no dense weight: HF reports those weights missing (and initialises them) before
-    ``_restore_compressed_modules`` replaces the linears. Silence that report for such artifacts only."""
-    from transformers.utils import logging as hf_logging
-
-    from .codegen.eager import EAGER_KINDS
-
-    plan = path / "compressed.json"
-    entries = json.loads(plan.read_text()).values() if plan.is_file() else ()
-    if all(getattr(EAGER_KINDS.get(e.get("kind")), "stores_dense_weight", True) for e in entries):
-        yield
-        return
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
+_TENSOR_FILE = re.compile(r"^(model|compressed)(-\d+-of-\d+)?\.safetensors$")
 
 
-def _load_structured(path: Path, dtype: torch.dtype) -> nn.Module:
-    """Rebuild a structurally pruned model: dense skeleton from config.json, shrunk per structure.json, then the
-    stored (smaller) tensors."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _load_model(path: Path, dtype: torch.dtype, digests: dict[str, str] | None, device=None) -> nn.Module:
+    """Build the model from ``config.json`` without allocating weights (meta device), shrink it per
+    ``structure.json`` if the artifact was pruned structurally, then fill it shard by shard: every file is read once
+    (and checked against its digest in that same read), its tensors cast to ``dtype`` and assigned, not copied."""
+    from transformers import AutoConfig
 
-    from .passes.structured import StructurePlan, shrink_to
+    from .models import empty_model, tie_embeddings
 
-    plan = StructurePlan.from_json((path / "structure.json").read_text())
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    stored, plan.applied = plan.applied, 0
-    shrink_to(model, plan, stored)
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("model*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"stored tensors do not fit the pruned model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    setattr(model, STRUCTURE_ATTR, plan)
+    model = empty_model(config, dtype)
+    plan = None
+    if (path / "structure.json").is_file():
+        from .passes.structured import StructurePlan, shrink_to
+
+        plan = StructurePlan.from_json((path / "structure.json").read_text())
+        stored, plan.applied = plan.applied, 0
+        shrink_to(model, plan, stored)
+    expected = set(model.state_dict())
+    for fname, tensors in TensorStore(path, "model", "artifact").iter_files(digests):
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise ValueError(f"{fname} holds tensor {unexpected[0]!r}, which the model of config.json does not have")
+        for k, t in tensors.items():
+            if t.is_floating_point() and t.dtype != dtype:
+                tensors[k] = t.to(dtype)
+            if device is not None:
+                tensors[k] = tensors[k].to(device)
+        model.load_state_dict(tensors, strict=False, assign=True)
+    tie_embeddings(model)
+    try:
+        _restore_compressed_modules(model, path, digests)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: compressed module state does not fit the model ({exc}); "
+                            "re-run `sparsefx compress`") from exc
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing:
+        raise ValueError(f"the artifact holds no tensor for {missing[0]!r}"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    if plan is not None:
+        setattr(model, STRUCTURE_ATTR, plan)
     return model
 
 
 def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: bool = True,
-                  level: float | None = None) -> Artifact:
-    """Load an artifact written by ``save_artifact``; verify checksums first (``check=False`` skips that).
+                  level: float | None = None, device: str | torch.device | None = None) -> Artifact:
+    """Load an artifact written by ``save_artifact``, checking every file's checksum (``check=False`` skips that).
 
+    Tensor files are read once each: checked and loaded in the same read, into a model built without weights, so
+    loading needs the model's memory plus one shard. ``dtype``: the dtype to compute in (default fp32: this CPU has
+    no fast bf16 math; the artifact may store bf16). ``device``: where the tensors go (default CPU).
     ``level`` (structurally pruned artifacts): remove more of the ranking, up to that fraction of the prunable
     parameters — any level from the stored one up to the recipe's ``sparsity`` — without recalibration.
 
@@ -182,7 +270,7 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
     mpath = path / MANIFEST
@@ -198,26 +286,25 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ArtifactError(f"{path}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
                             f"{FORMAT} v{VERSION}; re-create it with this version of sparsefx")
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    for name, digest in files.items():
         f = path / name
         if not f.is_file():
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing; re-run `sparsefx compress`")
-        if check and _sha256(f) != digest:
+        # tensor files are checked while they are loaded (one read each); the small files here
+        if check and not _TENSOR_FILE.match(name) and _sha256(f) != digest:
             raise ArtifactError(f"{path}: file {name} is corrupt (checksum mismatch); re-run `sparsefx compress`")
     structured = (path / "structure.json").is_file()
     if level is not None and not structured:
         raise ArtifactError(f"{path} was not pruned structurally (no structure.json), so it has no levels; "
                             "drop --level or compress with a gisp / structured_* recipe")
     try:
-        if structured:
-            model = _load_structured(path, dtype)
-        else:
-            with _quiet_missing_weights(path):
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                             use_safetensors=True)
+        model = _load_model(path, dtype, files if check else None, device)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True) if (path / "tokenizer_config.json").exists() \
             else None
-    except (OSError, ValueError, SafetensorError) as exc:
+    except ArtifactError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ArtifactError(f"{path}: the model files do not load ({exc}); re-run `sparsefx compress`") from exc
     if level is not None:
         from .passes.structured import shrink_model
@@ -227,11 +314,6 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
             shrink_model(model, plan, level)
         except ValueError as exc:
             raise ArtifactError(f"{path}: cannot load level {level}: {exc}") from None
-    try:
-        _restore_compressed_modules(model, path)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ArtifactError(f"{path}: compressed module state does not fit the model ({exc}); "
-                            "re-run `sparsefx compress`") from exc
     stats: dict[str, ActStats] = {}
     cal = path / "calibration.safetensors"
     if cal.is_file():

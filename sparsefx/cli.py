@@ -86,32 +86,120 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _device(name: str | None):
+    import torch
+
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparsefxError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
+                            "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SparsefxError(f"--device {name}: sparsefx runs on cpu or cuda")
+    return device
+
+
+def _plan_memory(args, recipe, path, shard: int):
+    """Choose whole-model or sequential (``--sequential`` forces it) from the estimates, and refuse a run whose
+    estimate exceeds ``--max-memory`` before anything is loaded."""
+    import psutil
+    from transformers import AutoConfig
+
+    from . import distributed
+    from .passes.config import build_pass
+    from .sequential import memory
+    from .shards import format_size, parse_size
+
+    try:
+        limit = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
+    except ValueError as exc:
+        raise SparsefxError(str(exc)) from None
+    shape = memory.Shape.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    cal, world = recipe.calibration, distributed.world_size()
+    whole = memory.estimate(shape, recipe, cal.samples, cal.seqlen, "whole", shard, world)
+    seq = memory.estimate(shape, recipe, cal.samples, cal.seqlen, "sequential", shard, world)
+    budget = limit or int(0.8 * psutil.virtual_memory().available)
+    restructures = [c.method for c in recipe.passes if build_pass(c).restructures]
+    if args.sequential:
+        mode = "sequential"
+    else:
+        mode = "whole" if (whole.total <= budget or restructures) else "sequential"
+    est = whole if mode == "whole" else seq
+    if restructures and mode == "sequential":
+        raise SparsefxError(f"{restructures[0]} ranks heads and channels over the whole model, so it cannot run block "
+                            f"by block; drop --sequential and run it where the whole-model estimate fits: "
+                            f"{whole.describe()}")
+    if limit is not None and est.total > limit:
+        hint = (f"add --sequential (estimated {format_size(seq.total)})" if mode == "whole" and not restructures
+                else "use fewer calibration samples (recipe calibration.samples), a smaller --max-shard-size, more "
+                     "processes (torchrun), or a larger --max-memory")
+        raise SparsefxError(f"this run is estimated to need more than --max-memory {format_size(limit)}: "
+                            f"{est.describe()}; {hint}")
+    if distributed.is_main():
+        print(f"pipeline         {est.describe()}", file=sys.stderr)
+    return mode
+
+
 def cmd_compress(args) -> int:
-    from .artifact import save_artifact
+    from pathlib import Path
+
+    from . import distributed
+    from .artifact import checkpoint_dtypes, save_artifact
     from .data import PROTOCOL, calibration_batches, load_pairs
-    from .models import load_model
+    from .models import load_model, resolve_model_path
     from .passes.config import resolve_recipe
-    from .passes.calibrate import STATS
     from .pipeline import compress
+    from .sequential.pipeline import compress_checkpoint
+    from .shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 
     recipe = resolve_recipe(args.recipe)
-    model, tok = load_model(args.model)
-    calibration = None
-    if recipe.needs_calibration:
-        cal = recipe.calibration
-        p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
-        text = open(args.calib_file, encoding="utf-8").read() if args.calib_file else None
-        calibration = calibration_batches(tok, p, text=text)
-    pairs = load_pairs(args.pairs, tok) if args.pairs else None
-    result = compress(model, recipe, calibration=calibration, progress=not args.no_progress, pairs=pairs)
-    out = save_artifact(args.output, model, tok, recipe, result.report_dict(),
-                        stats=result.graph_module.meta.get(STATS), overwrite=args.overwrite)
-    for r in result.reports:
-        sp = r.details.get("sparsity")
-        print(f"{r.name:12s} matches={r.matches:<4d} {f'sparsity={sp:.4f} ' if sp is not None else ''}"
-              f"{r.seconds:.1f}s")
-    print(f"wrote {out}")
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise SparsefxError(f"{out} already exists; add --overwrite to replace it, or choose another --output")
+    try:
+        shard = parse_size(args.max_shard_size, "--max-shard-size") if args.max_shard_size else DEFAULT_MAX_SHARD_SIZE
+    except ValueError as exc:
+        raise SparsefxError(str(exc)) from None
+    device = _device(args.device)
+    path = resolve_model_path(args.model)
+    distributed.init_from_env(device)
+    try:
+        mode = _plan_memory(args, recipe, path, shard)
+        model, tok = (load_model(path) if mode == "whole" else (None, _tokenizer(path)))
+        calibration = None
+        if recipe.needs_calibration:
+            cal = recipe.calibration
+            p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
+            text = open(args.calib_file, encoding="utf-8").read() if args.calib_file else None
+            calibration = distributed.shard_samples(calibration_batches(tok, p, text=text))
+        pairs = load_pairs(args.pairs, tok) if args.pairs else None
+        progress = not args.no_progress and distributed.is_main()
+        if mode == "whole":
+            model.to(device)
+            result = compress(model, recipe, calibration=calibration, progress=progress, pairs=pairs)
+            if distributed.is_main():
+                save_artifact(out, model, tok, recipe, result.report_dict(), stats=result.stats,
+                              overwrite=args.overwrite, dtypes=checkpoint_dtypes(path), max_shard_size=shard)
+            distributed.barrier()
+            reports = result.reports
+        else:
+            result = compress_checkpoint(path, recipe, out, calibration, tok, device, args.calib_inputs, shard,
+                                         args.overwrite, progress, pairs)
+            reports = result.reports
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        for r in reports:
+            sp = r.details.get("sparsity")
+            print(f"{r.name:12s} matches={r.matches:<4d} {f'sparsity={sp:.4f} ' if sp is not None else ''}"
+                  f"{r.seconds:.1f}s")
+        print(f"wrote {out} ({mode})")
     return 0
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def cmd_export(args) -> int:
@@ -234,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
     c.add_argument("--calib-file", help="UTF-8 text file to calibrate on instead of the recipe's named text")
     c.add_argument("--pairs", help="JSONL of {prompt, correct, incorrect} for gisp's margin objective")
+    c.add_argument("--sequential", action="store_true",
+                   help="compress one decoder block at a time, streaming the checkpoint's safetensors (memory: one "
+                        "block); chosen by itself when the whole model would not fit")
+    c.add_argument("--calib-inputs", default="compressed", choices=("compressed", "dense"),
+                   help="sequential: calibrate each block on the outputs of the already compressed blocks (default, "
+                        "as GPTQ) or on the dense model's hidden states (as a whole-model run)")
+    c.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    c.add_argument("--max-memory", help="refuse a run estimated to need more (e.g. 16GB); also the budget for "
+                                        "choosing the sequential pipeline (default: 80%% of available memory)")
+    c.add_argument("--max-shard-size", help="artifact shard size (default 1GiB; e.g. 2GB, 500MB)")
     common(c, tokens=False)
     c.set_defaults(fn=cmd_compress)
 

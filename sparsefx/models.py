@@ -106,6 +106,34 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
     return model.eval(), tok
 
 
+def empty_model(config, dtype: torch.dtype = torch.float32):
+    """The causal LM of ``config`` with every parameter on the meta device (no memory), buffers real (rotary
+    frequencies are computed, not stored); fill it with ``load_state_dict(..., assign=True)``.
+
+    Example:
+        >>> m = empty_model(tiny_model("llama").config)
+        >>> m.lm_head.weight.device.type
+        'meta'
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tie_embeddings(model) -> bool:
+    """Tie the output embedding to the input embedding if the config asks for it (what ``from_pretrained`` does
+    after loading); return whether they are tied."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not getattr(text, "tie_word_embeddings", False) and not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    model.tie_weights()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and getattr(out, "weight", None) is inp.weight
+
+
 # Tiny random configs: same code paths as the real architectures (GQA included), small enough for unit tests.
 _TINY = {
     "llama": dict(num_attention_heads=4, num_key_value_heads=2),

@@ -12,20 +12,33 @@ from .ir.annotate import annotate
 from .ir.capture import capture
 from .ir.verify import verify
 from .passes.base import AnnotatePass, PassContext, PassManager, PassReport
-from .passes.calibrate import CalibratePass
+from .passes.calibrate import STATS, CalibratePass
 from .passes.config import Recipe, build_pass
 
 
 @dataclass
 class CompressionResult:
-    """The compressed HF model (same object as the input), its IR, and one report per pass."""
+    """The compressed HF model (same object as the input), its IR (``None`` after a sequential run, which
+    captures one block at a time), one report per pass and, from a sequential run, its statistics and timings."""
 
     model: nn.Module
-    graph_module: torch.fx.GraphModule
+    graph_module: torch.fx.GraphModule | None
     reports: list[PassReport] = field(default_factory=list)
+    sequential: dict | None = None
+    block_stats: dict | None = None
+
+    @property
+    def stats(self) -> dict:
+        """Calibration statistics by input (what ``save_artifact(stats=...)`` stores)."""
+        if self.graph_module is not None:
+            return self.graph_module.meta.get(STATS) or {}
+        return self.block_stats or {}
 
     def report_dict(self) -> dict:
-        return {"passes": [r.to_dict() for r in self.reports]}
+        out = {"passes": [r.to_dict() for r in self.reports]}
+        if self.sequential is not None:
+            out["sequential"] = self.sequential
+        return out
 
 
 def _stages(recipe: Recipe) -> list[list]:
@@ -54,16 +67,29 @@ def build_pipeline(recipe: Recipe) -> list[PassManager]:
 
 
 def compress(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None = None,
-             progress: bool = True, pairs: list | None = None) -> CompressionResult:
+             progress: bool = True, pairs: list | None = None, sequential: bool = False, device=None,
+             calib_inputs: str = "compressed") -> CompressionResult:
     """Compress ``model`` in place according to ``recipe``.
 
     ``calibration``: token ids ``[N, S]`` (``data.calibration_batches``), needed by recipes with Wanda & co.;
     ``pairs``: ``(prompt, correct, incorrect)`` token ids for GISP's margin objective (``data.load_pairs``).
+    ``sequential``: one decoder block at a time (``sequential.compress_blocks``), each on ``device`` for its turn
+    (a GPU holds one block; the model stays where it is) and calibrated on ``calib_inputs`` (``compressed``: the
+    outputs of the blocks compressed before it; ``dense``: the dense model's, as a whole-model run). A checkpoint
+    larger than memory is compressed from its files with ``sequential.compress_checkpoint``.
 
     Example:
         >>> recipe = Recipe.from_yaml("passes: [{method: magnitude, sparsity: 0.5}]")
         >>> result = compress(tiny_model("llama"), recipe)  # doctest: +SKIP
     """
+    if sequential:
+        from .sequential import ModelSource, compress_blocks
+
+        res = compress_blocks(ModelSource(model, device), recipe, calibration, inputs=calib_inputs,
+                              progress=progress, pairs=pairs)
+        return CompressionResult(model, None, res.reports, res.info, res.stats)
+    if device is not None:
+        model.to(device)
     managers = build_pipeline(recipe)
     for pm in managers:
         pm.check_order()

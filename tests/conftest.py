@@ -45,3 +45,44 @@ def smollm2():
     from sparsefx.models import load_model
 
     return load_model("smollm2")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly 256 ids (one per byte), for the tiny models' vocabulary of 256."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["hello world"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="!")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """``make(arch="llama", dtype=bf16, shard="60KB", layers=2) -> folder``: a tiny model saved as an HF
+    checkpoint (sharded safetensors with an index, its own byte-level tokenizer), as a user's would be."""
+
+    def make(arch: str = "llama", dtype=torch.bfloat16, shard: str = "60KB", layers: int = 2, name: str = "ckpt"):
+        folder = tmp_path / name
+        model = tiny_model(arch, layers=layers).to(dtype)
+        model.save_pretrained(folder, max_shard_size=shard)
+        byte_tokenizer().save_pretrained(folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def calib_text(tmp_path):
+    """A text file of a few thousand byte tokens, for ``--calib-file``."""
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "model", "weights", "of", "a", "layer", "are", "pruned", "and", "quantized", "block", "by"]
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    return path

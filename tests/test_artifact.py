@@ -39,14 +39,23 @@ def test_existing_output_is_not_overwritten_by_default(artifact):
         save_artifact(out, model, None, RECIPE, {})
 
 
-def test_failed_save_leaves_nothing(tmp_path):
-    class Boom:
-        def save_pretrained(self, *a, **k):
-            raise RuntimeError("disk full")
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    """The disk fills after the first shard is written: neither that shard nor the folder remains."""
+    from sparsefx import shards
 
-    with pytest.raises(RuntimeError):
-        save_artifact(tmp_path / "x", Boom(), None, RECIPE, {})
-    assert list(tmp_path.iterdir()) == []
+    written = []
+    real_flush = shards.ShardWriter.flush
+
+    def flush_then_fail(self):
+        if written:
+            raise RuntimeError("disk full")
+        real_flush(self)
+        written.append(self.parts[-1][0])
+
+    monkeypatch.setattr(shards.ShardWriter, "flush", flush_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_artifact(tmp_path / "x", tiny_model("llama"), None, RECIPE, {}, max_shard_size=20_000)
+    assert written and list(tmp_path.iterdir()) == []
 
 
 def test_corrupt_file_is_detected(artifact):

@@ -14,6 +14,9 @@ from ..errors import UnsupportedModelError
 
 # get_attr targets in the captured graph are "<PREFIX><HF parameter name>".
 PREFIX = "hf."
+# gm.meta key of graphs that do not take token ids (a decoder block, the LM head): small example inputs, kept so
+# that shapes can be re-propagated (verify) without a model
+EXAMPLE = "sparsefx.example_inputs"
 
 
 class _LogitsOnly(nn.Module):
@@ -84,3 +87,89 @@ def param_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
 def get_param(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
     """The tensor of HF parameter ``name`` inside ``gm``."""
     return gm.get_parameter(gm.meta.get("sparsefx.prefix", "") + name)
+
+
+class ModuleTree(nn.Module):
+    """Modules held under their full HF names (``{"model.layers.3": layer}``), so a graph captured from the tree
+    names each parameter exactly as the whole model does (``model.layers.3.mlp.up_proj.weight``) — layer indices,
+    roles and ``lower_to_eager`` work on it unchanged.
+
+    Example:
+        >>> tree = ModuleTree({"model.layers.3": nn.Linear(2, 2)})
+        >>> [n for n, _ in tree.named_parameters()]
+        ['model.layers.3.weight', 'model.layers.3.bias']
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        super().__init__()
+        for path, module in modules.items():
+            *parents, leaf = path.split(".")
+            node: nn.Module = self
+            for name in parents:
+                if name not in node._modules:
+                    node.add_module(name, nn.Module())
+                node = node._modules[name]
+            node.add_module(leaf, module)
+
+
+class _Stage(nn.Module):
+    """``forward(*inputs) = fn(self.hf, *inputs)``: what ``capture_stage`` exports."""
+
+    def __init__(self, tree: ModuleTree, fn):
+        super().__init__()
+        self.hf = tree
+        self._fn = fn
+
+    def forward(self, *inputs):
+        return self._fn(self.hf, *inputs)
+
+
+def _dynamic_dims(x):
+    """Export's dynamic-shape spec for an input: every dimension larger than one is symbolic (batch, sequence);
+    size-1 dimensions are broadcast ones (``cos``/``sin`` of shape ``[1, S, d]``) and stay static."""
+    if isinstance(x, torch.Tensor):
+        return {d: torch.export.Dim.AUTO for d in range(x.dim()) if x.shape[d] > 1} or None
+    if isinstance(x, (list, tuple)):
+        return type(x)(_dynamic_dims(t) for t in x)
+    return None
+
+
+def capture_stage(modules: dict[str, nn.Module], fn, example: tuple, model_type: str = "?",
+                  source: str = "block") -> torch.fx.GraphModule:
+    """Export ``fn(tree, *example)`` — one decoder block, or the LM head — to a GraphModule whose parameters carry
+    their HF names (``ModuleTree``). The sequential pipeline runs the same passes on it as on a whole-model graph.
+
+    ``example``: inputs with batch and sequence length larger than one (those dimensions become symbolic). They are
+    kept in ``gm.meta[EXAMPLE]`` for re-propagating shapes.
+
+    Example:
+        >>> lin = nn.Linear(4, 3)
+        >>> gm = capture_stage({"lm_head": lin}, lambda tree, x: tree.lm_head(x), (torch.randn(2, 5, 4),))
+        >>> [n for n, _ in gm.named_parameters()]
+        ['hf.lm_head.weight', 'hf.lm_head.bias']
+    """
+    stage = _Stage(ModuleTree(modules), fn).eval()
+    try:
+        with torch.no_grad():
+            # forward(*inputs): export sees one varargs parameter, so the spec is one tuple
+            ep = torch.export.export(stage, tuple(example), dynamic_shapes=(tuple(_dynamic_dims(x) for x in example),),
+                                     strict=False)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"torch.export could not capture {source} {', '.join(modules)}: {type(exc).__name__}: "
+            f"{str(exc)[:500]}; compress the model whole (without --sequential) if it fits in memory"
+        ) from exc
+    gm = ep.module()
+    gm.meta["sparsefx.source"] = source
+    gm.meta["sparsefx.prefix"] = PREFIX
+    gm.meta["sparsefx.model_type"] = model_type
+    gm.meta[EXAMPLE] = tuple(_detached(x) for x in example)
+    return gm
+
+
+def _detached(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached(t) for t in x)
+    return x

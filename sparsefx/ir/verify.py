@@ -7,7 +7,7 @@ from torch.fx import GraphModule, Interpreter
 
 from ..errors import SparsefxError
 from .annotate import LAYERS, LINEAR, linear_nodes
-from .capture import get_param
+from .capture import EXAMPLE, get_param
 
 
 class IRError(SparsefxError):
@@ -29,13 +29,19 @@ class _ShapeRecorder(Interpreter):
 
 
 def propagate_shapes(gm: GraphModule, batch: int = 1, seq: int = 5) -> dict[str, torch.Size]:
-    """Re-propagate shapes through ``gm`` with fake tensors (no compute); return each linear's output shape."""
+    """Re-propagate shapes through ``gm`` with fake tensors (no compute); return each linear's output shape.
+    A whole-model graph gets token ids ``[batch, seq]``; a block or head graph its recorded example inputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_flatten
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        x = mode.from_tensor(torch.zeros(batch, seq, dtype=torch.long))
+        if EXAMPLE in gm.meta:
+            leaves = tree_flatten(gm.meta[EXAMPLE])[0]
+            args = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+        else:
+            args = [mode.from_tensor(torch.zeros(batch, seq, dtype=torch.long))]
         rec = _ShapeRecorder(gm)
-        rec.run(x)
+        rec.run(*args)
     return rec.shapes
 
 

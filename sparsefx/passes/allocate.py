@@ -86,8 +86,11 @@ def split_by_layer(gm: GraphModule) -> tuple[GraphModule, dict[int, str]]:
     return split, {ly: f"submod_{ly + 1}" for ly in layers}
 
 
-def _record_inputs(split: GraphModule, names: dict[int, str], tokens: torch.Tensor, batch_size: int):
-    """Run the split (dense) model once and keep each layer submodule's positional inputs, per batch."""
+def _record_inputs(split: GraphModule, names: dict[int, str], tokens, batch_size: int):
+    """Run the split (dense) model once and keep each layer submodule's positional inputs, per batch.
+    ``tokens``: token ids ``[N, S]`` or a block's ``BlockInputs``."""
+    from .calibrate import calibration_args
+
     inputs: dict[int, list[tuple]] = {ly: [] for ly in names}
     hooks = []
     for ly, name in names.items():
@@ -95,8 +98,8 @@ def _record_inputs(split: GraphModule, names: dict[int, str], tokens: torch.Tens
             inputs[ly].append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         hooks.append(split.get_submodule(name).register_forward_pre_hook(hook))
     try:
-        for i in range(0, tokens.shape[0], batch_size):
-            split(tokens[i:i + batch_size])
+        for args in calibration_args(tokens, batch_size):
+            split(*tree_leaves(args))   # split_module's graph takes the flattened inputs
     finally:
         for h in hooks:
             h.remove()
@@ -104,21 +107,26 @@ def _record_inputs(split: GraphModule, names: dict[int, str], tokens: torch.Tens
 
 
 def _sq_err(outs, targets) -> float:
+    """Relative squared error of the block's outputs, summed over this process's batches and then over all
+    processes of a ``torchrun`` calibration (so every rank takes the same greedy step)."""
+    from .. import distributed
+
     num = den = 0.0
     for o, t in zip(outs, targets):
         for a, b in zip(tree_leaves(o), tree_leaves(t)):
             num += float((a.float() - b.float()).pow(2).sum())
             den += float(b.float().pow(2).sum())
+    num, den = distributed.all_reduce_floats([num, den])
     return num / max(den, 1e-30)
 
 
 @torch.no_grad()
-def greedy_allocate(gm: GraphModule, knobs: list[Knob], targets: dict[int, float], tokens: torch.Tensor,
+def greedy_allocate(gm: GraphModule, knobs: list[Knob], targets: dict[int, float], tokens,
                     batch_size: int = 4, block_step: float = 0.05, max_step: float = 0.2,
                     progress: bool = True) -> dict[str, float]:
     """Per-knob sparsities such that each layer's MAC-weighted sparsity equals ``targets[layer]``.
 
-    ``tokens: [N, S]`` calibration ids (a few thousand tokens suffice). ``block_step``: the block sparsity one step
+    ``tokens``: calibration ids ``[N, S]`` (a few thousand tokens suffice), or a block's ``BlockInputs``. ``block_step``: the block sparsity one step
     adds (the step of a linear holding a share ``f`` of the block's MACs is ``block_step / f``, at most
     ``max_step``). ``gm`` is left unchanged; the caller applies the result.
 

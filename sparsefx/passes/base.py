@@ -157,3 +157,51 @@ class AnnotatePass(Pass):
             roles[info.role] = roles.get(info.role, 0) + 1
         details = {"layers": len(layers), "roles": roles, "coupled_axes": dep.number_of_nodes()}
         return PassResult(gm, False, PassReport(self.name, matches=sum(roles.values()), details=details))
+
+
+# Merging the reports of one pass run on several parts of a model (the sequential pipeline's blocks and LM head):
+# counts add up, per-parameter tables join, and ratios are recomputed from their summed parts.
+_SUMMED = {"macs_skipped", "macs_total", "weights_zeroed", "weights_in_scope", "bytes", "dense_fp16_bytes",
+           "tokens", "seconds"}
+_RATIOS = {"sparsity": ("weights_zeroed", "weights_in_scope", 1.0),
+           "effective_sparsity": ("macs_skipped", "macs_total", 1.0),
+           "bits_per_weight": ("bytes", "dense_fp16_bytes", 16.0)}   # bytes * 8 / (fp16 bytes / 2)
+
+
+def _merge_values(key: str, values: list):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    if all(isinstance(v, dict) for v in values):
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        return {k: _merge_values(k, [v.get(k) for v in values]) for k in keys}
+    if all(isinstance(v, list) for v in values):
+        return [x for v in values for x in v]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if key in _SUMMED or all(isinstance(v, int) for v in values):
+            return sum(values)
+        return values[0] if all(v == values[0] for v in values) else sum(values) / len(values)
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def merge_reports(reports: list[PassReport]) -> PassReport:
+    """One report for one pass that ran on several graphs (one per decoder block, the LM head): matches and
+    counts summed, per-parameter tables joined, ``sparsity`` / ``effective_sparsity`` / ``bits_per_weight``
+    recomputed from the summed parts they are ratios of, other figures kept when equal (else averaged).
+
+    Example:
+        >>> merge_reports([PassReport("m", matches=2), PassReport("m", matches=3)]).matches
+        5
+    """
+    if not reports:
+        raise ValueError("merge_reports needs at least one report")
+    out = PassReport(reports[0].name, modified=any(r.modified for r in reports),
+                     matches=sum(r.matches for r in reports), seconds=sum(r.seconds for r in reports))
+    for attr in ("nodes_added", "nodes_removed", "params_changed", "params_removed"):
+        setattr(out, attr, [x for r in reports for x in getattr(r, attr)])
+    details = _merge_values("details", [r.details for r in reports]) or {}
+    for key, (num, den, scale) in _RATIOS.items():
+        if key in details and num in details and den in details:
+            details[key] = details[num] * scale / details[den] if details[den] else 0.0
+    out.details = details
+    return out

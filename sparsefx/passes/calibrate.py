@@ -98,6 +98,15 @@ class Observer(nn.Module):
     def stats(self) -> ActStats:
         return ActStats(self.n_tokens, self.sq_sum.clone(), self.abs_sum.clone(), self.abs_max.clone(), self.hist.clone())
 
+    def all_reduce_(self) -> None:
+        """Sum (max for ``abs_max``) the statistics over every process of a ``torchrun`` calibration."""
+        from .. import distributed
+
+        n = torch.tensor([self.n_tokens], dtype=torch.float64)
+        distributed.all_reduce_([self.sq_sum, self.abs_sum, self.hist, n])
+        distributed.all_reduce_([self.abs_max], op="max")
+        self.n_tokens = int(n.item())
+
 
 def insert_observers(gm: GraphModule, sources: list[torch.fx.Node] | None = None,
                      factory=None) -> dict[str, str]:
@@ -143,7 +152,66 @@ def observe(gm: GraphModule, sources: list[torch.fx.Node], ctx: PassContext) -> 
     return stats
 
 
+class BlockInputs:
+    """Calibration data of a graph captured from one decoder block (``ir.capture_block``) or the LM head: per
+    batch, the graph's positional inputs — ``hidden: [B, S, D]`` first, then the block's other tensor inputs
+    (position embeddings, masks). The sequential pipeline computes them block by block; a pass sees them where it
+    would see token ids (``ctx.calibration``), with the same ``shape`` ``[N, S]`` and prefix slicing
+    ``[:n]`` (whole samples)."""
+
+    def __init__(self, batches: list[tuple]):
+        if not batches:
+            raise CalibrationError("a block needs at least one calibration batch")
+        self.batches = list(batches)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(int(b[0].shape[0]) for b in self.batches), int(self.batches[0][0].shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> "BlockInputs":
+        if not isinstance(key, slice) or key.start not in (None, 0) or key.step not in (None, 1):
+            raise TypeError("BlockInputs supports prefixes only: inputs[:n]")
+        left = self.shape[0] if key.stop is None else max(int(key.stop), 1)
+        out = []
+        for args in self.batches:
+            b = int(args[0].shape[0])
+            if left <= 0:
+                break
+            out.append(args if b <= left else _first_samples(args, b, left))
+            left -= b
+        return BlockInputs(out)
+
+
+def _first_samples(args: tuple, batch: int, n: int) -> tuple:
+    """The first ``n`` samples of one batch of block inputs: every tensor whose first dimension is the batch is
+    cut; broadcast ones (``cos``/``sin`` of shape ``[1, S, d]``) are kept."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t, args)
+
+
+def calibration_args(calibration, batch_size: int):
+    """The positional inputs of each calibration batch: ``(ids[i:i+batch_size],)`` for token ids ``[N, S]``, the
+    recorded batches of a ``BlockInputs``."""
+    if isinstance(calibration, BlockInputs):
+        yield from calibration.batches
+        return
+    for i in range(0, calibration.shape[0], batch_size):
+        yield (calibration[i:i + batch_size],)
+
+
+def _to_device(args: tuple, device: torch.device) -> tuple:
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t, args)
+
+
 def _check_batches(batches) -> None:
+    if isinstance(batches, BlockInputs):
+        return
     if not isinstance(batches, torch.Tensor) or batches.dim() != 2 or batches.dtype != torch.long \
             or batches.numel() == 0:
         got = f"{tuple(batches.shape)} {batches.dtype}" if isinstance(batches, torch.Tensor) else type(batches).__name__
@@ -151,16 +219,22 @@ def _check_batches(batches) -> None:
                                "use data.calibration_batches(tokenizer)")
 
 
-def run_calibration(gm: GraphModule, batches: torch.Tensor, batch_size: int = 4, progress: bool = True) -> None:
-    """Feed token ids ``batches: [N, S]`` through ``gm`` in chunks of ``batch_size``, with a progress bar."""
+def run_calibration(gm: GraphModule, batches, batch_size: int = 4, progress: bool = True) -> None:
+    """Feed calibration data through ``gm`` — token ids ``[N, S]`` in chunks of ``batch_size``, or a block's
+    ``BlockInputs`` — with a progress bar; then all-reduce the observers' statistics over the processes of a
+    ``torchrun`` calibration (``sparsefx.distributed``)."""
     from tqdm.auto import tqdm
+
+    from .. import distributed
 
     _check_batches(batches)
     device = next(iter(gm.parameters())).device
-    steps = math.ceil(batches.shape[0] / batch_size)
+    steps = len(batches.batches) if isinstance(batches, BlockInputs) else math.ceil(batches.shape[0] / batch_size)
     with torch.no_grad():
-        for i in tqdm(range(steps), desc="calibrating", unit="batch", disable=not progress):
-            gm(batches[i * batch_size:(i + 1) * batch_size].to(device))
+        for args in tqdm(calibration_args(batches, batch_size), total=steps, desc="calibrating", unit="batch",
+                         disable=not progress):
+            gm(*_to_device(args, device))
+    distributed.reduce_observers(gm)
 
 
 def remove_observers(gm: GraphModule, inserted: dict[str, str]) -> dict:

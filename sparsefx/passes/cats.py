@@ -113,5 +113,6 @@ class CatsPass(Pass):
             report.nodes_added.append(thr.name)
         gm.recompile()
         report.matches = len(plans)
-        report.details = {"effective_sparsity": skipped / total if total else 0.0, "per_layer": per_layer}
+        report.details = {"effective_sparsity": skipped / total if total else 0.0, "per_layer": per_layer,
+                          "macs_skipped": skipped, "macs_total": total}
         return PassResult(gm, True, report)

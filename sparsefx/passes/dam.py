@@ -226,7 +226,8 @@ class _LowRankQuantPass(LinearRewritePass):
                               f"it needs at least {need:.3f} bits per weight")
 
     def grams(self, gm, ctx, linears):
-        return input_grams(gm, ctx, [info.input_node for _, info in linears])
+        return input_grams(gm, ctx, [info.input_node for _, info in linears],
+                           first_for={info.input_node for _, info in linears if info.role == "v"})
 
     def rewrite(self, gm, node, info, gram):
         cfg = self.config

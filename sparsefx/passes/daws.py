@@ -361,7 +361,8 @@ class DawsPass(Pass):
         gm.recompile()
         report.matches = len(per_param)
         report.details = {"allocation": self.config.allocation,
-                          "effective_sparsity": skipped / total if total else 0.0, "per_param": per_param}
+                          "effective_sparsity": skipped / total if total else 0.0, "per_param": per_param,
+                          "macs_skipped": skipped, "macs_total": total}
         if self.config.layout == "banded" and per_param:
             report.details["bits_per_weight"] = 16.0    # one fp16 matrix holds every tier of a rewritten linear
         return PassResult(gm, bool(per_param), report)

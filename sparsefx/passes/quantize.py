@@ -91,7 +91,7 @@ class InputGram:
     the same over each sequence's first position only, ``seqlen`` the calibration length."""
 
     gram: torch.Tensor
-    first: torch.Tensor
+    first: torch.Tensor | None      # None where no value projection reads this input (only ``v`` uses it)
     seqlen: int
 
     def for_role(self, role: str, v_sink: bool = True) -> torch.Tensor:
@@ -100,42 +100,60 @@ class InputGram:
         ``x x^T`` by ``seqlen - 1`` more keeps GPTQ from trading sink accuracy for average accuracy (measured on
         SmolLM2: plain GPTQ on v_proj loses to RTN, sink-weighted GPTQ does not)."""
         if role == "v" and v_sink and self.seqlen > 1:
+            if self.first is None:
+                raise ValueError("this input's first-position Gram was not collected (input_grams(first_for=...))")
             return self.gram + (self.seqlen - 1) * self.first
         return self.gram
 
 
 class GramObserver(nn.Module):
-    """Identity module accumulating an ``InputGram`` (float64) of what flows through it (``x: [B, S, C]``)."""
+    """Identity module accumulating an ``InputGram`` (float64) of what flows through it (``x: [B, S, C]``).
+    ``first=False`` skips the first-position Gram (only value projections use it; it costs another C x C)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, first: bool = True):
         super().__init__()
         self.channels = channels
         self.n_tokens, self.seqlen = 0, 1
         self.gram = torch.zeros(channels, channels, dtype=torch.float64)
-        self.first = torch.zeros(channels, channels, dtype=torch.float64)
+        self.first = torch.zeros(channels, channels, dtype=torch.float64) if first else None
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, S, C]
         flat = x.detach().reshape(-1, self.channels).float()
-        self.gram += (flat.T @ flat).double().cpu()
+        # fp32 product, accumulated in fp64 in place (no fp64 temporary: for C = 11008 that would be another GB)
+        self.gram.add_((flat.T @ flat).cpu())
         self.n_tokens += flat.shape[0]
         if x.dim() == 3:
-            x0 = x.detach()[:, 0].float()                 # [B, C]: each sequence's first position
-            self.first += (x0.T @ x0).double().cpu()
             self.seqlen = x.shape[1]
+            if self.first is not None:
+                x0 = x.detach()[:, 0].float()             # [B, C]: each sequence's first position
+                self.first.add_((x0.T @ x0).cpu())
         return x
 
     def stats(self) -> InputGram:
         return InputGram(self.gram, self.first, self.seqlen)
 
+    def all_reduce_(self) -> None:
+        """Sum the Gram matrices over every process of a ``torchrun`` calibration."""
+        from .. import distributed
 
-def input_grams(gm: GraphModule, ctx: PassContext, nodes: list[str]) -> dict[str, InputGram]:
-    """``{input node name: InputGram}`` for the inputs named in ``nodes``, over ``ctx.calibration``."""
+        n = torch.tensor([self.n_tokens], dtype=torch.float64)
+        distributed.all_reduce_([t for t in (self.gram, self.first, n) if t is not None])
+        self.n_tokens = int(n.item())
+
+
+def input_grams(gm: GraphModule, ctx: PassContext, nodes: list[str],
+                first_for: set[str] | None = None) -> dict[str, InputGram]:
+    """``{input node name: InputGram}`` for the inputs named in ``nodes``, over ``ctx.calibration``; the
+    first-position Gram only for the inputs in ``first_for`` (default: all)."""
     if ctx.calibration is None:
         raise CalibrationError("gptq needs calibration data, but none was given; pass "
                                "calibration=data.calibration_batches(tokenizer)")
     by_name = {n.name: n for n in gm.graph.nodes}
     inserted = insert_observers(gm, [by_name[n] for n in dict.fromkeys(nodes)], factory=GramObserver)
+    for src, mod in inserted.items():
+        if first_for is not None and src not in first_for:
+            gm.get_submodule(mod).first = None
     try:
         run_calibration(gm, ctx.calibration, ctx.batch_size, ctx.progress)
     finally:
@@ -266,7 +284,8 @@ class GptqPass(_QuantPass):
     uses_calibration = True
 
     def grams(self, gm, ctx, linears):
-        return input_grams(gm, ctx, [info.input_node for _, info in linears])
+        return input_grams(gm, ctx, [info.input_node for _, info in linears],
+                           first_for={info.input_node for _, info in linears if info.role == "v"})
 
     def quantize(self, w, gram, role):
         h = gram.for_role(role, self.config.v_sink)

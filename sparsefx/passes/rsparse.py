@@ -118,5 +118,6 @@ class RSparsePass(Pass):
             report.params_changed.append(info.param)
         gm.recompile()
         report.matches = len(per_param)
-        report.details = {"effective_sparsity": skipped / total if total else 0.0, "per_param": per_param}
+        report.details = {"effective_sparsity": skipped / total if total else 0.0, "per_param": per_param,
+                          "macs_skipped": skipped, "macs_total": total}
         return PassResult(gm, bool(per_param), report)
