@@ -142,10 +142,26 @@ def child(args) -> None:
         compress_checkpoint(folder, recipe, out, ids, None, device=args.device, progress=False)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    check_complete(out, folder)
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     print(json.dumps({"seconds": round(seconds, 1), "peak_rss_bytes": peak, "artifact_bytes": dir_bytes(out),
                       "peak_cuda_bytes": cuda}))
     shutil.rmtree(out, ignore_errors=True)
+
+
+def check_complete(out: Path, folder: Path) -> None:
+    """Every tensor of the checkpoint is in the artifact: dense (in its checkpoint dtype), or as the state of a
+    compressed module (read from the headers; a 7 B artifact is not loaded whole here)."""
+    from sparsefx.shards import TensorStore
+
+    src, dense = TensorStore(folder), TensorStore(out, "model", "artifact")
+    plan = json.loads((out / "compressed.json").read_text()) if (out / "compressed.json").is_file() else {}
+    for name in src.keys():
+        if name in dense:
+            if dense.dtype(name) != src.dtype(name):
+                raise SystemExit(f"{name}: stored as {dense.dtype(name)}, the checkpoint has {src.dtype(name)}")
+        elif name.rpartition(".")[0] not in plan:
+            raise SystemExit(f"the artifact lacks {name}")
 
 
 def whole_fits(folder: Path, recipe: str, samples: int) -> bool:

@@ -329,7 +329,8 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, level: float | None = None,
-         prepare_decode: bool = True, int8_activations: bool = False) -> nn.Module:
+         prepare_decode: bool = True, int8_activations: bool = False,
+         device: str | torch.device | None = None) -> nn.Module:
     """The compressed HF model of an artifact, ready for ``generate()``; no recalibration.
 
     With ``prepare_decode`` (the default) the model is prepared for decoding on CPU
@@ -346,8 +347,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, level: float | No
     """
     if int8_activations and not prepare_decode:
         raise ValueError("int8_activations is a decode preparation: drop prepare_decode=False, or int8_activations")
-    model = load_artifact(path, dtype, level=level).model
-    if prepare_decode:
+    model = load_artifact(path, dtype, level=level, device=device).model
+    if prepare_decode and next(model.parameters()).device.type == "cpu":
         from .codegen.cpu import prepare_cpu_decode
 
         prepare_cpu_decode(model, int8_activations=int8_activations)

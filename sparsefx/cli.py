@@ -49,13 +49,16 @@ def cmd_eval(args) -> int:
     if args.level is not None and not is_artifact(args.model):
         raise SparsefxError("--level applies to structurally pruned artifacts (gisp, structured_*); "
                             f"{args.model} is not an artifact")
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
     if is_artifact(args.model):
-        art = load_artifact(args.model, level=args.level)
+        art = load_artifact(args.model, dtype=dtype, level=args.level, device=device)
         model, tok = art.model, art.tokenizer
         if tok is None:
             raise SparsefxError(f"{args.model} holds no tokenizer; re-run `sparsefx compress`")
     else:
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, dtype=dtype)
+        model.to(device)
     if args.compile:   # the sparsefx backend: compressed ops lowered to kernels, the rest compiled by Inductor
         import torch
 
@@ -96,6 +99,15 @@ def _device(name: str | None):
     if device.type not in ("cpu", "cuda"):
         raise SparsefxError(f"--device {name}: sparsefx runs on cpu or cuda")
     return device
+
+
+def _dtype(name: str, device):
+    """The dtype to evaluate in: fp32 on CPU (no fast bf16 math there), bf16 on CUDA, unless ``--dtype`` says."""
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def _plan_memory(args, recipe, path, shard: int):
@@ -161,6 +173,7 @@ def cmd_compress(args) -> int:
         raise SparsefxError(str(exc)) from None
     device = _device(args.device)
     path = resolve_model_path(args.model)
+    dtypes = checkpoint_dtypes(path)        # reads the safetensors headers: a bad index or lost shard stops here
     distributed.init_from_env(device)
     try:
         mode = _plan_memory(args, recipe, path, shard)
@@ -178,16 +191,17 @@ def cmd_compress(args) -> int:
             result = compress(model, recipe, calibration=calibration, progress=progress, pairs=pairs)
             if distributed.is_main():
                 save_artifact(out, model, tok, recipe, result.report_dict(), stats=result.stats,
-                              overwrite=args.overwrite, dtypes=checkpoint_dtypes(path), max_shard_size=shard)
+                              overwrite=args.overwrite, dtypes=dtypes, max_shard_size=shard)
             distributed.barrier()
             reports = result.reports
         else:
             result = compress_checkpoint(path, recipe, out, calibration, tok, device, args.calib_inputs, shard,
                                          args.overwrite, progress, pairs)
             reports = result.reports
+        main_rank = distributed.is_main()
     finally:
         distributed.shutdown()
-    if distributed.is_main():
+    if main_rank:
         for r in reports:
             sp = r.details.get("sparsity")
             print(f"{r.name:12s} matches={r.matches:<4d} {f'sparsity={sp:.4f} ' if sp is not None else ''}"
@@ -309,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decode-path", action="store_true",
                    help="score the text one token at a time through the KV cache (and, on CPU, the decode "
                         "kernels), as generate() runs the model; one forward per token, so much slower")
+    e.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype to compute in (auto: float32 on CPU, bfloat16 on CUDA); the artifact may store another")
     e.add_argument("--int8-activations", action="store_true",
                    help="CPU: quantized linears decode with their input rounded to int8 per 32 channels (faster, "
                         "changes decode numerics: score them with --decode-path; prefill is unaffected)")

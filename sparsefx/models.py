@@ -168,3 +168,23 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
             if p.dim() == 2:
                 p.mul_(3.0)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with exactly 256 ids, one per byte: the vocabulary of ``tiny_model``, so a tiny model
+    saved with it is a complete HF checkpoint (tests, examples).
+
+    Example:
+        >>> len(tiny_tokenizer())
+        256
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["hello world"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="!")

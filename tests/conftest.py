@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sparsefx.ir import annotate, capture
-from sparsefx.models import TINY_ARCHS, tiny_model
+from sparsefx.models import TINY_ARCHS, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(params=TINY_ARCHS)
@@ -47,20 +47,6 @@ def smollm2():
     return load_model("smollm2")
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer with exactly 256 ids (one per byte), for the tiny models' vocabulary of 256."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(["hello world"], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="!")
-
-
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """``make(arch="llama", dtype=bf16, shard="60KB", layers=2) -> folder``: a tiny model saved as an HF
@@ -70,7 +56,7 @@ def tiny_checkpoint(tmp_path):
         folder = tmp_path / name
         model = tiny_model(arch, layers=layers).to(dtype)
         model.save_pretrained(folder, max_shard_size=shard)
-        byte_tokenizer().save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
         return folder
 
     return make
@@ -84,5 +70,5 @@ def calib_text(tmp_path):
     rng = random.Random(0)
     words = ["the", "model", "weights", "of", "a", "layer", "are", "pruned", "and", "quantized", "block", "by"]
     path = tmp_path / "calib.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    path.write_text(" ".join(rng.choice(words) for _ in range(4000)))
     return path

@@ -229,7 +229,7 @@ class _LowRankQuantPass(LinearRewritePass):
         return input_grams(gm, ctx, [info.input_node for _, info in linears],
                            first_for={info.input_node for _, info in linears if info.role == "v"})
 
-    def rewrite(self, gm, node, info, gram):
+    def rewrite(self, gm, node, info, gram, last_use=False):
         cfg = self.config
         rank = min(cfg.rank_for(info.out_features, info.in_features), info.out_features, info.in_features)
         dec = decompose(cfg, get_param(gm, info.param), gram.for_role(info.role, cfg.v_sink), rank)

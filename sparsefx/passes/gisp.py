@@ -186,7 +186,23 @@ def objective_gradients(gm: GraphModule, params: list[str], ctx: PassContext,
     missing = [n for n, g in grads.items() if g is None]
     if missing:
         raise CalibrationError(f"no gradient reached {missing[:3]}; the objective does not depend on them")
-    return grads, total
+    return _mean_over_processes(grads, total, ctx, objective)
+
+
+def _mean_over_processes(grads: dict[str, torch.Tensor], loss: float, ctx: PassContext, objective: str):
+    """Under ``torchrun`` each process averaged over its share of the data: weigh each share by its size and sum
+    over processes, so every rank holds the gradient of the mean loss over all of the data."""
+    from .. import distributed
+
+    if distributed.world_size() == 1:
+        return grads, loss
+    n_local = float(ctx.calibration.shape[0] if objective == "lm" else len(ctx.pairs))
+    (n_all,) = distributed.all_reduce_floats([n_local])
+    for g in grads.values():
+        g.mul_(n_local / n_all)
+    distributed.all_reduce_(list(grads.values()))
+    (loss,) = distributed.all_reduce_floats([loss * n_local / n_all])
+    return grads, loss
 
 
 # ---------------------------------------------------------------- common skeleton

@@ -72,11 +72,13 @@ def one_thread():
 
 @torch.no_grad()
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-                  block: int = 128) -> QuantizedWeight:
+                  block: int = 128, consume: bool = False) -> QuantizedWeight:
     """GPTQ with the layer's input Gram matrix ``hessian: [in, in]`` (``X^T X``; any positive scale).
 
     Columns whose input never fires (zero diagonal) are quantized as zero weights. ``damp`` adds that fraction of
-    the mean diagonal to the diagonal (numerical stability).
+    the mean diagonal to the diagonal (numerical stability). ``consume``: the caller gives up an fp64 ``hessian``,
+    which is then damped and factored in place of a copy (for an 11008-wide input each copy is ~1 GB; at most two
+    such matrices live at once).
 
     Example:
         >>> x = torch.randn(256, 64); w = torch.randn(16, 64)
@@ -88,13 +90,19 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp:
     if hessian.shape != (in_f, in_f):
         raise ValueError(f"hessian must be [{in_f}, {in_f}], got {tuple(hessian.shape)}")
     W = w.double().clone()
-    H = hessian.double().clone()
+    H = hessian if consume and hessian.dtype == torch.float64 else hessian.double().clone()
+    del hessian
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    H.diagonal().add_(damp * torch.diag(H).mean())
     # upper Cholesky factor of H^-1: row i holds how column i's error propagates to the columns after it
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    L = torch.linalg.cholesky(H)
+    del H
+    Hi = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(Hi, upper=True)
+    del Hi
     codes = torch.zeros(out_f, in_f)
     scales = torch.zeros(out_f, in_f // g)
     zeros = torch.zeros(out_f, in_f // g)

@@ -13,6 +13,7 @@ gives stored bytes and bits per weight per linear and in total (codes, fp16 scal
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +100,21 @@ class InputGram:
         attention sink that every later query reads, so its error counts ``seqlen`` times, not once: weighting its
         ``x x^T`` by ``seqlen - 1`` more keeps GPTQ from trading sink accuracy for average accuracy (measured on
         SmolLM2: plain GPTQ on v_proj loses to RTN, sink-weighted GPTQ does not)."""
+        if self.gram is None:
+            raise ValueError("this Gram matrix was released to its last linear (InputGram.release)")
         if role == "v" and v_sink and self.seqlen > 1:
             if self.first is None:
                 raise ValueError("this input's first-position Gram was not collected (input_grams(first_for=...))")
             return self.gram + (self.seqlen - 1) * self.first
         return self.gram
+
+
+    def release(self, role: str, v_sink: bool = True) -> torch.Tensor:
+        """``for_role`` for the last linear that reads this input: the InputGram lets go of its matrices, so the
+        caller holds the only reference and may work on it in place (``quant.quantize_gptq(consume=True)``)."""
+        h = self.for_role(role, v_sink)
+        self.gram = self.first = None
+        return h
 
 
 class GramObserver(nn.Module):
@@ -214,8 +225,9 @@ class LinearRewritePass(Pass):
     def grams(self, gm, ctx, linears) -> dict[str, InputGram]:
         return {}
 
-    def rewrite(self, gm, node, info, gram: InputGram | None) -> tuple[int, dict]:
-        """Replace ``node``; return the bytes stored for it and extra per-linear report fields."""
+    def rewrite(self, gm, node, info, gram: InputGram | None, last_use: bool = False) -> tuple[int, dict]:
+        """Replace ``node``; return the bytes stored for it and extra per-linear report fields. ``last_use``: no
+        later linear reads ``gram`` (it may be released, ``InputGram.release``)."""
         raise NotImplementedError
 
     def summary(self) -> dict:
@@ -233,8 +245,14 @@ class LinearRewritePass(Pass):
         grams = self.grams(gm, ctx, linears)
         report = PassReport(self.name)
         per_param, stored, weights = {}, 0, 0
+        uses_left = Counter(info.input_node for _, info in linears)
         for node, info in linears:
-            nbytes, extra = self.rewrite(gm, node, info, grams.get(info.input_node))
+            uses_left[info.input_node] -= 1
+            last = uses_left[info.input_node] == 0
+            # the last reader of an input takes its Gram matrices out of ``grams``: they are freed with it
+            gram = grams.pop(info.input_node, None) if last else grams.get(info.input_node)
+            nbytes, extra = self.rewrite(gm, node, info, gram, last)
+            del gram
             n_w = info.in_features * info.out_features
             per_param[info.param] = {**extra, "bits_per_weight": round(nbytes * 8 / n_w, 4)}
             stored += nbytes
@@ -249,12 +267,12 @@ class LinearRewritePass(Pass):
 
 
 class _QuantPass(LinearRewritePass):
-    def quantize(self, w: torch.Tensor, gram: InputGram | None, role: str) -> QuantizedWeight:
+    def quantize(self, w: torch.Tensor, gram: InputGram | None, role: str, last_use: bool = False) -> QuantizedWeight:
         raise NotImplementedError
 
-    def rewrite(self, gm, node, info, gram):
+    def rewrite(self, gm, node, info, gram, last_use=False):
         spec = self.config.spec
-        qw = self.quantize(get_param(gm, info.param), gram, info.role)
+        qw = self.quantize(get_param(gm, info.param), gram, info.role, last_use)
         buffers = [("qweight_packed", qw.packed), ("qweight_scales", qw.scales), ("qweight_zeros", qw.zeros)]
         new = replace_linear(gm, node, info, torch.ops.sparsefx.quant_linear.default, buffers,
                              (spec.bits, spec.group_size))
@@ -272,7 +290,7 @@ class RtnPass(_QuantPass):
 
     name = "rtn"
 
-    def quantize(self, w, gram, role):
+    def quantize(self, w, gram, role, last_use=False):
         return quantize_rtn(w, self.config.spec)
 
 
@@ -287,6 +305,8 @@ class GptqPass(_QuantPass):
         return input_grams(gm, ctx, [info.input_node for _, info in linears],
                            first_for={info.input_node for _, info in linears if info.role == "v"})
 
-    def quantize(self, w, gram, role):
-        h = gram.for_role(role, self.config.v_sink)
-        return quantize_gptq(w, h, self.config.spec, self.config.damp, self.config.block)
+    def quantize(self, w, gram, role, last_use=False):
+        h = gram.release(role, self.config.v_sink) if last_use else gram.for_role(role, self.config.v_sink)
+        # a value projection's matrix is a sum made for it (for_role): consumable even when the input has readers left
+        consume = last_use or (role == "v" and h is not gram.gram)
+        return quantize_gptq(w, h, self.config.spec, self.config.damp, self.config.block, consume=consume)

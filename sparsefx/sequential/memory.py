@@ -43,7 +43,8 @@ class Shape:
         heads = int(c.num_attention_heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
         kv = int(getattr(c, "num_key_value_heads", None) or heads)
-        d, i = int(c.hidden_size), int(c.intermediate_size)
+        d = int(c.hidden_size)
+        i = int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d)
         block = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * i + 2 * d
         tied = bool(getattr(c, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
         outside = int(c.vocab_size) * d * (1 if tied else 2) + d
