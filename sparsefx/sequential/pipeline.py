@@ -24,6 +24,7 @@ with the memory a whole-model run needs (``memory.estimate``).
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -305,6 +306,10 @@ def compress_blocks(source, recipe: Recipe, calibration: torch.Tensor | None, wr
         if hidden:
             hidden = dense_out if dense_out is not None else [layer(h, **kw[i]) for h, kw in zip(hidden, kwargs)]
         source.end_block(i, writer)
+        # the block, its graph and the fx/export objects around them form reference cycles: collect them now, or
+        # finished blocks pile up until Python's cyclic collector happens to run (depth-independent memory)
+        del layer, data, ctx, dense_out, reports
+        gc.collect()
         block_seconds.append(round(time.perf_counter() - t0, 3))
         bar.set_postfix(seconds=block_seconds[-1])
 

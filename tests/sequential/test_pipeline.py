@@ -186,3 +186,27 @@ def test_a_checkpoint_missing_a_block_tensor_is_refused_before_compressing(tiny_
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ShardError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
         CheckpointSource(ckpt)
+
+
+@pytest.mark.parametrize("method", ["wanda", "gptq", "daws-greedy"])
+def test_finished_blocks_are_freed_before_the_next_is_loaded(method, tiny_checkpoint, tmp_path, monkeypatch):
+    """Memory independent of depth: when block i is loaded, no tensor of blocks < i is alive anywhere (the block,
+    its graph and export's objects form reference cycles that the pipeline collects)."""
+    import weakref
+
+    ckpt = tiny_checkpoint("llama", layers=4)
+    finished, alive_at_load = [], []
+    real_block, real_end = CheckpointSource.block, CheckpointSource.end_block
+
+    def block(self, i):
+        alive_at_load.append(sum(r() is not None for r in finished))
+        return real_block(self, i)
+
+    def end_block(self, i, writer):
+        finished.extend(weakref.ref(t) for t in [*self.blocks[i].parameters(), *self.blocks[i].buffers()])
+        return real_end(self, i, writer)
+
+    monkeypatch.setattr(CheckpointSource, "block", block)
+    monkeypatch.setattr(CheckpointSource, "end_block", end_block)
+    compress_checkpoint(ckpt, _recipe(METHODS[method]), tmp_path / "out", _calib(8, 32), None, progress=False)
+    assert alive_at_load == [0, 0, 0, 0] and len(finished) >= 4 * 9
