@@ -16,6 +16,7 @@ out="${OUT:-bench/results}"
 mkdir -p "$out"
 export SPARSEFX_AUTOTUNE_CACHE="$out/autotune.json"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" || exit 1
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/codegen/triton tests/codegen/test_backend.py 2>&1 \
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/codegen/triton tests/codegen/test_backend.py \
+    tests/sequential/test_cuda.py 2>&1 \
     | tee "$out/gpu_tests.log" | tail -15
 timeout 360 python3 bench/kernel_triton.py --tune --out "$out" 2>&1 | tee "$out/kernel_triton.log" | tail -60

@@ -1,7 +1,7 @@
 """Compressing models larger than memory: peak RSS, time and artifact size from 0.1 B to the 7 B Llama-2 shape.
 
     python bench/scale.py                                  # every shape, both recipes, whole where it fits
-    python bench/scale.py --models 0.1B 1.1B --recipes wanda-50
+    python bench/scale.py --models 0.1B 1.1B --recipes wanda-50     # updates those rows of the table
 
 For each shape the bench writes a Llama checkpoint with random bf16 weights itself, one shard at a time (the
 whole model is never in memory): ``bench/.scale/<model>/``. Each run is a fresh process (``--child``) that
@@ -192,9 +192,11 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    rows = []
     RESULTS.mkdir(exist_ok=True)
     name = f"scale{'_' + args.tag if args.tag else ''}"
+    # rows of other models stay (a run of some shapes updates their rows in the one table)
+    old = RESULTS / f"{name}.json"
+    rows = [r for r in json.loads(old.read_text()) if r["model"] not in args.models] if old.is_file() else []
     for model in args.models:
         folder = WORK / model
         t0 = time.perf_counter()
@@ -230,6 +232,8 @@ def main() -> None:
 
 
 def _write(rows: list[dict], name: str) -> None:
+    order = list(SHAPES)
+    rows = sorted(rows, key=lambda r: (order.index(r["model"]), r["recipe"], r["mode"] != "whole"))
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1))
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=KEYS)

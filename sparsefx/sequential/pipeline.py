@@ -336,27 +336,33 @@ def compress_blocks(source, recipe: Recipe, calibration: torch.Tensor | None, wr
 
     head_done = False
     if head_manager is not None:
-        head = source.head()
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        xs = [head_inputs(model, blocks, h) for h in hidden]
-        example_x = torch.randn(2, seqlen, head.in_features, dtype=COMPUTE_DTYPE, device=source.device)
-        gm = capture_stage({head_name: head}, lambda tree, x: tree.get_submodule(head_name)(x), (example_x,),
-                           model_type, source="head")
-        data = BlockInputs([(x,) for x in xs]) if xs else None
-        gm, reports = head_manager.run(gm, PassContext(calibration=data, batch_size=bs, progress=False,
-                                                       pairs=pairs))
-        for p, r in zip(head_manager.passes, reports):
+        head_reports, head_stats = _compress_head(source, head_manager, hidden, seqlen, model_type, bs, pairs)
+        for p, r in zip(head_manager.passes, head_reports):
             if p in manager.passes:
                 per_pass[manager.passes.index(p)].append(r)
-        for name, s in (gm.meta.get(STATS) or {}).items():
-            stats[f"{head_name}:{name}"] = s
-        lower_to_eager(gm, model)
+        stats.update(head_stats)
         head_done = getattr(model.get_output_embeddings(), "kind", None) is not None
     source.finish(writer, head_done)
     info = {"blocks": len(blocks), "inputs": inputs, "block_seconds": block_seconds,
             "seconds": round(time.perf_counter() - t_start, 3), "processes": distributed.world_size()}
     return SequentialResult([merge_reports(rs) for rs in per_pass if rs], stats, info)
 
+
+def _compress_head(source, manager, hidden: list[torch.Tensor], seqlen: int, model_type: str, batch_size: int,
+                   pairs) -> tuple[list[PassReport], dict[str, ActStats]]:
+    """The LM head as a stage of its own: its own graph, calibrated on what it receives (the last block's outputs
+    through the final norm), compressed by the passes that select ``lm_head``, lowered onto the model."""
+    model = source.model
+    head = source.head()
+    name = next(n for n, m in model.named_modules() if m is head)
+    xs = [head_inputs(model, source.blocks, h) for h in hidden]
+    example = torch.randn(2, seqlen, head.in_features, dtype=COMPUTE_DTYPE, device=source.device)
+    gm = capture_stage({name: head}, lambda tree, x: tree.get_submodule(name)(x), (example,), model_type,
+                       source="head")
+    data = BlockInputs([(x,) for x in xs]) if xs else None
+    gm, reports = manager.run(gm, PassContext(calibration=data, batch_size=batch_size, progress=False, pairs=pairs))
+    lower_to_eager(gm, model)
+    return reports, {f"{name}:{k}": v for k, v in (gm.meta.get(STATS) or {}).items()}
 
 
 def compress_checkpoint(folder, recipe: Recipe, output, calibration: torch.Tensor | None = None, tokenizer=None,
