@@ -3,7 +3,7 @@
     python bench/decode_e2e.py                      # dense, TEAL and DAWS at 40/50/60%, DAWS fp16 medium tier
     python bench/decode_e2e.py --recipes teal-50 --rounds 3
     python bench/decode_e2e.py --recipes daws-50 --compile --tag compile   # + torch.compile variants
-    python bench/decode_e2e.py --tag quant --recipes bench/recipes/{rtn-w4-g64,rtn-w3-g64,dam-3.375}.yaml
+    python bench/decode_e2e.py --tag quant --recipes rtn-w4-g64 rtn-w3-g64 dam-3.375
 
 Each variant is compressed (calibration: c4, --calib-samples x 512 tokens), prepared for the CPU decode kernel
 (``codegen.cpu.prepare_cpu_decode``), then decoded with a lean loop: one forward per token with the HF KV cache

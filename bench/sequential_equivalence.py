@@ -1,7 +1,7 @@
 """Sequential vs whole-model compression of the embedded SmolLM2: perplexity under the protocol, one run.
 
     python bench/sequential_equivalence.py
-    python bench/sequential_equivalence.py --recipes wanda-50 bench/recipes/gptq-w4-g64.yaml
+    python bench/sequential_equivalence.py --recipes wanda-50 gptq-w4-g64
 
 Per recipe: the whole-model run (in memory), and the sequential pipeline from the checkpoint's files
 (``compress_checkpoint``, artifact written, then loaded) twice — calibrating each block on the outputs of the
@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT = ["magnitude-50", "wanda-50", str(ROOT / "recipes/daws-50-mt3-banded.yaml"),
-           str(ROOT / "recipes/gptq-w4-g64.yaml"), str(ROOT / "recipes/dam-3.375.yaml")]
+DEFAULT = ["magnitude-50", "wanda-50", "daws-50-mt3-banded", "gptq-w4-g64", "dam-3.375"]
 
 
 def main() -> None:
@@ -59,17 +58,19 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         whole = perplexity(model, windows, progress=False)[0]
         del model
-        rows.append({"recipe": label, "mode": "whole", "calib_inputs": "dense", "ppl": round(whole, 4),
+        rows.append({"recipe": label, "mode": "whole", "calib_inputs": "dense" if calib is not None else "none", "ppl": round(whole, 4),
                      "vs_whole": 1.0, "compress_seconds": round(seconds, 1)})
         print(rows[-1], flush=True)
-        for inputs in ("compressed", "dense"):
+        # without calibration both input modes are the same run
+        for inputs in ("compressed", "dense") if recipe.needs_calibration else ("compressed",):
             out = Path(tempfile.mkdtemp(prefix="seq-eq-")) / "artifact"
             t0 = time.perf_counter()
             compress_checkpoint(folder, recipe, out, calib, tok, inputs=inputs, progress=False)
             seconds = time.perf_counter() - t0
             ppl = perplexity(load_artifact(out).model, windows, progress=False)[0]
             shutil.rmtree(out.parent, ignore_errors=True)
-            rows.append({"recipe": label, "mode": "sequential", "calib_inputs": inputs, "ppl": round(ppl, 4),
+            rows.append({"recipe": label, "mode": "sequential",
+                         "calib_inputs": inputs if recipe.needs_calibration else "none", "ppl": round(ppl, 4),
                          "vs_whole": round(ppl / whole, 5), "compress_seconds": round(seconds, 1)})
             print(rows[-1], flush=True)
         write_results(ROOT / "results", f"{args.tag}_smollm2", rows,

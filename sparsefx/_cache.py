@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -22,6 +23,27 @@ def cache_dir() -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the modes a plain ``mkdir`` / ``open`` would have
+    under the process's umask: ``tempfile`` creates folders 0700 and files 0600, which would leave an artifact or a
+    cache entry unreadable to the other users of a shared machine."""
+    mask = _umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path, overwrite: bool = False):
     """Yield a temporary folder beside ``final``; rename it to ``final`` only if the block succeeds.
@@ -34,11 +56,13 @@ def atomic_dir(final: Path, overwrite: bool = False):
     """
     final = Path(final)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True (CLI: --overwrite) or choose another path")
+        raise FileExistsError(errno.EEXIST, f"{final} already exists; pass overwrite=True or choose another path",
+                              str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        publish_modes(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -60,6 +84,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        publish_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

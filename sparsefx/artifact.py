@@ -219,8 +219,14 @@ def _load_model(path: Path, dtype: torch.dtype, digests: dict[str, str] | None, 
 
     from .models import empty_model, tie_embeddings
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = empty_model(config, dtype)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model = empty_model(config, dtype)
+    except Exception as exc:    # transformers raises many types here (ValueError, KeyError, its validation errors)
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+        raise ArtifactError(f"{path / 'config.json'} does not describe a model transformers can build "
+                            f"({type(exc).__name__}: {reason}); it was changed after `sparsefx compress` wrote it: "
+                            "restore it, or re-run `sparsefx compress`") from exc
     plan = None
     if (path / "structure.json").is_file():
         from .passes.structured import StructurePlan, shrink_to
@@ -228,12 +234,16 @@ def _load_model(path: Path, dtype: torch.dtype, digests: dict[str, str] | None, 
         plan = StructurePlan.from_json((path / "structure.json").read_text())
         stored, plan.applied = plan.applied, 0
         shrink_to(model, plan, stored)
-    expected = set(model.state_dict())
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     for fname, tensors in TensorStore(path, "model", "artifact").iter_files(digests):
-        unexpected = sorted(set(tensors) - expected)
+        unexpected = sorted(set(tensors) - set(expected))
         if unexpected:
             raise ValueError(f"{fname} holds tensor {unexpected[0]!r}, which the model of config.json does not have")
         for k, t in tensors.items():
+            if tuple(t.shape) != expected[k]:
+                raise ArtifactError(f"{path}: tensor {k} in {fname} has shape {tuple(t.shape)}, but config.json "
+                                    f"makes it {expected[k]}: config.json and the weights disagree (was config.json "
+                                    "edited?); restore it, or re-run `sparsefx compress`")
             if t.is_floating_point() and t.dtype != dtype:
                 tensors[k] = t.to(dtype)
             if device is not None:

@@ -31,8 +31,13 @@ def cmd_demo(args) -> int:
         protocol = dataclasses.replace(protocol, eval_tokens=4096)
         calib = 8
     recipes = [resolve_recipe(r) for r in DEMO_RECIPES]
+
+    def done(rows):   # one line per variant as it finishes (the bars are off when stderr is not a terminal)
+        r = rows[-1]
+        print(f"  {r['variant']:14s} ppl {r['ppl']:.2f}  ({len(rows)}/{len(recipes) + 1})", file=sys.stderr, flush=True)
+
     rows = sweep(args.model, recipes, protocol, speed=not args.no_speed, progress=not args.no_progress,
-                 calib_samples=calib)
+                 calib_samples=calib, on_row=done)
     print_table(rows, f"{args.model}: wiki ppl over {protocol.eval_tokens} tokens "
                       f"({protocol.window}-token windows), calibration c4 {calib or protocol.calib_samples}"
                       f"x{protocol.calib_seqlen}")
@@ -71,7 +76,8 @@ def cmd_eval(args) -> int:
     if args.int8_activations and not args.decode_path:
         print("note: --int8-activations changes only the decode kernels; this perplexity is prefill's "
               "(add --decode-path to score them)", file=sys.stderr)
-    res = evaluate(model, tok, _protocol(args), speed=not args.no_speed, progress=not args.no_progress,
+    protocol = _protocol(args)
+    res = evaluate(model, tok, protocol, speed=not args.no_speed, progress=not args.no_progress,
                    prepare_decode=not args.compile, decode_path=args.decode_path,
                    int8_activations=args.int8_activations)
     out = {**res.to_dict(), "compiled": bool(args.compile), "decode_path": bool(args.decode_path),
@@ -79,6 +85,8 @@ def cmd_eval(args) -> int:
     print(f"model            {args.model}{'  (torch.compile, backend sparsefx)' if args.compile else ''}")
     print(f"perplexity       {res.ppl:.4f}  ({res.tokens} predicted tokens"
           f"{', token by token through the KV cache' if args.decode_path else ''})")
+    print(f"  measured on    {protocol.eval_text} (exllamav2's standard_cal_data/{protocol.eval_text}.utf8, <doc> tags "
+          f"stripped): its first {protocol.eval_tokens:,} tokens in {protocol.window:,}-token windows")
     if res.decode_tok_s:
         print(f"decode tokens/s  {res.decode_tok_s:.2f}  (batch 1, greedy, KV cache)")
     print(f"parameters       {res.params_total:,}  non-zero {res.params_nonzero:,}")
@@ -164,9 +172,7 @@ def cmd_compress(args) -> int:
     from .shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 
     recipe = resolve_recipe(args.recipe)
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise SparsefxError(f"{out} already exists; add --overwrite to replace it, or choose another --output")
+    out = _check_output(args)
     try:
         shard = parse_size(args.max_shard_size, "--max-shard-size") if args.max_shard_size else DEFAULT_MAX_SHARD_SIZE
     except ValueError as exc:
@@ -210,6 +216,16 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _check_output(args):
+    """``--output`` as a Path; refused before any model is loaded if it exists and ``--overwrite`` is not given."""
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise SparsefxError(f"{out} already exists; add --overwrite to replace it, or choose another --output")
+    return out
+
+
 def _tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -220,6 +236,7 @@ def cmd_export(args) -> int:
     from .artifact import load_artifact, save_artifact
     from .eval import count_params
 
+    _check_output(args)
     art = load_artifact(args.artifact, level=args.level)
     report = {**art.report, "export": {"source": str(args.artifact), "level": args.level}}
     out = save_artifact(args.output, art.model, art.tokenizer, art.recipe, report, stats=art.stats,
@@ -280,10 +297,24 @@ def cmd_autotune(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from .passes.config import builtin_recipes
+    from pathlib import Path
 
+    from .passes.config import Recipe, builtin_recipes
+
+    groups: dict[str, list[tuple[str, Recipe]]] = {}
     for name, path in sorted(builtin_recipes().items()):
-        print(f"{name:20s} {path}")
+        recipe = Recipe.load(path)
+        method = " + ".join(dict.fromkeys(p.method for p in recipe.passes))
+        groups.setdefault(method, []).append((name, recipe))
+    width = max(len(n) for g in groups.values() for n, _ in g)
+    for method in sorted(groups):
+        print(f"{method}:")
+        for name, recipe in groups[method]:
+            print(f"  {name:{width}s} {'*' if recipe.needs_calibration else ' '} {recipe.description}")
+    folder = Path(next(iter(builtin_recipes().values()))).parent
+    print(f"\n* calibrates on text (the recipe's calibration: default c4, 32 x 512 tokens)\n"
+          f"use: sparsefx compress MODEL -r NAME -o OUT   (or -r my_recipe.yaml)\n"
+          f"the recipe files: {folder}")
     return 0
 
 
@@ -314,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (protocol), decode tokens/s, parameter counts")
     e.add_argument("model", help="embedded model name, local HF folder, or sparsefx artifact")
-    e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--no-speed", action="store_true", help="skip the decode tokens/s measurement (perplexity only)")
     e.add_argument("--level", type=float, help="structured artifacts: fraction of prunable parameters to remove "
                                                 "(any level the artifact's ranking covers)")
     e.add_argument("--json", help="also write the result to this JSON file")
@@ -356,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("artifact", help="artifact written by `compress` with a gisp / structured_* recipe")
     x.add_argument("--level", type=float, required=True, help="fraction of prunable parameters to remove")
     x.add_argument("--output", "-o", required=True, help="artifact folder to write")
-    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     x.set_defaults(fn=cmd_export)
 
     a = sub.add_parser("autotune", help="time kernel configs on a model's shapes; write the autotune cache")
@@ -381,14 +412,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if hasattr(args, "no_progress") and not sys.stderr.isatty():
+        args.no_progress = True          # progress bars in a log file are a wall of carriage returns
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
         return args.fn(args)
-    except (SparsefxError, FileExistsError) as exc:
+    except SparsefxError as exc:
         print(f"sparsefx: error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"sparsefx: error: {exc.filename or exc} already exists; add --overwrite to replace it, or choose "
+              "another --output", file=sys.stderr)
         return 2
 
 

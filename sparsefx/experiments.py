@@ -215,14 +215,22 @@ def write_results(out_dir, stem: str, rows: list[dict], meta: dict) -> None:
     atomic_write_bytes(Path(out_dir) / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
 
 
+# How print_table heads the sweep rows' columns (the JSON keeps the keys); a column empty in every row is left out.
+_SHOWN = {"variant": "variant", "ppl": "ppl", "ppl_vs_dense": "ppl ×dense", "linear_sparsity": "sparsity",
+          "effective_sparsity": "effective", "bits_per_weight": "bits/weight", "params_nonzero": "non-zero",
+          "decode_tok_s": "tok/s", "decode_vs_dense": "tok/s ×dense", "compress_s": "compress s"}
+
+
 def print_table(rows: list[dict], title: str = "") -> None:
-    """Print sweep rows as a table (rich)."""
+    """Print sweep rows as a table (rich) that fits a normal terminal: short headers, no empty columns."""
     from rich.console import Console
     from rich.table import Table
 
+    cols = [c for c in _SHOWN if any(r.get(c) is not None for r in rows)]
     table = Table(title=title or None)
-    for col in rows[0]:
-        table.add_column(col, justify="left" if col == "variant" else "right")
+    for col in cols:
+        table.add_column(_SHOWN[col], justify="left" if col == "variant" else "right")
     for r in rows:
-        table.add_row(*("" if v is None else str(v) for v in r.values()))
-    Console(width=200).print(table)
+        table.add_row(*("" if r.get(c) is None else f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])
+                        for c in cols))
+    Console().print(table)

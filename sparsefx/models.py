@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ._cache import atomic_dir, cache_dir, fetch_wheel
-from .errors import UnsupportedModelError
+from .errors import ArtifactError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     return folder
 
 
+# files only a sparsefx artifact has (beside compressed*.safetensors / compressed.json)
+_ARTIFACT_ONLY = {"recipe.yaml", "report.json", "structure.json", "calibration.safetensors"}
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """Map an embedded model name or a local folder to a local HF folder; refuse anything else.
 
@@ -85,6 +89,11 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return embedded_model_path(str(name_or_path))
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").exists():
+        own = sorted(p.name for p in path.iterdir() if p.name in _ARTIFACT_ONLY or p.name.startswith("compressed"))
+        if own and not (path / "sparsefx.json").is_file():
+            raise ArtifactError(f"{path} holds sparsefx artifact files ({', '.join(own[:3])}) but no sparsefx.json "
+                                "manifest, so its files cannot be checked (and compressed layers would load as dense "
+                                "ones): the artifact is incomplete or was altered; re-run `sparsefx compress`")
         return path
     raise UnsupportedModelError(
         f"{name_or_path!s} is neither an embedded model ({', '.join(_EMBEDDED)}) nor a local HF folder with a "

@@ -262,3 +262,55 @@ def test_structured_artifact_errors(structured, artifact):
     (out / "structure.json").write_text('{"groups": 3}')
     with pytest.raises(ArtifactError, match="malformed"):
         load_artifact(out, check=False)
+
+
+def test_artifact_files_get_the_umask_modes_not_the_temp_dirs(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        model = tiny_model("llama")
+        out = save_artifact(tmp_path / "shared", model, None, Recipe.from_yaml(
+            "passes: [{method: magnitude, sparsity: 0.5}]"), {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes and all(m == 0o644 for m in modes.values()), modes
+
+
+def test_a_folder_with_artifact_files_but_no_manifest_does_not_load_as_a_plain_model(artifact):
+    from sparsefx.models import load_model
+
+    _, out = artifact
+    (out / "config.json").write_text(json.dumps(tiny_model("qwen2").config.to_dict()))
+    (out / "sparsefx.json").unlink()
+    with pytest.raises(ArtifactError, match="no sparsefx.json manifest"):
+        load_model(out)
+    with pytest.raises(ArtifactError, match="has no sparsefx.json"):
+        load(out)
+
+
+def _edit_config(out, **changes):
+    import hashlib
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(changes)
+    (out / "config.json").write_text(json.dumps(cfg))
+    manifest = json.loads((out / "sparsefx.json").read_text())      # "fixed" so the checksum passes
+    manifest["files"]["config.json"] = hashlib.sha256((out / "config.json").read_bytes()).hexdigest()
+    (out / "sparsefx.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_act": "no_such_act"}, r"config\.json does not describe a model transformers can build"),
+    ({"intermediate_size": "wide"}, r"config\.json does not describe a model transformers can build"),
+    ({"model_type": "no_such_arch"}, r"config\.json does not describe a model transformers can build"),
+    ({"vocab_size": 100}, r"tensor \S+\.weight .* has shape \(256, 64\), but config\.json makes it \(100, 64\)"),
+])
+def test_an_edited_config_is_named(artifact, changes, message):
+    _, out = artifact
+    _edit_config(out, **changes)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(out)

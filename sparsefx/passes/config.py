@@ -182,14 +182,15 @@ class Recipe:
     passes: tuple[PassConfig, ...]
     name: str = ""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    description: str = ""      # one line, printed by `sparsefx recipes`
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError(f"a recipe must be a mapping with a 'passes' list, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"name", "passes", "calibration"})
+        unknown = sorted(set(data) - {"name", "description", "passes", "calibration"})
         if unknown:
-            raise RecipeError(f"recipe: unknown field(s) {unknown}; allowed: name, passes, calibration")
+            raise RecipeError(f"recipe: unknown field(s) {unknown}; allowed: name, description, passes, calibration")
         passes = data.get("passes")
         if not isinstance(passes, list) or not passes:
             raise RecipeError("recipe.passes must be a non-empty list of {method: ..., ...} mappings")
@@ -200,26 +201,41 @@ class Recipe:
             calibration = CalibrationConfig(**calib)
         except TypeError as exc:
             raise RecipeError(f"recipe.calibration: {exc}") from None
-        return cls(tuple(config_from_dict(p) for p in passes), str(data.get("name", "")), calibration)
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise RecipeError(f"recipe.description must be a string, got {description!r}")
+        return cls(tuple(config_from_dict(p) for p in passes), str(data.get("name", "")), calibration,
+                   description.strip())
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Recipe":
+    def from_yaml(cls, text: str, source: str = "") -> "Recipe":
+        """Parse a recipe from YAML ``text``; ``source`` (a file name) is named in errors."""
+        where = f"recipe {source}" if source else "recipe"
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe is not valid YAML: {exc}") from None
-        return cls.from_dict(data)
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise RecipeError(f"{where} is not valid YAML{at}: {problem}") from None
+        try:
+            return cls.from_dict(data)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}" if source else str(exc)) from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
         path = Path(path)
         if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
-        return cls.from_yaml(path.read_text())
+            raise RecipeError(f"recipe file not found: {path}")
+        return cls.from_yaml(path.read_text(encoding="utf-8"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "calibration": dataclasses.asdict(self.calibration),
-                "passes": [p.to_dict() for p in self.passes]}
+        out = {"name": self.name, "calibration": dataclasses.asdict(self.calibration),
+               "passes": [p.to_dict() for p in self.passes]}
+        if self.description:
+            out = {"name": self.name, "description": self.description, **out}
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -254,5 +270,8 @@ def resolve_recipe(name_or_path: str | Path) -> Recipe:
     builtin = builtin_recipes()
     if str(name_or_path) in builtin:
         return Recipe.load(builtin[str(name_or_path)])
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        raise RecipeError(f"recipe file not found: {path} (or give the name of a built-in recipe: `sparsefx recipes` "
+                          "lists them)")
     raise RecipeError(f"recipe {name_or_path!s} is neither a YAML file nor a built-in recipe "
                       f"({', '.join(sorted(builtin))})")

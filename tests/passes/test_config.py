@@ -73,3 +73,45 @@ def test_builtin_recipes_load():
 def test_calibration_need_is_derived_from_passes():
     assert resolve_recipe("wanda-50").needs_calibration
     assert not resolve_recipe("magnitude-50").needs_calibration
+
+
+def test_every_builtin_recipe_has_a_one_line_description():
+    for name, path in builtin_recipes().items():
+        r = Recipe.load(path)
+        assert r.name == name, path
+        assert r.description and "\n" not in r.description and len(r.description) <= 80, name
+
+
+def test_the_recommended_recipes_are_built_in():
+    # the configurations README and docs recommend must work from an installed package, not only from bench/
+    for name in ("daws-50-mt3-banded", "daws-50-mt3-banded-head8", "rtn-w3-g64", "rtn-w4-g64", "rtn-w3-g64-head8",
+                 "gptq-w3-g64", "gptq-w4-g64", "gptq-w4-g128", "dam-3.375"):
+        assert resolve_recipe(name).name == name
+
+
+def test_yaml_errors_name_the_file_and_the_place(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("name: x\npasses:\n  - method: wanda\n    sparsity: [0.5\n")
+    with pytest.raises(RecipeError, match=r"recipe .*mine\.yaml is not valid YAML at line \d+, column \d+") as e:
+        resolve_recipe(bad)
+    assert "<unicode string>" not in str(e.value)
+    field = tmp_path / "field.yaml"
+    field.write_text("passes: [{method: wanda, sparsity: 1.5}]\n")
+    with pytest.raises(RecipeError, match=r"field\.yaml: wanda\.sparsity"):
+        resolve_recipe(field)
+
+
+def test_a_missing_recipe_file_says_file_not_found(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found: .*nope.yaml"):
+        resolve_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        resolve_recipe("recipes/mine.yml")
+
+
+def test_description_round_trips_and_must_be_text(tmp_path):
+    r = Recipe.from_yaml("name: a\ndescription: ' what it does '\npasses: [{method: magnitude, sparsity: 0.5}]")
+    assert r.description == "what it does"
+    r.save(tmp_path / "a.yaml")
+    assert Recipe.load(tmp_path / "a.yaml") == r
+    with pytest.raises(RecipeError, match="description must be a string"):
+        Recipe.from_yaml("description: [1]\npasses: [{method: magnitude, sparsity: 0.5}]")

@@ -1,0 +1,82 @@
+"""What a new user meets first: the recipe list, help texts, errors worded for the command line, tables that fit a
+terminal, no progress bars in logs."""
+
+import re
+
+import pytest
+
+from sparsefx import cli
+from sparsefx.cli import main
+from sparsefx.passes.config import builtin_recipes
+
+
+def test_recipes_are_listed_by_method_with_their_descriptions(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    groups = re.findall(r"^(\S[^:\n]*):$", out, flags=re.M)
+    assert {"wanda", "daws", "gptq", "rtn", "dam", "gisp", "magnitude"} <= set(groups)
+    assert groups == sorted(groups)
+    for name in builtin_recipes():
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert len(line.split()) > 2, line                  # a description follows the name
+    assert re.search(r"^\s+wanda-50\s+\*\s+50 % unstructured", out, flags=re.M)      # * = calibrates
+    assert re.search(r"^\s+magnitude-50\s{2,}[^*\s]", out, flags=re.M)
+    assert max(map(len, out.splitlines()[:-1])) <= 100                                # fits a terminal
+
+
+def test_every_flag_has_help():
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if a.dest == "cmd").choices
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"sparsefx {name} {action.option_strings[0]} has no help text"
+
+
+def test_export_refuses_an_existing_output_before_loading(tmp_path, monkeypatch, capsys):
+    import sparsefx.artifact
+
+    monkeypatch.setattr(sparsefx.artifact, "load_artifact", lambda *a, **k: pytest.fail("loaded the artifact"))
+    (tmp_path / "small").mkdir()
+    assert main(["export", str(tmp_path / "art"), "--level", "0.2", "-o", str(tmp_path / "small")]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; add --overwrite" in err and "overwrite=True" not in err
+
+
+def test_a_file_exists_error_is_worded_for_the_command_line(tmp_path, monkeypatch, capsys):
+    from sparsefx._cache import atomic_dir
+
+    def cmd(args):
+        with atomic_dir(tmp_path):          # exists: what save_artifact raises when the folder appears meanwhile
+            pass
+
+    monkeypatch.setattr(cli, "cmd_recipes", cmd)
+    assert main(["recipes"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} already exists; add --overwrite" in err and "overwrite=True" not in err
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(cli, "cmd_eval", lambda args: seen.append(args.no_progress) or 0)
+    assert main(["eval", "smollm2"]) == 0                   # pytest captures stderr: not a TTY
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert main(["eval", "smollm2"]) == 0
+    assert seen == [True, False]
+
+
+def test_the_sweep_table_fits_a_terminal_and_hides_empty_columns(capsys, monkeypatch):
+    from sparsefx.experiments import print_table
+
+    monkeypatch.setenv("COLUMNS", "100")
+    rows = [{"variant": "dense", "ppl": 18.5312, "ppl_vs_dense": 1.0, "linear_sparsity": 0.0,
+             "effective_sparsity": None, "bits_per_weight": None, "params_nonzero": 134515008,
+             "decode_tok_s": 25.31, "decode_vs_dense": 1.0, "eval_tokens": 16368, "compress_s": 0.0},
+            {"variant": "wanda-2of4", "ppl": 61.2, "ppl_vs_dense": 3.3026, "linear_sparsity": 0.5,
+             "effective_sparsity": None, "bits_per_weight": None, "params_nonzero": 81430000,
+             "decode_tok_s": 20.1, "decode_vs_dense": 0.794, "eval_tokens": 16368, "compress_s": 41.2}]
+    print_table(rows, "smollm2: wiki ppl")
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= 100
+    assert "effective" not in out and "bits/weight" not in out       # empty in every row
+    assert "134,515,008" in out and "wanda-2of4" in out and "3.3026" in out
