@@ -16,9 +16,12 @@ DEMO_RECIPES = ("magnitude-50", "wanda-50", "wanda-2of4")
 def _protocol(args):
     from .data import PROTOCOL
 
+    protocol = PROTOCOL
     if getattr(args, "tokens", None):
-        return dataclasses.replace(PROTOCOL, eval_tokens=args.tokens)
-    return PROTOCOL
+        protocol = dataclasses.replace(protocol, eval_tokens=args.tokens)
+    if getattr(args, "window", None):
+        protocol = dataclasses.replace(protocol, window=args.window)
+    return protocol
 
 
 def cmd_demo(args) -> int:
@@ -334,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         if tokens:
             sp.add_argument("--tokens", type=int, help="evaluation tokens (protocol: 16384)")
+            sp.add_argument("--window", type=int, help="tokens per perplexity window (protocol: 1024)")
 
     d = sub.add_parser("demo", help="compress the embedded SmolLM2 with magnitude/Wanda/2:4 and print a ppl table")
     d.add_argument("--model", default="smollm2", help="embedded model name or local HF folder")

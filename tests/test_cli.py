@@ -25,9 +25,9 @@ def test_compress_then_eval_artifact(tmp_path, capsys, smollm2):
     assert "already exists" in capsys.readouterr().err
 
 
-def _compress_then_eval(tmp_path, recipe_yaml: str, flag: str) -> dict:
-    """Compress SmolLM2 with ``recipe_yaml``, then ``sparsefx eval`` the artifact on 1,024 tokens without and with
-    ``flag``: ``{(): json, (flag,): json}``."""
+def _compress_then_eval(tmp_path, recipe_yaml: str, flag: str, tokens: int = 1024) -> dict:
+    """Compress SmolLM2 with ``recipe_yaml``, then ``sparsefx eval`` the artifact on ``tokens`` tokens (one window)
+    without and with ``flag``: ``{(): json, (flag,): json}``."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_yaml)
     out = tmp_path / "artifact"
@@ -35,8 +35,8 @@ def _compress_then_eval(tmp_path, recipe_yaml: str, flag: str) -> dict:
     res = {}
     for flags in ((), (flag,)):
         path = tmp_path / f"eval{len(flags)}.json"
-        assert main(["eval", str(out), "--tokens", "1024", "--no-speed", "--no-progress", "--json", str(path),
-                     *flags]) == 0
+        assert main(["eval", str(out), "--tokens", str(tokens), "--window", str(tokens), "--no-speed",
+                     "--no-progress", "--json", str(path), *flags]) == 0
         res[flags] = json.loads(path.read_text())
     return res
 
@@ -113,15 +113,16 @@ def test_margin_pairs_file(tmp_path, capsys, smollm2):
 
 
 def test_eval_decode_path_matches_prefill_on_a_quantized_artifact(tmp_path, smollm2):
-    res = _compress_then_eval(tmp_path, "passes: [{method: rtn, bits: 4, group_size: 64}]\n", "--decode-path")
+    # one 256-token window: the decode path runs one forward per token (1,024 tokens took minutes on 2 cores)
+    res = _compress_then_eval(tmp_path, "passes: [{method: rtn, bits: 4, group_size: 64}]\n", "--decode-path", 256)
     assert res[("--decode-path",)]["decode_path"] and not res[()]["decode_path"]
-    assert res[("--decode-path",)]["tokens"] == res[()]["tokens"] == 1023
+    assert res[("--decode-path",)]["tokens"] == res[()]["tokens"] == 255
     # the C++ decode kernel (packed codes) against dequantize + GEMM: fp32 summation order only
     assert res[("--decode-path",)]["ppl"] == pytest.approx(res[()]["ppl"], rel=1e-4)
     # int8 activations: the decode path now rounds each linear's input; close to, and not equal to, prefill's
     q8 = tmp_path / "eval_q8.json"
-    assert main(["eval", str(tmp_path / "artifact"), "--tokens", "1024", "--no-speed", "--no-progress", "--json",
-                 str(q8), "--decode-path", "--int8-activations"]) == 0
+    assert main(["eval", str(tmp_path / "artifact"), "--tokens", "256", "--window", "256", "--no-speed",
+                 "--no-progress", "--json", str(q8), "--decode-path", "--int8-activations"]) == 0
     got = json.loads(q8.read_text())
     assert got["int8_activations"] and got["decode_path"] and not res[()]["int8_activations"]
     assert got["ppl"] != res[("--decode-path",)]["ppl"]

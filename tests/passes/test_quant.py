@@ -77,3 +77,31 @@ def test_bad_specs_name_the_field(kwargs, match):
         QuantSpec(**kwargs)
     with pytest.raises(RecipeError, match="multiple of group_size"):
         quantize_rtn(torch.randn(4, 40), QuantSpec(4, 32))
+
+
+@pytest.mark.parametrize("n", [1, 67, 1024, 2500])
+def test_the_in_place_inverse_cholesky_is_bit_for_bit_the_out_of_place_one(n):
+    from sparsefx.passes.quant import _inverse_cholesky_in_place
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n + 13, n, generator=g, dtype=torch.float64)
+    H = x.T @ x + 1e-3 * torch.eye(n, dtype=torch.float64)
+    H += torch.triu(torch.rand(n, n, generator=g, dtype=torch.float64), 1) * 1e-9   # the upper triangle is not read
+    L = torch.linalg.cholesky(H)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    ptr = H.data_ptr()
+    got = _inverse_cholesky_in_place(H)
+    assert got.data_ptr() == ptr                                   # H's own memory, no second matrix
+    assert torch.equal(got, want)
+
+
+def test_gptq_consuming_its_hessian_gives_the_same_codes():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 192, generator=g) * torch.linspace(0.1, 3, 192)
+    w = torch.randn(37, 192, generator=g)
+    hess = (x.T @ x).double()
+    hess[:, 5] = hess[5, :] = 0                                    # a dead input
+    spec = QuantSpec(3, 64)
+    kept = quantize_gptq(w, hess, spec)
+    consumed = quantize_gptq(w, hess.clone(), spec, consume=True)
+    assert torch.equal(kept.codes(), consumed.codes()) and torch.equal(kept.scales, consumed.scales)
