@@ -194,9 +194,7 @@ def main() -> None:
         return
     RESULTS.mkdir(exist_ok=True)
     name = f"scale{'_' + args.tag if args.tag else ''}"
-    # rows of other models stay (a run of some shapes updates their rows in the one table)
-    old = RESULTS / f"{name}.json"
-    rows = [r for r in json.loads(old.read_text()) if r["model"] not in args.models] if old.is_file() else []
+    rows: list[dict] = []          # this invocation's rows; _write merges them into the table
     for model in args.models:
         folder = WORK / model
         t0 = time.perf_counter()
@@ -232,9 +230,16 @@ def main() -> None:
 
 
 def _write(rows: list[dict], name: str) -> None:
+    """Merge ``rows`` into the table: a row replaces the stored row of its (model, recipe, mode), every other row
+    stays (runs of some shapes or recipes update their rows of the one table; the file is re-read at each write,
+    so two invocations running side by side keep each other's rows)."""
+    path = RESULTS / f"{name}.json"
+    key = lambda r: (r["model"], r["recipe"], r["mode"])      # noqa: E731
+    mine = {key(r) for r in rows}
+    kept = [r for r in json.loads(path.read_text()) if key(r) not in mine] if path.is_file() else []
     order = list(SHAPES)
-    rows = sorted(rows, key=lambda r: (order.index(r["model"]), r["recipe"], r["mode"] != "whole"))
-    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    rows = sorted(kept + rows, key=lambda r: (order.index(r["model"]), r["recipe"], r["mode"] != "whole"))
+    path.write_text(json.dumps(rows, indent=1))
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=KEYS)
         w.writeheader()
