@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -65,10 +66,12 @@ def _logits_token_by_token(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    # transformers renamed ``past_key_values`` to ``cache`` (5.2x; the old name warns); the project allows both
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     steps = []
     for t in range(ids.shape[1]):
-        out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{key: cache})
+        cache = out[key]
         steps.append(out.logits[:, -1:].float())
     return torch.cat(steps, dim=1)
 

@@ -80,3 +80,19 @@ def test_the_sweep_table_fits_a_terminal_and_hides_empty_columns(capsys, monkeyp
     assert max(map(len, out.splitlines())) <= 100
     assert "effective" not in out and "bits/weight" not in out       # empty in every row
     assert "134,515,008" in out and "wanda-2of4" in out and "3.3026" in out
+
+
+def test_token_by_token_scoring_raises_no_deprecation_warning():
+    import warnings
+
+    import torch
+
+    from sparsefx.eval import perplexity
+    from sparsefx.models import tiny_model
+
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # transformers' FutureWarning for past_key_values would fail here
+        decoded = perplexity(model, windows, progress=False, decode=True)[0]
+    assert decoded == pytest.approx(perplexity(model, windows, progress=False)[0], rel=1e-5)
