@@ -58,11 +58,11 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         whole = perplexity(model, windows, progress=False)[0]
         del model
-        rows.append({"recipe": label, "mode": "whole", "calib_inputs": "dense" if calib is not None else "none", "ppl": round(whole, 4),
-                     "vs_whole": 1.0, "compress_seconds": round(seconds, 1)})
+        rows.append({"recipe": label, "mode": "whole", "calib_inputs": "dense" if calib is not None else "none",
+                     "ppl": round(whole, 4), "vs_whole": 1.0, "compress_seconds": round(seconds, 1)})
         print(rows[-1], flush=True)
         # without calibration both input modes are the same run
-        for inputs in ("compressed", "dense") if recipe.needs_calibration else ("compressed",):
+        for inputs in ("compressed", "dense") if calib is not None else ("compressed",):
             out = Path(tempfile.mkdtemp(prefix="seq-eq-")) / "artifact"
             t0 = time.perf_counter()
             compress_checkpoint(folder, recipe, out, calib, tok, inputs=inputs, progress=False)
@@ -70,7 +70,7 @@ def main() -> None:
             ppl = perplexity(load_artifact(out).model, windows, progress=False)[0]
             shutil.rmtree(out.parent, ignore_errors=True)
             rows.append({"recipe": label, "mode": "sequential",
-                         "calib_inputs": inputs if recipe.needs_calibration else "none", "ppl": round(ppl, 4),
+                         "calib_inputs": inputs if calib is not None else "none", "ppl": round(ppl, 4),
                          "vs_whole": round(ppl / whole, 5), "compress_seconds": round(seconds, 1)})
             print(rows[-1], flush=True)
         write_results(ROOT / "results", f"{args.tag}_smollm2", rows,

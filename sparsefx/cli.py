@@ -304,8 +304,9 @@ def cmd_recipes(args) -> int:
 
     from .passes.config import Recipe, builtin_recipes
 
+    builtin = builtin_recipes()
     groups: dict[str, list[tuple[str, Recipe]]] = {}
-    for name, path in sorted(builtin_recipes().items()):
+    for name, path in sorted(builtin.items()):
         recipe = Recipe.load(path)
         method = " + ".join(dict.fromkeys(p.method for p in recipe.passes))
         groups.setdefault(method, []).append((name, recipe))
@@ -314,7 +315,7 @@ def cmd_recipes(args) -> int:
         print(f"{method}:")
         for name, recipe in groups[method]:
             print(f"  {name:{width}s} {'*' if recipe.needs_calibration else ' '} {recipe.description}")
-    folder = Path(next(iter(builtin_recipes().values()))).parent
+    folder = Path(next(iter(builtin.values()))).parent
     print(f"\n* calibrates on text (the recipe's calibration: default c4, 32 x 512 tokens)\n"
           f"use: sparsefx compress MODEL -r NAME -o OUT   (or -r my_recipe.yaml)\n"
           f"the recipe files: {folder}")

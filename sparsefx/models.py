@@ -89,8 +89,10 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return embedded_model_path(str(name_or_path))
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").exists():
+        from .artifact import MANIFEST
+
         own = sorted(p.name for p in path.iterdir() if p.name in _ARTIFACT_ONLY or p.name.startswith("compressed"))
-        if own and not (path / "sparsefx.json").is_file():
+        if own and not (path / MANIFEST).is_file():
             raise ArtifactError(f"{path} holds sparsefx artifact files ({', '.join(own[:3])}) but no sparsefx.json "
                                 "manifest, so its files cannot be checked (and compressed layers would load as dense "
                                 "ones): the artifact is incomplete or was altered; re-run `sparsefx compress`")

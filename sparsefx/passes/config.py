@@ -231,11 +231,8 @@ class Recipe:
         return cls.from_yaml(path.read_text(encoding="utf-8"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"name": self.name, "calibration": dataclasses.asdict(self.calibration),
-               "passes": [p.to_dict() for p in self.passes]}
-        if self.description:
-            out = {"name": self.name, "description": self.description, **out}
-        return out
+        return {"name": self.name, **({"description": self.description} if self.description else {}),
+                "calibration": dataclasses.asdict(self.calibration), "passes": [p.to_dict() for p in self.passes]}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
