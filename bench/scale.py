@@ -9,7 +9,8 @@ compresses it with the Python API — whole-model (load, ``compress``, ``save_ar
 estimate fits this machine, sequential (``compress_checkpoint``) always — and reports its own peak RSS (max RSS
 of the process, from ``getrusage``). Calibration: c4 tokenized with SmolLM2's tokenizer, ids taken modulo the
 shape's vocabulary (the weights are random, so only the amount of data matters), 32 x 512 tokens below 3 B and
-8 x 512 from 3 B on. Recipes: ``wanda-50`` and GPTQ 4-bit group 128.
+8 x 512 from 3 B on. Recipes: ``wanda-50`` and GPTQ 4-bit group 128 as the built-in ``gptq-w4-g128`` (factored
+in float32, as GPTQ's reference code does).
 
 Writes bench/results/scale.json and .csv, one row per run with exactly the keys: model, params, checkpoint_bytes,
 recipe, mode, peak_rss_bytes, seconds, artifact_bytes, ok. (On a GPU ``--device cuda`` runs the same; the peak CUDA
@@ -47,7 +48,7 @@ SHAPES = {
 }
 RECIPES = {
     "wanda-50": "name: wanda-50\npasses: [{method: wanda, sparsity: 0.5}]\n",
-    "gptq-w4-g128": "name: gptq-w4-g128\npasses: [{method: gptq, bits: 4, group_size: 128}]\n",
+    "gptq-w4-g128": "name: gptq-w4-g128\npasses: [{method: gptq, bits: 4, group_size: 128, precision: float32}]\n",
 }
 
 

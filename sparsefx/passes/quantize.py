@@ -66,17 +66,23 @@ class RtnConfig(QuantConfig):
 @dataclass(frozen=True)
 class GptqConfig(QuantConfig):
     """Extra fields: ``damp`` (fraction of the mean Hessian diagonal added to it; GPTQ's 0.01 assumes far more
-    calibration tokens than the protocol's 16 k — raise it when GPTQ overfits), ``block`` (lazy-update width)."""
+    calibration tokens than the protocol's 16 k — raise it when GPTQ overfits), ``block`` (lazy-update width),
+    ``precision`` (``float64``, default, or ``float32``: what the Hessian's factorization and the column loop compute
+    in; GPTQ's reference code uses float32 — half the memory and about twice as fast on 7B-class layers; the Gram
+    matrix is accumulated in float64 either way)."""
 
     method = "gptq"
     damp: float = 0.01
     block: int = 128
+    precision: str = "float64"
 
     def validate(self) -> None:
         super().validate()
         check_damp(self.method, self.damp)
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise RecipeError(f"gptq.block must be a positive integer, got {self.block!r}")
+        if self.precision not in ("float64", "float32"):
+            raise RecipeError(f"gptq.precision must be float64 or float32, got {self.precision!r}")
 
 
 def check_damp(method: str, damp) -> None:
@@ -309,4 +315,9 @@ class GptqPass(_QuantPass):
         h = gram.release(role, self.config.v_sink) if last_use else gram.for_role(role, self.config.v_sink)
         # a value projection's matrix is a sum made for it (for_role): consumable even when the input has readers left
         consume = last_use or (role == "v" and h is not gram.gram)
-        return quantize_gptq(w, h, self.config.spec, self.config.damp, self.config.block, consume=consume)
+        dtype = torch.float32 if self.config.precision == "float32" else torch.float64
+        if h.dtype != dtype:
+            # this call's own converted copy; a released float64 original is freed here, before the factorization
+            h, consume = h.to(dtype), True
+        return quantize_gptq(w, h, self.config.spec, self.config.damp, self.config.block, consume=consume,
+                             dtype=dtype)

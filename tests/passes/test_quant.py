@@ -105,3 +105,51 @@ def test_gptq_consuming_its_hessian_gives_the_same_codes():
     kept = quantize_gptq(w, hess, spec)
     consumed = quantize_gptq(w, hess.clone(), spec, consume=True)
     assert torch.equal(kept.codes(), consumed.codes()) and torch.equal(kept.scales, consumed.scales)
+
+
+def test_gptq_float32_matches_float64_closely():
+    """precision float32 (GPTQ's reference dtype) chooses nearly the same codes, with the same output error."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(700, 320, generator=g) * torch.linspace(0.1, 3, 320)
+    w = torch.randn(48, 320, generator=g)
+    hess = (x.T @ x).double()
+    spec = QuantSpec(3, 64)
+    q64 = quantize_gptq(w, hess, spec)
+    q32 = quantize_gptq(w, hess, spec, dtype=torch.float32)
+    same = (q64.codes() == q32.codes()).float().mean().item()
+    assert same > 0.97
+    err = [((q.dequantize() - w) @ x.T).pow(2).sum().item() for q in (q64, q32)]
+    assert err[1] == pytest.approx(err[0], rel=0.02)
+    rtn = ((quantize_rtn(w, spec).dequantize() - w) @ x.T).pow(2).sum().item()
+    assert err[1] < 0.95 * rtn                                      # still GPTQ (fp64: 0.89 x RTN here)
+
+
+def test_gptq_large_update_runs_threaded_with_the_same_codes(monkeypatch):
+    """The lazy update's GEMM runs on every thread above a size; codes equal the one-thread run's."""
+    import sparsefx.passes.quant as quant
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 384, generator=g)
+    w = torch.randn(64, 384, generator=g)
+    hess = (x.T @ x).double()
+    spec = QuantSpec(4, 128)
+    one = quantize_gptq(w, hess, spec)                              # 64 x 256 < threshold: one thread
+    calls = []
+    real = quant.one_thread
+    monkeypatch.setattr(quant, "_THREADED_UPDATE", 1)
+    monkeypatch.setattr(quant, "one_thread", lambda: (calls.append(1), real())[1])
+    threaded = quantize_gptq(w, hess, spec)
+    assert len(calls) == 3                                          # the column loops only, no update GEMM
+    assert torch.equal(one.codes(), threaded.codes())
+
+
+def test_gptq_precision_field_and_a_failed_factorization():
+    from sparsefx.errors import CalibrationError
+    from sparsefx.passes.config import Recipe, resolve_recipe
+
+    with pytest.raises(RecipeError, match="gptq.precision must be float64 or float32, got 'float16'"):
+        Recipe.from_yaml("passes: [{method: gptq, bits: 4, group_size: 32, precision: float16}]")
+    assert resolve_recipe("gptq-w4-g128").passes[0].precision == "float32"
+    with pytest.raises(CalibrationError, match="not positive definite in float32.*raise gptq.damp.*float64"):
+        quantize_gptq(torch.randn(8, 64), -torch.eye(64, dtype=torch.float64), QuantSpec(4, 32), damp=0.0,
+                      dtype=torch.float32)
