@@ -221,16 +221,31 @@ _SHOWN = {"variant": "variant", "ppl": "ppl", "ppl_vs_dense": "ppl ×dense", "li
           "decode_tok_s": "tok/s", "decode_vs_dense": "tok/s ×dense", "compress_s": "compress s"}
 
 
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:,.2f}" if abs(v) >= 10 else f"{v:.3f}"
+
+
 def print_table(rows: list[dict], title: str = "") -> None:
-    """Print sweep rows as a table (rich) that fits a normal terminal: short headers, no empty columns."""
+    """Print sweep rows as a table (rich) that fits a normal terminal: short headers, no empty columns, numbers
+    rounded for reading (the JSON keeps them whole). Piped (no terminal, no ``COLUMNS``), the table keeps its natural
+    width instead of rich's default 80 columns, so no cell is cut."""
+    import os
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
     cols = [c for c in _SHOWN if any(r.get(c) is not None for r in rows)]
     table = Table(title=title or None)
     for col in cols:
-        table.add_column(_SHOWN[col], justify="left" if col == "variant" else "right")
+        table.add_column(_SHOWN[col], justify="left" if col == "variant" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*("" if r.get(c) is None else f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])
-                        for c in cols))
-    Console().print(table)
+        table.add_row(*(_cell(r.get(c)) for c in cols))
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    Console(width=200 if piped else None).print(table)

@@ -79,7 +79,18 @@ def test_the_sweep_table_fits_a_terminal_and_hides_empty_columns(capsys, monkeyp
     out = capsys.readouterr().out
     assert max(map(len, out.splitlines())) <= 100
     assert "effective" not in out and "bits/weight" not in out       # empty in every row
-    assert "134,515,008" in out and "wanda-2of4" in out and "3.3026" in out
+    assert "134,515,008" in out and "wanda-2of4" in out and "3.303" in out and "18.53" in out
+
+
+def test_the_sweep_table_piped_cuts_no_cell(capsys, monkeypatch):
+    from sparsefx.experiments import print_table
+
+    monkeypatch.delenv("COLUMNS", raising=False)                    # pytest's stdout is not a terminal
+    rows = [{"variant": "daws-50-mt3-banded-head8", "ppl": 21.4411, "ppl_vs_dense": 1.1632, "linear_sparsity": 0.0,
+             "params_nonzero": 134515008, "decode_tok_s": 25.31, "decode_vs_dense": 1.0, "compress_s": 73.2}]
+    print_table(rows)
+    out = capsys.readouterr().out
+    assert "daws-50-mt3-banded-head8" in out and "…" not in out and "compress s" in out
 
 
 def test_token_by_token_scoring_raises_no_deprecation_warning():
