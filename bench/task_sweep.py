@@ -1,0 +1,125 @@
+"""Zero-shot task accuracy of SmolLM2 and its compressed variants, one run.
+
+    python bench/task_sweep.py                                   # every variant, the default suite, --limit 500
+    python bench/task_sweep.py --variants dense daws-50-mt3-banded --limit 200
+
+Each variant is a built-in recipe (``name@level`` for a level of a nested GISP artifact), compressed once into
+``bench/.tasks/<recipe>/`` (reused by later runs; ``--recompress`` rebuilds) and loaded with ``sparsefx.load`` as a
+user would, then scored by ``sparsefx.tasks`` on the same seeded subset of every task (``--limit`` examples per
+task, ``--mmlu-limit`` per MMLU subject; seed 1234). Writes:
+
+    bench/results/tasks_smollm2.json        a list of rows with exactly the keys variant, task, acc, acc_stderr, n:
+                                            one per variant and task (mmlu: its subjects pooled), plus one per
+                                            variant with task "mean" (the unweighted mean over the tasks)
+    bench/results/tasks_smollm2_meta.json   the command, limits, seconds per variant, acc_norm where a task has it
+    bench/results/tasks_smollm2.csv         the same rows as CSV
+
+Rows of variants not run this time are kept from the file (merged by variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+WORK = ROOT / ".tasks"
+RESULTS = ROOT / "results"
+KEYS = ("variant", "task", "acc", "acc_stderr", "n")
+VARIANTS = ["dense", "wanda-50", "teal-50", "daws-50-mt3-banded", "gisp-nested-40@0.2", "gisp-nested-40@0.3",
+            "gptq-w4-g64", "rtn-w3-g64-head8", "dam-3.375"]
+SUITE = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada", "mmlu", "triviaqa",
+         "nq_open"]
+
+
+def build(variant: str, recompress: bool) -> tuple[Path, float | None, float]:
+    """The artifact folder of ``variant`` (compressed now unless cached), its level, and the seconds it took."""
+    from sparsefx.artifact import save_artifact
+    from sparsefx.data import PROTOCOL, calibration_batches
+    from sparsefx.models import load_model
+    from sparsefx.passes.config import resolve_recipe
+    from sparsefx.pipeline import compress
+
+    import dataclasses
+
+    name, _, level = variant.partition("@")
+    folder = WORK / name
+    if recompress:
+        shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.perf_counter()
+    if not (folder / "sparsefx.json").is_file():
+        recipe = resolve_recipe(name)
+        model, tok = load_model("smollm2")
+        cal = recipe.calibration
+        p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
+        calib = calibration_batches(tok, p) if recipe.needs_calibration else None
+        result = compress(model, recipe, calibration=calib, progress=False)
+        save_artifact(folder, model, tok, recipe, result.report_dict(), stats=result.stats, overwrite=True)
+    return folder, float(level) if level else None, time.perf_counter() - t0
+
+
+def write(rows: list[dict], meta: dict, tag: str) -> None:
+    from sparsefx._cache import atomic_write_bytes
+
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_bytes(RESULTS / f"{tag}.json", json.dumps(rows, indent=1).encode())
+    atomic_write_bytes(RESULTS / f"{tag}_meta.json", json.dumps(meta, indent=1).encode())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=KEYS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(RESULTS / f"{tag}.csv", buf.getvalue().encode())
+
+
+def main() -> None:
+    from sparsefx import tasks as T
+    from sparsefx.artifact import load_artifact
+    from sparsefx.codegen.cpu import prepare_cpu_decode
+    from sparsefx.experiments import run_meta
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS)
+    ap.add_argument("--tasks", nargs="+", default=SUITE)
+    ap.add_argument("--limit", type=int, default=500, help="examples per task (seeded subset)")
+    ap.add_argument("--mmlu-limit", type=int, default=50, help="examples per MMLU subject")
+    ap.add_argument("--recompress", action="store_true")
+    ap.add_argument("--tag", default="tasks_smollm2")
+    args = ap.parse_args()
+    path = RESULTS / f"{args.tag}.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    meta_path = RESULTS / f"{args.tag}_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"variants": {}}
+    meta.update(run_meta(limit=args.limit, mmlu_limit=args.mmlu_limit, seed=T.SEED, tasks=args.tasks))
+    for variant in args.variants:
+        folder, level, build_s = build(variant, args.recompress)
+        art = load_artifact(folder, level=level)
+        model, tok = art.model, art.tokenizer
+        prepare_cpu_decode(model)                  # as sparsefx.load does: one-token steps on the CPU kernels
+        t0 = time.perf_counter()
+        results = []
+        for task in args.tasks:
+            limit = args.mmlu_limit if task == "mmlu" else args.limit
+            results.extend(T.evaluate_tasks(model, tok, task, limit=limit, progress=True))
+        eval_s = time.perf_counter() - t0
+        summary = T.summary_rows(results)
+        new = [{"variant": variant, "task": r["task"], "acc": round(r["acc"], 6),
+                "acc_stderr": round(r["acc_stderr"], 6), "n": r["n"]} for r in summary]
+        rows = [r for r in rows if r["variant"] != variant] + new
+        meta["variants"][variant] = {
+            "compress_seconds": round(build_s, 1), "eval_seconds": round(eval_s, 1),
+            "acc_norm": {r["task"]: round(r["acc_norm"], 6) for r in summary if "acc_norm" in r}}
+        order = {v: i for i, v in enumerate(VARIANTS)}
+        rows.sort(key=lambda r: order.get(r["variant"], len(order)))
+        write(rows, meta, args.tag)
+        mean = new[-1]
+        print(f"{variant:24s} mean acc {100 * mean['acc']:.2f} ± {100 * mean['acc_stderr']:.2f}  "
+              f"({mean['n']} examples, {eval_s:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
