@@ -64,9 +64,7 @@ def cmd_eval(args) -> int:
         from . import tasks as task_suite
 
         task_names = task_suite.resolve(args.tasks)
-        if args.limit is not None and args.limit <= 0:
-            raise SparsefxError(f"--limit {args.limit}: give a positive number of examples per task, or leave it "
-                                "out to score every example")
+        task_suite.check_limit(args.limit)
     elif args.limit is not None:
         raise SparsefxError("--limit applies to --tasks (examples per task); for perplexity use --tokens")
     if args.level is not None and not is_artifact(args.model):
@@ -137,8 +135,10 @@ def _eval_tasks(args, model, tok, names) -> int:
                         f"{f' ({args.limit} examples per task, seed {args.seed})' if args.limit else ''}")
     for col in ("task", "category", "n", "acc", "acc_norm"):
         table.add_column(col, justify="left" if col in ("task", "category") else "right")
+    def pct(v: float, e: float) -> str:
+        return f"{100 * v:.1f} ± {100 * e:.1f}"
+
     for r in rows:
-        pct = lambda v, e: f"{100 * v:.1f} ± {100 * e:.1f}"          # noqa: E731
         table.add_row(r["task"], cats.get(r["task"], ""), f"{r['n']:,}", pct(r["acc"], r["acc_stderr"]),
                       pct(r["acc_norm"], r["acc_norm_stderr"]) if "acc_norm" in r else "")
     Console().print(table)

@@ -315,7 +315,7 @@ class GptqPass(_QuantPass):
         h = gram.release(role, self.config.v_sink) if last_use else gram.for_role(role, self.config.v_sink)
         # a value projection's matrix is a sum made for it (for_role): consumable even when the input has readers left
         consume = last_use or (role == "v" and h is not gram.gram)
-        dtype = torch.float32 if self.config.precision == "float32" else torch.float64
+        dtype = getattr(torch, self.config.precision)                 # validated: float64 or float32
         if h.dtype != dtype:
             # this call's own converted copy; a released float64 original is freed here, before the factorization
             h, consume = h.to(dtype), True

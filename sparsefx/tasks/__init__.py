@@ -72,12 +72,17 @@ class TaskResult:
         return out
 
 
+def check_limit(limit: int | None) -> None:
+    """Refuse a ``limit`` that is not a positive number of examples (``None``: every example)."""
+    if limit is not None and limit <= 0:
+        raise DataError(f"limit must be a positive number of examples, got {limit}; leave it out to score all")
+
+
 def select(n_rows: int, limit: int | None, seed: int = SEED) -> list[int]:
     """The rows a ``--limit`` run scores: every row, or ``limit`` of them drawn with ``seed`` (sorted)."""
+    check_limit(limit)
     if limit is None or limit >= n_rows:
         return list(range(n_rows))
-    if limit <= 0:
-        raise DataError(f"limit must be a positive number of examples, got {limit}; leave it out to score all")
     return sorted(random.Random(seed).sample(range(n_rows), limit))
 
 
@@ -110,8 +115,7 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None, seed: int 
     from tqdm.auto import tqdm
 
     names = resolve(tasks)
-    if limit is not None and limit <= 0:
-        raise DataError(f"limit must be a positive number of examples, got {limit}; leave it out to score all")
+    check_limit(limit)
     scorer = Scorer(model, tokenizer, max_length=max_length)
     was_training = model.training
     model.eval()
@@ -161,4 +165,4 @@ def describe_tasks() -> list[tuple[str, str, str]]:
     return out
 
 
-__all__ = ["evaluate_tasks", "summary_rows", "describe_tasks", "TaskResult", "TASKS", "GROUPS", "resolve", "select", "mean_stderr", "Scorer", "SEED"]
+__all__ = ["check_limit", "evaluate_tasks", "summary_rows", "describe_tasks", "TaskResult", "TASKS", "GROUPS", "resolve", "select", "mean_stderr", "Scorer", "SEED"]
