@@ -256,8 +256,34 @@ def test_limit_draws_a_seeded_subset(monkeypatch, tiny):
 def test_shared_context_runs_the_context_once(monkeypatch, tiny):
     model, tok = tiny
     sc = T.Scorer(model, tok)
-    sc.loglikelihoods("Question: what is up?\nAnswer:", [" the sky", " a bird that flies", " x"])
+    rows = []                                     # positions the LM head ran on, per call
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape[:2])))
+    try:
+        sc.loglikelihoods("Question: what is up?\nAnswer:", [" the sky", " a bird that flies", " x"])
+    finally:
+        hook.remove()
     assert sc.forwards == 2                       # the context once, then every choice's rest in one batch
+    conts = [sc.encode_pair("Question: what is up?\nAnswer:", c)[1] for c in (" the sky", " a bird that flies", " x")]
+    rest = [k for k in conts if len(k) > 1]
+    # the context's LM head on its last position only; the batch holds the choices longer than one token
+    assert rows == [(1, 1), (len(rest), max(len(k) for k in rest) - 1)]
+
+
+def test_partial_runs_the_lm_head_on_scored_positions_only(tiny):
+    model, tok = tiny
+    sc = T.Scorer(model, tok)
+    contexts = ["The cup fell because the cup", "The cup fell off the long table because the table"]
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    try:
+        got = sc.partial(contexts, " was slippery.")
+    finally:
+        hook.remove()
+    pairs = [sc.encode_pair(c, " was slippery.") for c in contexts]
+    width = max(len(c) + len(k) - 1 for c, k in pairs)
+    assert rows == [width - min(len(c) - 1 for c, _ in pairs)] and rows[0] < width
+    assert [g[0] for g in got] == pytest.approx([_ref_loglikelihood(model, tok, c, " was slippery.")[0]
+                                                 for c in contexts], abs=1e-4)
 
 
 def test_stderr_is_lm_evals_sample_stderr():
