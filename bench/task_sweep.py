@@ -11,7 +11,8 @@ task, ``--mmlu-limit`` per MMLU subject; seed 1234). Writes:
     bench/results/tasks_smollm2.json        a list of rows with exactly the keys variant, task, acc, acc_stderr, n:
                                             one per variant and task (mmlu: its subjects pooled), plus one per
                                             variant with task "mean" (the unweighted mean over the tasks)
-    bench/results/tasks_smollm2_meta.json   the command, limits, seconds per variant, acc_norm where a task has it
+    bench/results/tasks_smollm2_meta.json   the command, limits, and per variant: seconds, acc_norm where a task
+                                            has it, sparsity and bits per weight (the x-axes of sparsefx plot)
     bench/results/tasks_smollm2.csv         the same rows as CSV
 
 Rows of variants not run this time are kept from the file (merged by variant).
@@ -63,6 +64,17 @@ def build(variant: str, recompress: bool) -> tuple[Path, float | None, float]:
     return folder, float(level) if level else None, time.perf_counter() - t0
 
 
+def compression_of(folder: Path, level: float | None) -> dict:
+    """Where a variant sits for ``sparsefx plot``: the sparsity its passes report (activation sparsity as the
+    share of multiply-adds skipped, else zeroed weights; a GISP level as its level) and bits per weight."""
+    details = [p.get("details", {}) for p in json.loads((folder / "report.json").read_text())["passes"]]
+    sparsity = next((d["effective_sparsity"] for d in reversed(details) if "effective_sparsity" in d), None)
+    if sparsity is None:
+        sparsity = next((d["sparsity"] for d in reversed(details) if d.get("sparsity")), None)
+    bits = next((d["bits_per_weight"] for d in reversed(details) if "bits_per_weight" in d), None)
+    return {"sparsity": level if level is not None else sparsity, "bits_per_weight": bits}
+
+
 def write(rows: list[dict], meta: dict, tag: str) -> None:
     from sparsefx._cache import atomic_write_bytes
 
@@ -111,6 +123,7 @@ def main() -> None:
                 "acc_stderr": round(r["acc_stderr"], 6), "n": r["n"]} for r in summary]
         rows = [r for r in rows if r["variant"] != variant] + new
         meta["variants"][variant] = {
+            **compression_of(folder, level),
             "compress_seconds": round(build_s, 1), "eval_seconds": round(eval_s, 1),
             "acc_norm": {r["task"]: round(r["acc_norm"], 6) for r in summary if "acc_norm" in r}}
         order = {v: i for i, v in enumerate(VARIANTS)}

@@ -358,6 +358,16 @@ def cmd_autotune(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot
+
+    drawn = plot(args.results, args.output, x=args.x, task=args.task, title=args.title)
+    lines = sum(len(v) for v in drawn["panels"].values())
+    print(f"wrote {args.output}: {', '.join(drawn['panels'])} against {drawn['x']}, {lines} series"
+          + (f" ({drawn['skipped']} variants with no {drawn['x']} value left out)" if drawn["skipped"] else ""))
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from pathlib import Path
 
@@ -470,6 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-shapes", type=int, help="tune only the first N shapes per kernel (quick runs)")
     a.add_argument("--cache", help="cache file (default: $SPARSEFX_AUTOTUNE_CACHE or ~/.cache/sparsefx/...)")
     a.set_defaults(fn=cmd_autotune)
+
+    pl = sub.add_parser("plot", help="accuracy and perplexity against sparsity or bits per weight, from "
+                                     "bench/results/*.json")
+    pl.add_argument("results", nargs="+", help="results files: sweep tables ({meta, rows}) or task tables")
+    pl.add_argument("-o", "--output", required=True, help="figure to write (.png, .pdf or .svg)")
+    pl.add_argument("--x", default="auto", choices=["auto", "sparsity", "bits"],
+                    help="x-axis (auto: the one most variants have a value on)")
+    pl.add_argument("--task", default="mean", help="task tables: which task's accuracy (default: the mean row)")
+    pl.add_argument("--title", help="figure title")
+    pl.set_defaults(fn=cmd_plot)
 
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(fn=cmd_recipes)
