@@ -89,11 +89,15 @@ def cmd_eval(args) -> int:
         model.forward = torch.compile(model.forward, backend="sparsefx", dynamic=True,
                                       options={"int8_activations": bool(args.int8_activations),
                                                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    if task_names is not None:
+        if args.int8_activations:
+            print("note: --int8-activations changes only the one-token decode kernels; task choices are scored by "
+                  "multi-token forwards, so only the generation tasks' (triviaqa, nq_open) steps after "
+                  "their prompt use them", file=sys.stderr)
+        return _eval_tasks(args, model, tok, task_names)
     if args.int8_activations and not args.decode_path:
         print("note: --int8-activations changes only the decode kernels; this perplexity is prefill's "
               "(add --decode-path to score them)", file=sys.stderr)
-    if task_names is not None:
-        return _eval_tasks(args, model, tok, task_names)
     protocol = _protocol(args)
     res = evaluate(model, tok, protocol, speed=not args.no_speed, progress=not args.no_progress,
                    prepare_decode=not args.compile, decode_path=args.decode_path,

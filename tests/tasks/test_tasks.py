@@ -414,3 +414,13 @@ def test_cli_tasks_on_the_real_model(tmp_path, capsys):
     assert "acc_norm" in got["tasks"][0] and "acc_norm" not in got["tasks"][1]
     mean = got["summary"][-1]
     assert mean["acc"] == pytest.approx(sum(r["acc"] for r in got["tasks"]) / 3) and mean["n"] == 24
+
+
+def test_cli_tasks_with_int8_activations_says_what_they_change(tiny_checkpoint, capsys):
+    """The note names what int8 activations reach in task scoring (generation steps), not perplexity's prefill."""
+    from sparsefx.cli import main
+
+    folder = tiny_checkpoint(dtype=torch.float32)
+    assert main(["eval", str(folder), "--tasks", "piqa", "--limit", "2", "--int8-activations", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "generation tasks' (triviaqa, nq_open)" in err and "perplexity" not in err
