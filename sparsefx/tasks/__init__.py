@@ -39,6 +39,7 @@ class TaskResult:
     scores: dict[str, list[float]]
     predictions: list = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
+    chance: float = 0.0               # expected accuracy of uniform guessing on these examples (0: generation)
 
     @property
     def n(self) -> int:
@@ -132,14 +133,17 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None, seed: int 
                 for m, v in s.items():
                     scores[m].append(v)
                 preds.append(p)
-            results.append(TaskResult(name, task.category, scores, preds, idx))
+            chance = (sum(1 / len(examples[i].choices) for i in idx) / len(idx)
+                      if task.kind in ("multiple_choice", "partial") and idx else 0.0)
+            results.append(TaskResult(name, task.category, scores, preds, idx, chance))
     finally:
         model.train(was_training)
     for group, members in GROUPS.items():
         parts = [r for r in results if r.task in members]
         if len(parts) == len(members):
             pooled = {"acc": [v for r in parts for v in r.scores["acc"]]}
-            results.append(TaskResult(group, "group", pooled, [], [i for r in parts for i in r.indices]))
+            chance = sum(r.chance * r.n for r in parts) / max(sum(r.n for r in parts), 1)
+            results.append(TaskResult(group, "group", pooled, [], [i for r in parts for i in r.indices], chance))
     return results
 
 
@@ -157,6 +161,33 @@ def summary_rows(results: list[TaskResult]) -> list[dict]:
     return rows
 
 
+def category_rows(results: list[TaskResult]) -> list[dict]:
+    """Accuracy per knowledge category (the PTQ study's strata): the unweighted mean over the category's tasks,
+    where a group's subjects are first pooled per category (MMLU's STEM subjects into one reasoning task, the
+    rest into one memorization task) so that 57 subjects count as two tasks; ``chance`` the same mean of the
+    tasks' guessing accuracy. Rows: ``category, acc, acc_stderr, chance, n, tasks``."""
+    grouped = {m for g in GROUPS.values() for m in g}
+    parts: dict[str, list[TaskResult]] = {}
+    for r in results:
+        if r.category == "group":
+            continue
+        key = f"{TASKS[r.task].group}:{r.category}" if r.task in grouped else r.task
+        parts.setdefault(key, []).append(r)
+    tasks: dict[str, list[tuple[str, float, float, float, int]]] = {}
+    for key, rs in parts.items():
+        values = [v for r in rs for v in r.scores[r.primary]]
+        n = len(values)
+        chance = sum(r.chance * r.n for r in rs) / max(n, 1)
+        tasks.setdefault(rs[0].category, []).append((key, sum(values) / max(n, 1), mean_stderr(values), chance, n))
+    rows = []
+    for cat in sorted(tasks):
+        ts, k = tasks[cat], len(tasks[cat])
+        rows.append({"category": cat, "acc": sum(t[1] for t in ts) / k,
+                     "acc_stderr": math.sqrt(sum(t[2] ** 2 for t in ts)) / k, "chance": sum(t[3] for t in ts) / k,
+                     "n": sum(t[4] for t in ts), "tasks": [t[0] for t in ts]})
+    return rows
+
+
 def describe_tasks() -> list[tuple[str, str, str]]:
     """``(name, category, description)`` of every task ``--tasks`` accepts (MMLU subjects folded into ``mmlu``)."""
     out = [(n, t.category, t.description) for n, t in TASKS.items() if not t.group]
@@ -165,4 +196,5 @@ def describe_tasks() -> list[tuple[str, str, str]]:
     return out
 
 
-__all__ = ["check_limit", "evaluate_tasks", "summary_rows", "describe_tasks", "TaskResult", "TASKS", "GROUPS", "resolve", "select", "mean_stderr", "Scorer", "SEED"]
+__all__ = ["check_limit", "evaluate_tasks", "summary_rows", "category_rows", "describe_tasks", "TaskResult", "TASKS",
+           "GROUPS", "resolve", "select", "mean_stderr", "Scorer", "SEED"]

@@ -424,3 +424,35 @@ def test_cli_tasks_with_int8_activations_says_what_they_change(tiny_checkpoint, 
     assert main(["eval", str(folder), "--tasks", "piqa", "--limit", "2", "--int8-activations", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "generation tasks' (triviaqa, nq_open)" in err and "perplexity" not in err
+
+
+def test_chance_is_the_mean_guessing_accuracy_of_the_scored_examples(monkeypatch, tiny):
+    model, tok = tiny
+    _with_rows(monkeypatch, "arc_easy")
+    _with_rows(monkeypatch, "triviaqa")
+    arc, tqa = T.evaluate_tasks(model, tok, "arc_easy,triviaqa", progress=False)
+    assert arc.chance == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3) and tqa.chance == 0.0
+
+
+def test_category_rows_pool_mmlu_per_category_and_average_tasks():
+    def res(task, cat, accs, chance):
+        return T.TaskResult(task, cat, {"acc": accs}, [], list(range(len(accs))), chance)
+
+    rows = T.category_rows([
+        res("arc_easy", "application", [1.0, 0.0, 1.0, 1.0], 0.25),
+        res("piqa", "application", [0.0, 1.0], 0.5),
+        res("mmlu_anatomy", "memorization", [1.0, 1.0], 0.25),
+        res("mmlu_astronomy", "reasoning", [0.0, 0.0, 1.0], 0.25),
+        res("mmlu_college_physics", "reasoning", [1.0], 0.25),
+        res("triviaqa", "memorization", [0.0, 0.0, 0.0, 1.0], 0.0),
+        res("mmlu", "group", [1.0] * 6, 0.25),                      # the pooled group row is not counted again
+    ])
+    by = {r["category"]: r for r in rows}
+    assert [r["category"] for r in rows] == ["application", "memorization", "reasoning"]
+    assert by["application"]["acc"] == pytest.approx((0.75 + 0.5) / 2) and by["application"]["n"] == 6
+    assert by["application"]["chance"] == pytest.approx(0.375)
+    assert by["reasoning"]["tasks"] == ["mmlu:reasoning"] and by["reasoning"]["acc"] == pytest.approx(0.5)
+    assert by["memorization"]["acc"] == pytest.approx((1.0 + 0.25) / 2)
+    assert by["memorization"]["chance"] == pytest.approx(0.125)
+    se = (T.mean_stderr([1.0, 0.0, 1.0, 1.0]) ** 2 + T.mean_stderr([0.0, 1.0]) ** 2) ** 0.5 / 2
+    assert by["application"]["acc_stderr"] == pytest.approx(se)
