@@ -184,7 +184,7 @@ def _dtype(name: str, device):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _plan_memory(args, recipe, path, shard: int):
+def _plan_memory(args, recipe, path):
     """Choose whole-model or sequential (``--sequential`` forces it) from the estimates, and refuse a run whose
     estimate exceeds ``--max-memory`` before anything is loaded."""
     import psutil
@@ -201,8 +201,8 @@ def _plan_memory(args, recipe, path, shard: int):
         raise SparsefxError(str(exc)) from None
     shape = memory.Shape.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     cal, world = recipe.calibration, distributed.world_size()
-    whole = memory.estimate(shape, recipe, cal.samples, cal.seqlen, "whole", shard, world)
-    seq = memory.estimate(shape, recipe, cal.samples, cal.seqlen, "sequential", shard, world)
+    whole = memory.estimate(shape, recipe, cal.samples, cal.seqlen, "whole", world)
+    seq = memory.estimate(shape, recipe, cal.samples, cal.seqlen, "sequential", world)
     budget = limit or int(0.8 * psutil.virtual_memory().available)
     restructures = [c.method for c in recipe.passes if build_pass(c).restructures]
     if args.sequential:
@@ -216,8 +216,8 @@ def _plan_memory(args, recipe, path, shard: int):
                             f"{whole.describe()}")
     if limit is not None and est.total > limit:
         hint = (f"add --sequential (estimated {format_size(seq.total)})" if mode == "whole" and not restructures
-                else "use fewer calibration samples (recipe calibration.samples), a smaller --max-shard-size, more "
-                     "processes (torchrun), or a larger --max-memory")
+                else "use fewer calibration samples (recipe calibration.samples), more processes (torchrun), or a "
+                     "larger --max-memory")
         raise SparsefxError(f"this run is estimated to need more than --max-memory {format_size(limit)}: "
                             f"{est.describe()}; {hint}")
     if distributed.is_main():
@@ -248,7 +248,7 @@ def cmd_compress(args) -> int:
     dtypes = checkpoint_dtypes(path)        # reads the safetensors headers: a bad index or lost shard stops here
     distributed.init_from_env(device)
     try:
-        mode = _plan_memory(args, recipe, path, shard)
+        mode = _plan_memory(args, recipe, path)
         model, tok = (load_model(path) if mode == "whole" else (None, _tokenizer(path)))
         calibration = None
         if recipe.needs_calibration:
@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     c.add_argument("--max-memory", help="refuse a run estimated to need more (e.g. 16GB); also the budget for "
                                         "choosing the sequential pipeline (default: 80%% of available memory)")
-    c.add_argument("--max-shard-size", help="artifact shard size (default 1GiB; e.g. 2GB, 500MB)")
+    c.add_argument("--max-shard-size", help="artifact shard file size (default 1GiB; e.g. 2GB, 500MB); "
+                                                "shards are streamed to disk, so it costs no memory")
     common(c, tokens=False)
     c.set_defaults(fn=cmd_compress)
 

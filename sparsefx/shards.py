@@ -7,9 +7,9 @@
 ``TensorStore`` reads such a set (an HF checkpoint's ``model`` tensors, an artifact's ``model`` or ``compressed``
 tensors): it checks the index against the files first, then hands out tensors by name, opening each shard only
 while it reads from it, so a 13 GB checkpoint costs no memory until a block asks for its tensors.
-``ShardWriter`` collects tensors until a shard would pass ``max_shard_size``, writes that shard with
-``safetensors.torch.save_file`` and forgets it; ``finish`` gives the shards their final names and writes the index.
-Memory held by the writer is therefore at most one shard.
+``ShardWriter`` streams each tensor's bytes to disk as it is added and closes a shard when the next tensor would
+pass ``max_shard_size``; ``finish`` gives the shards their final names and writes the index. The writer holds no
+tensor, so writing costs no memory beyond the tensor being added.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from .errors import ArtifactError
 
-DEFAULT_MAX_SHARD_SIZE = 2**30   # bytes; the writer holds one shard in memory, so this bounds what writing costs
+DEFAULT_MAX_SHARD_SIZE = 2**30   # bytes per shard file (the writer streams: it holds none in memory)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -209,9 +209,21 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+# safetensors' names of torch dtypes (its file format: an 8-byte little-endian header length, a JSON header
+# {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensors' bytes)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
 class ShardWriter:
     """Write tensors as HF-style shards of at most ``max_shard_size`` bytes (a tensor larger than that gets a shard
-    of its own). Tensors are held until their shard is written, so memory is at most one shard.
+    of its own), streamed: each tensor's bytes go to disk when it is added, so the writer holds no tensor — memory
+    does not grow with the shard size (or, for a model smaller than one shard, with the model).
+
+    ``safetensors.torch.save_file`` needs every tensor of a file in memory at once; this writes the same format
+    (read back by ``safetensors`` itself) from spill files: one per element size, joined largest first behind the
+    header as ``save_file`` orders them, so every tensor stays aligned to its element size in the file.
 
     Example:
         >>> w = ShardWriter(tmp, "model", 2 * 2**30)  # doctest: +SKIP
@@ -221,33 +233,66 @@ class ShardWriter:
 
     def __init__(self, folder: str | Path, stem: str = "model", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE):
         self.folder, self.stem, self.max_shard_size = Path(folder), stem, int(max_shard_size)
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, tuple[str, list[int], int, int]] = {}   # name -> (dtype, shape, elem size, nbytes)
         self.pending_bytes = 0
+        self._spill: dict[int, object] = {}                              # element size -> open spill file
         self.parts: list[tuple[Path, list[str]]] = []
         self.total_size = 0
         self.names: set[str] = set()
+
+    def _spill_path(self, size: int) -> Path:
+        return self.folder / f".{self.stem}-part{len(self.parts):05d}.{size}.spill"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.names:
             raise ValueError(f"tensor {name!r} written twice to {self.stem}")
         t = tensor.detach()
+        if t.dtype not in _ST_DTYPES:
+            raise ArtifactError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
         t = (t if t.device.type == "cpu" else t.cpu()).contiguous()
-        nbytes = t.numel() * t.element_size()
+        size = t.element_size()
+        nbytes = t.numel() * size
         if self.pending and self.pending_bytes + nbytes > self.max_shard_size:
             self.flush()
-        self.pending[name] = t
+        f = self._spill.get(size)
+        if f is None:
+            f = self._spill[size] = open(self._spill_path(size), "wb")
+        if nbytes:
+            # a uint8 view of the same memory: its buffer is written as is, without a copy
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.pending[name] = (_ST_DTYPES[t.dtype], list(t.shape), size, nbytes)
         self.pending_bytes += nbytes
         self.total_size += nbytes
         self.names.add(name)
 
     def flush(self) -> None:
-        """Write the tensors held so far as one shard (under a temporary name until ``finish``)."""
-        from safetensors.torch import save_file
+        """Write the tensors added so far as one shard (under a temporary name until ``finish``)."""
+        import shutil
 
         if not self.pending:
             return
+        for f in self._spill.values():
+            f.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        order = sorted(self._spill, reverse=True)            # 8-byte elements first, then 4, 2, 1: all aligned
+        for size in order:
+            for name, (dtype, shape, esize, nbytes) in self.pending.items():
+                if esize == size:
+                    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                    offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)                         # the data starts 8-byte aligned, as save_file does
         path = self.folder / f".{self.stem}-part{len(self.parts):05d}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
+        with open(path, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            for size in order:
+                with open(self._spill_path(size), "rb") as src:
+                    shutil.copyfileobj(src, out, 16 * 2**20)
+        for size in order:
+            self._spill_path(size).unlink()
+        self._spill = {}
         self.parts.append((path, sorted(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -272,6 +317,12 @@ class ShardWriter:
         return files + [index_name(self.stem)]
 
     def abort(self) -> None:
+        for f in self._spill.values():
+            f.close()
+        for size in self._spill:
+            with contextlib.suppress(FileNotFoundError):
+                self._spill_path(size).unlink()
+        self._spill = {}
         for path, _ in self.parts:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

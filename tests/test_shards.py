@@ -38,6 +38,67 @@ def test_writer_shards_at_the_size_limit_and_reader_gets_every_tensor_back(tmp_p
     assert not list(tmp_path.glob(".model-part*"))   # temporary names are gone
 
 
+def _mixed():
+    g = torch.Generator().manual_seed(1)
+    return {"a.u8": torch.randint(0, 255, (13,), generator=g, dtype=torch.uint8),    # odd byte count first
+            "b.f32": torch.randn(5, 7, generator=g),
+            "c.bool": torch.rand(3, generator=g) > 0.5,
+            "d.f64": torch.randn(3, generator=g, dtype=torch.float64),
+            "e.bf16": torch.randn(9, 3, generator=g).bfloat16(),
+            "f.i64": torch.arange(5),
+            "g.f16": torch.randn(7, generator=g).half(),
+            "h.scalar": torch.tensor(2.5),
+            "i.empty": torch.zeros(0, 4),
+            "j.i8": torch.randint(-8, 8, (2, 3), generator=g, dtype=torch.int8),
+            "k.noncontig": torch.randn(6, 4, generator=g).t()}
+
+
+def test_streamed_shard_is_safetensors_with_every_dtype_aligned(tmp_path):
+    """The writer's own file format: safetensors reads every tensor back exactly, each at an offset that is a
+    multiple of its element size (as save_file lays them out), whatever order they came in."""
+    from safetensors import safe_open
+
+    tensors = _mixed()
+    w = ShardWriter(tmp_path, "model")
+    for k, v in tensors.items():
+        w.add(k, v)
+    assert w.finish() == ["model.safetensors"]
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert sorted(f.keys()) == sorted(tensors) and f.metadata() == {"format": "pt"}
+        for k, v in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    for k, v in tensors.items():
+        begin, end = header[k]["data_offsets"]
+        assert begin % v.element_size() == 0 and end - begin == v.numel() * v.element_size(), k
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]      # no spill file left
+
+
+def test_writer_holds_no_tensor_it_was_given(tmp_path):
+    import weakref
+
+    w = ShardWriter(tmp_path, "model", max_shard_size=10**9)
+    t = torch.randn(256, 256)
+    ref = weakref.ref(t)
+    w.add("t", t)
+    del t
+    assert ref() is None                           # written out, not kept until the shard closes
+    assert w.pending_bytes == 256 * 256 * 4 and w.finish() == ["model.safetensors"]
+
+
+def test_abort_leaves_no_spill_or_part_file(tmp_path):
+    w = ShardWriter(tmp_path, "model", max_shard_size=1000)
+    for k, v in _tensors().items():
+        w.add(k, v)
+    assert any(p.suffix == ".spill" for p in tmp_path.iterdir()) and w.parts
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_shard_is_a_plain_file_without_index(tmp_path):
     w = ShardWriter(tmp_path, "compressed")
     w.add("a", torch.arange(5))

@@ -5,7 +5,8 @@ Whole-model: every weight in fp32, plus what the passes collect for all layers a
 ``XᵀX`` per linear input: for a 7 B Llama that alone is ~44 GB), plus the logits of a calibration batch.
 Sequential: the largest of its stages — embeddings in fp32 (top), one block in fp32 with the statistics and
 copies its passes make (blocks), the LM head with its logits (head) — plus the calibration hidden states (inputs
-and outputs of a block), the shard being written and the Python/torch runtime itself. The figures are estimates
+and outputs of a block), the copy of the tensor being written (shards are streamed to disk, not held) and the
+Python/torch runtime itself. The figures are estimates
 (``bench/scale.py`` records what the runs really peak at).
 """
 
@@ -91,8 +92,7 @@ def _block_work(shape: Shape, recipe: Recipe) -> int:
     return int(block * copies) + work
 
 
-def estimate(shape: Shape, recipe: Recipe, samples: int, seqlen: int, mode: str,
-             max_shard_size: int = 2**30, processes: int = 1) -> Estimate:
+def estimate(shape: Shape, recipe: Recipe, samples: int, seqlen: int, mode: str, processes: int = 1) -> Estimate:
     """Peak resident bytes of one process of a ``mode`` (``whole`` / ``sequential``) run.
 
     Example:
@@ -117,7 +117,7 @@ def estimate(shape: Shape, recipe: Recipe, samples: int, seqlen: int, mode: str,
         return Estimate("whole-model", {
             "runtime": RUNTIME, "weights (fp32)": shape.params * F32, "gradients": grads, "statistics": stats,
             "pass work": _block_work(shape, recipe), "activations": forward + logits,
-            "shard being written": min(max_shard_size, shape.params * 2)})
+            "tensor being written": _largest_tensor(shape) * 2})
     hidden = 2 * tokens * shape.hidden * F32
     top = shape.vocab * shape.hidden * F32
     block = shape.block_params * F32 + _block_stats(shape, recipe) + _block_work(shape, recipe) + forward
@@ -129,4 +129,9 @@ def estimate(shape: Shape, recipe: Recipe, samples: int, seqlen: int, mode: str,
     name = {top: "embeddings (fp32)", block: "one block + its statistics", head: "LM head + logits"}[stage]
     return Estimate("sequential", {
         "runtime": RUNTIME, name: stage, "calibration hidden states": hidden,
-        "small weights": shape.hidden * 4 * F32, "shard being written": min(max_shard_size, shape.params * 2)})
+        "small weights": shape.hidden * 4 * F32, "tensor being written": _largest_tensor(shape) * 2})
+
+
+def _largest_tensor(shape: Shape) -> int:
+    """Elements of the largest single tensor (the writer converts one tensor at a time to its stored dtype)."""
+    return max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate)
