@@ -7,7 +7,9 @@ Reads the files our benchmarks write to ``bench/results/``:
   ``linear_sparsity`` (zeroed weights), else a structured ``level``; and at ``bits_per_weight`` for quantized rows;
 - a task table, a list of ``{"variant", "task", "acc", "acc_stderr", "n"}`` rows (``bench/task_sweep.py``): each
   variant's accuracy on ``--task`` (default the ``mean`` row), placed on the x-axis by the ``sparsity`` /
-  ``bits_per_weight`` that ``<name>_meta.json`` beside it records per variant.
+  ``bits_per_weight`` that ``<name>_meta.json`` beside it records per variant;
+- the PTQ study, ``{"configs": [...]}`` (``bench/ptq_study.py``): each config's perplexity and its accuracy on the
+  knowledge category ``--task`` names (default: the mean over categories), at its bits per weight.
 
 One panel per metric found (perplexity on a log scale, accuracy with its standard error as a bar); one series per
 file and method family (the variant name without its trailing number: ``teal-40``, ``teal-50`` -> ``teal``), the
@@ -79,6 +81,22 @@ def _sweep_point(row: dict) -> Point:
                  ppl=_num(row.get("ppl")))
 
 
+def _study_point(cfg: dict, task: str, path: Path) -> Point:
+    """A config of the PTQ study (``bench/ptq_study.py``): its perplexity, and its accuracy on one knowledge
+    category (``--task application``) or, by default (``mean``), the mean over its categories."""
+    cats = cfg.get("categories", {})
+    if task == "mean":
+        acc = sum(c["acc"] for c in cats.values()) / len(cats) if cats else None
+        err = (sum(c["acc_stderr"] ** 2 for c in cats.values()) ** 0.5 / len(cats)) if cats else None
+    elif task in cats:
+        acc, err = cats[task]["acc"], cats[task]["acc_stderr"]
+    else:
+        raise DataError(f"{path} has no category {task!r}; it has: {', '.join(sorted(cats))} (or mean)")
+    dense = cfg.get("method") == "dense"
+    return Point("dense" if dense else cfg["variant"], sparsity=0.0 if dense else None,
+                 bits=_num(cfg.get("bits_per_weight")), ppl=_num(cfg.get("ppl")), acc=acc, acc_stderr=err)
+
+
 def _task_points(rows: list, meta_path: Path, task: str, path: Path) -> list[Point]:
     variants = {}
     if meta_path.is_file():
@@ -110,9 +128,11 @@ def load_series(path: str | os.PathLike, task: str = "mean") -> Series:
     if isinstance(data, list) and data and all(isinstance(r, dict) and {"variant", "task", "acc"} <= r.keys()
                                                for r in data):
         return Series(path.stem, _task_points(data, path.with_name(path.stem + "_meta.json"), task, path))
-    raise DataError(f"{path} is neither a sweep table ({{'meta', 'rows'}} with a 'ppl' per row) nor a task table "
-                    "(a list of {'variant', 'task', 'acc', ...} rows); sparsefx plot reads the .json files that "
-                    "bench/*.py write to bench/results/")
+    if isinstance(data, dict) and isinstance(data.get("configs"), list):
+        return Series(path.stem, [_study_point(c, task, path) for c in data["configs"]])
+    raise DataError(f"{path} is not a sweep table ({{'meta', 'rows'}} with a 'ppl' per row), a task table (a list "
+                    "of {'variant', 'task', 'acc', ...} rows) or the PTQ study ({'configs': [...]}); sparsefx plot "
+                    "reads the .json files that bench/*.py write to bench/results/")
 
 
 def _choose_axis(series: list[Series], x: str) -> str:

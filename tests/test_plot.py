@@ -81,10 +81,30 @@ def test_auto_axis_is_the_one_most_variants_have(tmp_path):
     assert plot([RESULTS / "quant_smollm2.json"], tmp_path / "q.png")["x"] == "bits"
 
 
+def test_ptq_study_configs_plot_at_their_bits_with_a_category(tmp_path):
+    def cfg(variant, method, bpw, ppl, app, mem):
+        return {"variant": variant, "method": method, "bits_per_weight": bpw, "ppl": ppl, "categories": {
+            "application": {"acc": app, "acc_stderr": 0.03}, "memorization": {"acc": mem, "acc_stderr": 0.04}}}
+
+    path = tmp_path / "tasks_ptq.json"
+    path.write_text(json.dumps({"meta": {}, "configs": [
+        cfg("dense", "dense", None, 20.0, 0.6, 0.1), cfg("rtn-w4-g64", "rtn", 4.375, 25.0, 0.55, 0.08),
+        cfg("rtn-w3-g64", "rtn", 3.375, 60.0, 0.45, 0.05), cfg("gptq-w3-g64-c32", "gptq", 3.375, 44.0, 0.5, 0.06)]}))
+    drawn = plot([path], tmp_path / "s.png")
+    assert drawn["x"] == "bits"
+    assert drawn["panels"]["acc"] == [("tasks_ptq: rtn-g64", [3.375, 4.375], [pytest.approx(0.25), 0.315]),
+                                      ("tasks_ptq: gptq-g64-c32", [3.375], [0.28])]
+    assert drawn["panels"]["ppl"][0] == ("tasks_ptq: rtn-g64", [3.375, 4.375], [60.0, 25.0])
+    app = plot([path], tmp_path / "a.png", task="application")
+    assert app["panels"]["acc"][0][2] == [0.45, 0.55] and app["dense"]["acc"] == [("tasks_ptq", 0.6)]
+    with pytest.raises(DataError, match="no category 'reasoning'.*application, memorization"):
+        plot([path], tmp_path / "r.png", task="reasoning")
+
+
 @pytest.mark.parametrize("setup, match", [
     (lambda d: d / "missing.json", "does not exist"),
     (lambda d: (d / "x.csv").write_text("variant,ppl\n") and d / "x.csv", "not a JSON results file"),
-    (lambda d: (d / "y.json").write_text('{"a": 1}') and d / "y.json", "neither a sweep table"),
+    (lambda d: (d / "y.json").write_text('{"a": 1}') and d / "y.json", "not a sweep table"),
 ])
 def test_bad_results_files_are_named(tmp_path, setup, match):
     with pytest.raises(DataError, match=match):
