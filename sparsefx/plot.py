@@ -21,13 +21,15 @@ Example:
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._cache import atomic_write_bytes
 from .errors import DataError
 
 AXES = {"sparsity": "sparsity (share of linear weights / multiply-adds removed)",
@@ -202,15 +204,14 @@ def _draw(panels: dict, dense: dict, axis: str, out: Path, title: str | None) ->
     names = {"ppl": "perplexity (wiki protocol, log scale)", "acc": "zero-shot accuracy"}
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
     for ax, (m, rows) in zip(axes[0], panels.items()):
-        colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
-        seen: dict[float, list[str]] = {}         # files that share the one dense model draw one line
+        colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+        levels = {round(y, 6) for _, y, _ in dense[m]}     # files that share one dense model draw one line
+        drawn: set[float] = set()
         for label, y, err in dense[m]:
-            seen.setdefault(round(y, 6), []).append(label)
-        for label, y, err in dense[m]:
-            if seen.get(round(y, 6), [None])[0] != label:
+            if round(y, 6) in drawn:
                 continue
-            ax.axhline(y, color="0.3", ls="--", lw=1,
-                       label="dense" if len(seen) == 1 else f"{label}: dense")
+            drawn.add(round(y, 6))
+            ax.axhline(y, color="0.3", ls="--", lw=1, label="dense" if len(levels) == 1 else f"{label}: dense")
             if err:
                 ax.axhspan(y - err, y + err, color="0.3", alpha=0.1)
         for label, xs, ys, errs, variants in rows:
@@ -231,13 +232,9 @@ def _draw(panels: dict, dense: dict, axis: str, out: Path, title: str | None) ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, out)
+        fig.savefig(buf, format=out.suffix.lower()[1:], dpi=150)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(out, buf.getvalue())
