@@ -28,7 +28,6 @@ RMSE]}; and bench/results/tasks_ptq_smollm2.png (accuracy per category against b
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -84,7 +83,7 @@ def grid(methods, bits, groups, calib, full: bool = False) -> list[tuple]:
 def run_config(cfg, limit: int, mmlu_limit: int, progress: bool) -> dict:
     from sparsefx import tasks as T
     from sparsefx.codegen.cpu import prepare_cpu_decode
-    from sparsefx.data import PROTOCOL, calibration_batches
+    from sparsefx.data import PROTOCOL, recipe_calibration
     from sparsefx.eval import evaluate
     from sparsefx.models import load_model
     from sparsefx.pipeline import compress
@@ -95,10 +94,7 @@ def run_config(cfg, limit: int, mmlu_limit: int, progress: bool) -> dict:
     bpw = None
     if method != "dense":
         recipe = recipe_for(*cfg)
-        cal = recipe.calibration
-        p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
-        result = compress(model, recipe, calibration=calibration_batches(tok, p) if recipe.needs_calibration else None,
-                          progress=progress)
+        result = compress(model, recipe, calibration=recipe_calibration(tok, recipe), progress=progress)
         bpw = next((r.details["bits_per_weight"] for r in reversed(result.reports) if "bits_per_weight" in r.details),
                    None)
     compress_s = time.perf_counter() - t0

@@ -26,7 +26,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from sparsefx.artifact import load_artifact
-    from sparsefx.data import PROTOCOL, calibration_batches, eval_windows
+    from sparsefx.data import PROTOCOL, eval_windows, recipe_calibration
     from sparsefx.eval import perplexity
     from sparsefx.experiments import run_meta, write_results
     from sparsefx.models import embedded_model_path, load_model
@@ -48,9 +48,7 @@ def main() -> None:
     rows: list[dict] = []
     for name in args.recipes:
         recipe = resolve_recipe(name)
-        cal = recipe.calibration
-        p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
-        calib = calibration_batches(tok, p) if recipe.needs_calibration else None
+        calib = recipe_calibration(tok, recipe)
         label = recipe.name or Path(name).stem
         model, _ = load_model(folder)
         t0 = time.perf_counter()

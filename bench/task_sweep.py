@@ -41,12 +41,10 @@ SUITE = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq"
 def build(variant: str, recompress: bool) -> tuple[Path, float | None, float]:
     """The artifact folder of ``variant`` (compressed now unless cached), its level, and the seconds it took."""
     from sparsefx.artifact import save_artifact
-    from sparsefx.data import PROTOCOL, calibration_batches
+    from sparsefx.data import recipe_calibration
     from sparsefx.models import load_model
     from sparsefx.passes.config import resolve_recipe
     from sparsefx.pipeline import compress
-
-    import dataclasses
 
     name, _, level = variant.partition("@")
     folder = WORK / name
@@ -56,10 +54,7 @@ def build(variant: str, recompress: bool) -> tuple[Path, float | None, float]:
     if not (folder / "sparsefx.json").is_file():
         recipe = resolve_recipe(name)
         model, tok = load_model("smollm2")
-        cal = recipe.calibration
-        p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
-        calib = calibration_batches(tok, p) if recipe.needs_calibration else None
-        result = compress(model, recipe, calibration=calib, progress=False)
+        result = compress(model, recipe, calibration=recipe_calibration(tok, recipe), progress=False)
         save_artifact(folder, model, tok, recipe, result.report_dict(), stats=result.stats, overwrite=True)
     return folder, float(level) if level else None, time.perf_counter() - t0
 

@@ -230,7 +230,7 @@ def cmd_compress(args) -> int:
 
     from . import distributed
     from .artifact import checkpoint_dtypes, save_artifact
-    from .data import PROTOCOL, calibration_batches, load_pairs
+    from .data import load_pairs, recipe_calibration
     from .models import load_model, resolve_model_path
     from .passes.config import resolve_recipe
     from .pipeline import compress
@@ -252,10 +252,8 @@ def cmd_compress(args) -> int:
         model, tok = (load_model(path) if mode == "whole" else (None, _tokenizer(path)))
         calibration = None
         if recipe.needs_calibration:
-            cal = recipe.calibration
-            p = dataclasses.replace(PROTOCOL, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
             text = open(args.calib_file, encoding="utf-8").read() if args.calib_file else None
-            calibration = distributed.shard_samples(calibration_batches(tok, p, text=text))
+            calibration = distributed.shard_samples(recipe_calibration(tok, recipe, text=text))
         pairs = load_pairs(args.pairs, tok) if args.pairs else None
         progress = not args.no_progress and distributed.is_main()
         if mode == "whole":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,21 @@ def eval_windows(tokenizer, protocol: Protocol = PROTOCOL) -> torch.Tensor:
                         f"(at least one {protocol.window}-token window)")
     n = protocol.eval_tokens // protocol.window
     return ids[: n * protocol.window].view(n, protocol.window)
+
+
+def recipe_calibration(tokenizer, recipe, protocol: Protocol = PROTOCOL, text: str | None = None):
+    """The calibration batches ``recipe`` asks for (its ``calibration`` text, samples and length on ``protocol``),
+    or ``None`` when its passes need no data. ``text`` as for ``calibration_batches``.
+
+    Example:
+        >>> recipe_calibration(tok, resolve_recipe("wanda-50")).shape  # doctest: +SKIP
+        torch.Size([32, 512])
+    """
+    if not recipe.needs_calibration:
+        return None
+    cal = recipe.calibration
+    p = dataclasses.replace(protocol, calib_text=cal.text, calib_samples=cal.samples, calib_seqlen=cal.seqlen)
+    return calibration_batches(tokenizer, p, text=text)
 
 
 def calibration_batches(tokenizer, protocol: Protocol = PROTOCOL, text: str | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .data import PROTOCOL, Protocol, calibration_batches, eval_windows
+from .data import PROTOCOL, Protocol, eval_windows, recipe_calibration
 from .eval import evaluate
 from .models import load_model
 from .passes.config import Recipe
@@ -46,9 +46,7 @@ def sweep(model_name: str, recipes: list[Recipe], protocol: Protocol = PROTOCOL,
         if recipe.needs_calibration:
             key = (cal.text, cal.samples, cal.seqlen)
             if key not in calib_cache:
-                p = dataclasses.replace(protocol, calib_text=cal.text, calib_samples=cal.samples,
-                                        calib_seqlen=cal.seqlen)
-                calib_cache[key] = calibration_batches(tok, p)
+                calib_cache[key] = recipe_calibration(tok, recipe, protocol)
             calibration = calib_cache[key]
         model, _ = load_model(model_name)
         t0 = time.perf_counter()
