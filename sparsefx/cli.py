@@ -132,7 +132,7 @@ def _eval_tasks(args, model, tok, names) -> int:
         if next(model.parameters()).device.type == "cpu":
             prepare_cpu_decode(model, int8_activations=bool(args.int8_activations))
     results = task_suite.evaluate_tasks(model, tok, names, limit=args.limit, seed=args.seed,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress, batch_size=args.batch_size)
     rows = task_suite.summary_rows(results)
     cats = {r.task: r.category for r in results}
     table = Table(title=f"{args.model}: zero-shot accuracy"
@@ -426,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "names, mmlu, all; `--tasks list` names them")
     e.add_argument("--limit", type=int, help="--tasks: score at most N examples per task (a seeded random subset)")
     e.add_argument("--seed", type=int, default=1234, help="--tasks: seed of the --limit subset (default 1234)")
+    e.add_argument("--batch-size", type=int, default=16,
+                   help="--tasks: examples scored in one forward (default 16; 1: one at a time, less memory)")
     e.add_argument("--no-speed", action="store_true", help="skip the decode tokens/s measurement (perplexity only)")
     e.add_argument("--level", type=float, help="structured artifacts: fraction of prunable parameters to remove "
                                                 "(any level the artifact's ranking covers)")

@@ -269,6 +269,68 @@ def test_shared_context_runs_the_context_once(monkeypatch, tiny):
     assert rows == [(1, 1), (len(rest), max(len(k) for k in rest) - 1)]
 
 
+REQUESTS = [("Question: what is up?\nAnswer:", [" the sky", " a bird that flies", " x"]),
+            ("hi", [" there", " you two"]),
+            ("A much longer context that runs on for a while, so the batch is padded:", [" y", " z"]),
+            ("Sun is a", [" star", " moon", " comet", " big ball of gas"])]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_batched_requests_score_as_one_at_a_time(arch):
+    """Contexts of different lengths in one padded forward (their continuations going on from each row's own
+    length), then every longer continuation in one more: the log-likelihoods and greedy flags of one request at a
+    time and of the reference loop. Mistral's and Gemma's sliding windows (32 here) are shorter than the longest
+    context, and count cache positions: padding must not move a continuation away from its context."""
+    torch.manual_seed(0)
+    model, tok = tiny_model(arch).eval(), tiny_tokenizer()
+    sc = T.Scorer(model, tok)
+    got = sc.loglikelihood_batch(REQUESTS)
+    assert sc.forwards == 2
+    for (ctx, conts), res in zip(REQUESTS, got):
+        one = T.Scorer(model, tok).loglikelihoods(ctx, conts)
+        ref = [_ref_loglikelihood(model, tok, ctx, k) for k in conts]
+        assert len(res) == len(conts)
+        for (a, ga), (b, gb), (c, gc) in zip(res, one, ref):
+            assert a == pytest.approx(b, abs=1e-4) and a == pytest.approx(c, abs=1e-4)
+            assert ga == gb == gc
+
+
+def test_batched_partial_pairs_score_as_the_reference(tiny):
+    model, tok = tiny
+    sc = T.Scorer(model, tok)
+    pairs = [("The cup fell because the cup", " was slippery."), ("A b", " c d e f"), ("Ann met Bea", " today.")]
+    got = sc.partial_many(pairs)
+    assert sc.forwards == 1
+    for (a, ga), (c, k) in zip(got, pairs):
+        b, gb = _ref_loglikelihood(model, tok, c, k)
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+@pytest.mark.parametrize("name", ["hellaswag", "winogrande", "lambada"])
+def test_batch_size_changes_the_forwards_not_the_scores(monkeypatch, tiny, name):
+    model, tok = tiny
+    rows = ROWS[name] * 4                          # 12 examples, batches of 5 (the last one short)
+    monkeypatch.setitem(TASKS, name, dataclasses.replace(TASKS[name], load=lambda: [dict(r) for r in rows]))
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        one = T.evaluate_tasks(model, tok, name, batch_size=1, progress=False)[0]
+        n_one = len(calls)
+        five = T.evaluate_tasks(model, tok, name, batch_size=5, progress=False)[0]
+        n_five = len(calls) - n_one
+    finally:
+        hook.remove()
+    assert one.scores == five.scores and one.predictions == five.predictions and one.indices == five.indices
+    per_batch = 1 if name == "winogrande" else 2   # partial: one forward; shared contexts: two
+    assert n_five <= per_batch * 3 < n_one
+
+
+def test_batch_size_below_one_is_refused(tiny):
+    model, tok = tiny
+    with pytest.raises(DataError, match="batch_size must be at least 1"):
+        T.evaluate_tasks(model, tok, "piqa", batch_size=0, progress=False)
+
+
 def test_partial_runs_the_lm_head_on_scored_positions_only(tiny):
     model, tok = tiny
     sc = T.Scorer(model, tok)
