@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .errors import SparsefxError
 
@@ -226,8 +227,6 @@ def _plan_memory(args, recipe, path):
 
 
 def cmd_compress(args) -> int:
-    from pathlib import Path
-
     from . import distributed
     from .artifact import checkpoint_dtypes, save_artifact
     from .data import load_pairs, recipe_calibration
@@ -282,8 +281,6 @@ def cmd_compress(args) -> int:
 
 def _check_output(args):
     """``--output`` as a Path; refused before any model is loaded if it exists and ``--overwrite`` is not given."""
-    from pathlib import Path
-
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise SparsefxError(f"{out} already exists; add --overwrite to replace it, or choose another --output")
@@ -371,8 +368,6 @@ def cmd_plot(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from pathlib import Path
-
     from .passes.config import Recipe, builtin_recipes
 
     builtin = builtin_recipes()
@@ -394,8 +389,6 @@ def cmd_recipes(args) -> int:
 
 
 def _write_json(path, data) -> None:
-    from pathlib import Path
-
     from ._cache import atomic_write_bytes
 
     atomic_write_bytes(Path(path), json.dumps(data, indent=1).encode())
