@@ -95,8 +95,7 @@ def run_config(cfg, limit: int, mmlu_limit: int, progress: bool) -> dict:
     if method != "dense":
         recipe = recipe_for(*cfg)
         result = compress(model, recipe, calibration=recipe_calibration(tok, recipe), progress=progress)
-        bpw = next((r.details["bits_per_weight"] for r in reversed(result.reports) if "bits_per_weight" in r.details),
-                   None)
+        bpw = result.reported("bits_per_weight")
     compress_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     ppl = evaluate(model, tok, PROTOCOL, speed=False, progress=progress).ppl

@@ -62,12 +62,12 @@ def build(variant: str, recompress: bool) -> tuple[Path, float | None, float]:
 def compression_of(folder: Path, level: float | None) -> dict:
     """Where a variant sits for ``sparsefx plot``: the sparsity its passes report (activation sparsity as the
     share of multiply-adds skipped, else zeroed weights; a GISP level as its level) and bits per weight."""
+    from sparsefx.pipeline import last_reported
+
     details = [p.get("details", {}) for p in json.loads((folder / "report.json").read_text())["passes"]]
-    sparsity = next((d["effective_sparsity"] for d in reversed(details) if "effective_sparsity" in d), None)
-    if sparsity is None:
-        sparsity = next((d["sparsity"] for d in reversed(details) if d.get("sparsity")), None)
-    bits = next((d["bits_per_weight"] for d in reversed(details) if "bits_per_weight" in d), None)
-    return {"sparsity": level if level is not None else sparsity, "bits_per_weight": bits}
+    sparsity = last_reported(details, "effective_sparsity") or last_reported(details, "sparsity")
+    return {"sparsity": level if level is not None else sparsity,
+            "bits_per_weight": last_reported(details, "bits_per_weight")}
 
 
 def write(rows: list[dict], meta: dict, tag: str) -> None:

@@ -53,15 +53,11 @@ def sweep(model_name: str, recipes: list[Recipe], protocol: Protocol = PROTOCOL,
         result = compress(model, recipe, calibration=calibration, progress=progress)
         seconds = time.perf_counter() - t0
         res = evaluate(model, tok, protocol, speed=speed, progress=progress, windows=windows)
-        # activation-sparsity passes report the fraction of linear multiply-adds skipped per token
-        effective = next((r.details["effective_sparsity"] for r in reversed(result.reports)
-                          if "effective_sparsity" in r.details), None)
-        # quantizing passes report stored bits per weight of the linears they rewrote
-        bpw = next((r.details["bits_per_weight"] for r in reversed(result.reports)
-                    if "bits_per_weight" in r.details), None)
-        rows.append(_row(recipe.name or recipe.passes[0].method, res, dense, seconds, effective, bpw))
-        # dam reports which order each linear took
-        orders = next((r.details["orders"] for r in reversed(result.reports) if "orders" in r.details), None)
+        # activation-sparsity passes report the fraction of linear multiply-adds skipped per token; quantizing
+        # passes the stored bits per weight of the linears they rewrote; DAM which order each linear took
+        rows.append(_row(recipe.name or recipe.passes[0].method, res, dense, seconds,
+                         result.reported("effective_sparsity"), result.reported("bits_per_weight")))
+        orders = result.reported("orders")
         if orders:
             rows[-1]["dam_orders"] = " ".join(f"{k}:{v}" for k, v in sorted(orders.items()))
         if on_row:

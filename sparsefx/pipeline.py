@@ -34,11 +34,22 @@ class CompressionResult:
             return self.graph_module.meta.get(STATS) or {}
         return self.block_stats or {}
 
+    def reported(self, key: str):
+        """What the last pass that reports ``key`` in its details says (``None`` if none does): activation
+        passes report ``effective_sparsity``, quantizing passes ``bits_per_weight``, DAM ``orders``."""
+        return last_reported([r.details for r in self.reports], key)
+
     def report_dict(self) -> dict:
         out = {"passes": [r.to_dict() for r in self.reports]}
         if self.sequential is not None:
             out["sequential"] = self.sequential
         return out
+
+
+def last_reported(details: list[dict], key: str):
+    """The value of ``key`` in the last of the passes' ``details`` that has one, else ``None`` (also for a saved
+    artifact's ``report.json``: ``[p["details"] for p in report["passes"]]``)."""
+    return next((d[key] for d in reversed(details) if d.get(key) is not None), None)
 
 
 def _stages(recipe: Recipe) -> list[list]:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ._cache import atomic_write_bytes
 from .errors import DataError
+from .stats import mean_of_estimates
 
 AXES = {"sparsity": "sparsity (share of linear weights / multiply-adds removed)",
         "bits": "bits per weight (linears, stored)"}
@@ -88,8 +89,8 @@ def _study_point(cfg: dict, task: str, path: Path) -> Point:
     category (``--task application``) or, by default (``mean``), the mean over its categories."""
     cats = cfg.get("categories", {})
     if task == "mean":
-        acc = sum(c["acc"] for c in cats.values()) / len(cats) if cats else None
-        err = (sum(c["acc_stderr"] ** 2 for c in cats.values()) ** 0.5 / len(cats)) if cats else None
+        acc, err = (mean_of_estimates([c["acc"] for c in cats.values()], [c["acc_stderr"] for c in cats.values()])
+                    if cats else (None, None))
     elif task in cats:
         acc, err = cats[task]["acc"], cats[task]["acc_stderr"]
     else:

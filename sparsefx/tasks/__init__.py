@@ -9,11 +9,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 
 from ..errors import DataError
+from ..stats import mean_of_estimates, mean_stderr
 from .score import Scorer
 from .suite import GROUPS, TASKS, Example, Task, clean_generation, exact_match, resolve
 
@@ -22,15 +22,6 @@ SEED = 1234
 # example is a few dozen tokens (ARC, WinoGrande, LAMBADA: 1.4-1.6x on SmolLM2, 2 CPU threads); past ~2k tokens
 # the linears are already efficient and padding costs more than it saves (8k: BoolQ 0.83x, HellaSwag 0.96x).
 BATCH_TOKENS = 2048
-
-
-def mean_stderr(values: list[float]) -> float:
-    """lm-eval's ``mean_stderr``: the sample standard deviation (n - 1) over sqrt(n); 0 below two values."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mu = sum(values) / n
-    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
 @dataclass
@@ -204,10 +195,8 @@ def summary_rows(results: list[TaskResult]) -> list[dict]:
     grouped = {m for r in results if r.task in GROUPS for m in GROUPS[r.task]}
     rows = [r.row() for r in results if r.task not in grouped]
     if len(rows) > 1:
-        k = len(rows)
-        rows.append({"task": "mean", "acc": sum(r["acc"] for r in rows) / k,
-                     "acc_stderr": math.sqrt(sum(r["acc_stderr"] ** 2 for r in rows)) / k,
-                     "n": sum(r["n"] for r in rows)})
+        acc, err = mean_of_estimates([r["acc"] for r in rows], [r["acc_stderr"] for r in rows])
+        rows.append({"task": "mean", "acc": acc, "acc_stderr": err, "n": sum(r["n"] for r in rows)})
     return rows
 
 
@@ -231,9 +220,9 @@ def category_rows(results: list[TaskResult]) -> list[dict]:
         tasks.setdefault(rs[0].category, []).append((key, sum(values) / max(n, 1), mean_stderr(values), chance, n))
     rows = []
     for cat in sorted(tasks):
-        ts, k = tasks[cat], len(tasks[cat])
-        rows.append({"category": cat, "acc": sum(t[1] for t in ts) / k,
-                     "acc_stderr": math.sqrt(sum(t[2] ** 2 for t in ts)) / k, "chance": sum(t[3] for t in ts) / k,
+        ts = tasks[cat]
+        acc, err = mean_of_estimates([t[1] for t in ts], [t[2] for t in ts])
+        rows.append({"category": cat, "acc": acc, "acc_stderr": err, "chance": sum(t[3] for t in ts) / len(ts),
                      "n": sum(t[4] for t in ts), "tasks": [t[0] for t in ts]})
     return rows
 
@@ -247,4 +236,4 @@ def describe_tasks() -> list[tuple[str, str, str]]:
 
 
 __all__ = ["check_limit", "evaluate_tasks", "summary_rows", "category_rows", "describe_tasks", "TaskResult", "TASKS",
-           "GROUPS", "resolve", "select", "mean_stderr", "Scorer", "SEED"]
+           "GROUPS", "resolve", "select", "mean_stderr", "mean_of_estimates", "Scorer", "SEED"]

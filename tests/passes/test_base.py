@@ -45,3 +45,17 @@ def test_reports_and_stage_bookkeeping(llama):
     assert gm.meta["sparsefx.stages"] == ["annotated", "masked"]
     # A second manager run on the same graph knows annotation already happened.
     PassManager([MagnitudePass(MagnitudeConfig(sparsity=0.25))]).check_order(tuple(gm.meta["sparsefx.stages"]))
+
+
+def test_the_last_pass_reporting_a_key_is_what_a_run_reports(llama):
+    from sparsefx.pipeline import compress, last_reported
+    from sparsefx.passes.config import Recipe
+
+    result = compress(llama, Recipe.from_yaml("passes:\n  - {method: magnitude, sparsity: 0.5}\n"
+                                              "  - {method: rtn, bits: 4, group_size: 32}\n"), progress=False)
+    assert [r.name for r in result.reports][-2:] == ["magnitude", "rtn"]
+    assert result.reported("bits_per_weight") == result.reports[-1].details["bits_per_weight"] > 4
+    assert result.reported("sparsity") == result.reports[-2].details["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert result.reported("no_such_key") is None
+    details = [{"sparsity": 0.3}, {"bits_per_weight": 3.5, "sparsity": None}, {"sparsity": 0.6}]
+    assert last_reported(details, "sparsity") == 0.6 and last_reported(details[:2], "sparsity") == 0.3
