@@ -494,6 +494,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _silence_progress_bars() -> None:
+    """Turn off our bars, transformers' and the raw ``tqdm`` ones of libraries that ignore transformers' switch (its
+    GGUF loader's "Converting and de-quantizing" bar): tqdm reads ``TQDM_DISABLE`` when it is first imported, so set
+    it before that, for this process and the workers it starts."""
+    import os
+
+    if "tqdm" not in sys.modules:
+        os.environ["TQDM_DISABLE"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -502,9 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "no_progress") and not sys.stderr.isatty():
         args.no_progress = True          # progress bars in a log file are a wall of carriage returns
     if getattr(args, "no_progress", False):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        _silence_progress_bars()
     try:
         return args.fn(args)
     except SparsefxError as exc:

@@ -1,7 +1,9 @@
 """What a new user meets first: the recipe list, help texts, errors worded for the command line, tables that fit a
 terminal, no progress bars in logs."""
 
+import os
 import re
+import sys
 
 import pytest
 
@@ -63,6 +65,18 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     assert main(["eval", "smollm2"]) == 0
     assert seen == [True, False]
+
+
+def test_piped_output_silences_the_raw_tqdm_bars_of_libraries_too():
+    """transformers' GGUF loader draws a plain tqdm bar that its disable_progress_bar() does not reach."""
+    import subprocess
+
+    bar = "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='converting'): pass\n"
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    run = lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                      check=True).stderr
+    assert "converting" in run(bar)                          # the bar is drawn on a pipe by default
+    assert "converting" not in run("from sparsefx.cli import _silence_progress_bars\n_silence_progress_bars()\n" + bar)
 
 
 def test_the_sweep_table_fits_a_terminal_and_hides_empty_columns(capsys, monkeypatch):
