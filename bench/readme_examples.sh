@@ -4,7 +4,6 @@
 #   PATH=/tmp/venv/bin:$PATH bash /path/to/bench/readme_examples.sh /tmp/readme
 set -u
 work=${1:-/tmp/readme}
-repo=$(cd "$(dirname "$0")/.." && pwd)     # the plot example reads this checkout's bench/results
 mkdir -p "$work" && cd "$work" && rm -rf out dense.json
 run() { echo "=== \$ $*"; local t0=$(date +%s); "$@"; echo "=== rc=$? in $(( $(date +%s) - t0 )) s"; }
 run sparsefx demo --quick
@@ -21,7 +20,8 @@ run sparsefx eval out/rtn3 --decode-path --int8-activations --tokens 4096
 run sparsefx compress smollm2 -r gisp-nested-40 -o out/gisp
 run sparsefx eval out/gisp --level 0.2
 run sparsefx export out/gisp --level 0.2 -o out/gisp20
-run sparsefx plot "$repo/bench/results/daws_smollm2.json" "$repo/bench/results/masks_smollm2.json" -o sparsity.png
+run sparsefx demo --quick --json demo.json
+run sparsefx plot demo.json -o sparsity.png
 run sparsefx demo
 cat > api.py <<'PY'
 # The README's Python example, as written (model.generate(...) given real arguments)

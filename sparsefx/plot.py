@@ -1,8 +1,9 @@
-"""``sparsefx plot``: accuracy and perplexity against sparsity or bits per weight, from committed results files.
+"""``sparsefx plot``: accuracy and perplexity against sparsity or bits per weight, from results files.
 
-Reads the files our benchmarks write to ``bench/results/``:
+Reads the files our benchmarks write to ``bench/results/`` and the table ``sparsefx demo --json`` writes:
 
-- a sweep table, ``{"meta": ..., "rows": [...]}`` (``bench/masks.py``, ``daws.py``, ``quant.py``, ``gisp.py``, ...):
+- a sweep table, ``{"meta": ..., "rows": [...]}`` (``bench/masks.py``, ``daws.py``, ``quant.py``, ``gisp.py``, ...),
+  or its rows alone, a list of ``{"variant", "ppl", ...}`` (``sparsefx demo --json``):
   each row's ``ppl``, at ``effective_sparsity`` (activation sparsity: the share of multiply-adds skipped), else
   ``linear_sparsity`` (zeroed weights), else a structured ``level``; and at ``bits_per_weight`` for quantized rows;
 - a task table, a list of ``{"variant", "task", "acc", "acc_stderr", "n"}`` rows (``bench/task_sweep.py``): each
@@ -128,14 +129,17 @@ def load_series(path: str | os.PathLike, task: str = "mean") -> Series:
         raise DataError(f"{path} is not a JSON results file ({e}); pass the .json a benchmark wrote, not its .csv")
     if isinstance(data, dict) and isinstance(data.get("rows"), list) and all("ppl" in r for r in data["rows"]):
         return Series(path.stem, [_sweep_point(r) for r in data["rows"]])
+    if isinstance(data, list) and data and all(isinstance(r, dict) and {"variant", "ppl"} <= r.keys() for r in data):
+        return Series(path.stem, [_sweep_point(r) for r in data])          # sparsefx demo --json: the rows alone
     if isinstance(data, list) and data and all(isinstance(r, dict) and {"variant", "task", "acc"} <= r.keys()
                                                for r in data):
         return Series(path.stem, _task_points(data, path.with_name(path.stem + "_meta.json"), task, path))
     if isinstance(data, dict) and isinstance(data.get("configs"), list):
         return Series(path.stem, [_study_point(c, task, path) for c in data["configs"]])
-    raise DataError(f"{path} is not a sweep table ({{'meta', 'rows'}} with a 'ppl' per row), a task table (a list "
-                    "of {'variant', 'task', 'acc', ...} rows) or the PTQ study ({'configs': [...]}); sparsefx plot "
-                    "reads the .json files that bench/*.py write to bench/results/")
+    raise DataError(f"{path} is not a sweep table ({{'meta', 'rows'}} with a 'ppl' per row, or those rows alone as "
+                    "`sparsefx demo --json` writes them), a task table (a list of {'variant', 'task', 'acc', ...} "
+                    "rows) or the PTQ study ({'configs': [...]}); sparsefx plot reads the .json files that bench/*.py "
+                    "write to bench/results/ and that `sparsefx demo --json` writes")
 
 
 def _choose_axis(series: list[Series], x: str) -> str:

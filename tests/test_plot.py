@@ -124,6 +124,27 @@ def test_unknown_task_and_empty_axis_and_bad_suffix_are_refused(tmp_path):
     assert not (tmp_path / "f.png").exists()
 
 
+def test_cli_plots_what_demo_json_writes(tmp_path, monkeypatch, capsys):
+    """`sparsefx demo --json demo.json` then `sparsefx plot demo.json`: the README's example, from the rows the demo's
+    sweep returns (its table is the rows alone, not {'meta', 'rows'})."""
+    from sparsefx import experiments
+
+    rows = [{"variant": "dense", "ppl": 17.2, "ppl_vs_dense": 1.0, "linear_sparsity": 0.0001,
+             "effective_sparsity": None, "bits_per_weight": None},
+            {"variant": "magnitude-50", "ppl": 250.7, "ppl_vs_dense": 14.5, "linear_sparsity": 0.5,
+             "effective_sparsity": None, "bits_per_weight": None},
+            {"variant": "wanda-50", "ppl": 39.5, "ppl_vs_dense": 2.29, "linear_sparsity": 0.5,
+             "effective_sparsity": None, "bits_per_weight": None}]
+    monkeypatch.setattr(experiments, "sweep", lambda *a, on_row=None, **k: rows)
+    demo, png = tmp_path / "demo.json", tmp_path / "demo.png"
+    assert main(["demo", "--quick", "--no-speed", "--json", str(demo)]) == 0
+    pts = {p.variant: p for p in load_series(demo).points}
+    assert pts["dense"].dense and pts["wanda-50"].sparsity == 0.5 and pts["magnitude-50"].ppl == 250.7
+    capsys.readouterr()
+    assert main(["plot", str(demo), "-o", str(png)]) == 0
+    assert Image.open(png).size[0] > 100 and "against sparsity" in capsys.readouterr().out
+
+
 def test_cli_plots_committed_results(tmp_path, capsys):
     out = tmp_path / "daws.png"
     assert main(["plot", str(RESULTS / "daws_smollm2.json"), str(RESULTS / "masks_smollm2.json"),
