@@ -2,6 +2,7 @@
 
     python bench/task_sweep.py                                   # every variant, the default suite, --limit 500
     python bench/task_sweep.py --variants dense daws-50-mt3-banded --limit 200
+    python bench/task_sweep.py --markdown                        # the committed results as the docs table
 
 Each variant is a built-in recipe (``name@level`` for a level of a nested GISP artifact), compressed once into
 ``bench/.tasks/<recipe>/`` (reused by later runs; ``--recompress`` rebuilds) and loaded with ``sparsefx.load`` as a
@@ -12,7 +13,8 @@ task, ``--mmlu-limit`` per MMLU subject; seed 1234). Writes:
                                             one per variant and task (mmlu: its subjects pooled), plus one per
                                             variant with task "mean" (the unweighted mean over the tasks)
     bench/results/tasks_smollm2_meta.json   the command, limits, and per variant: seconds, acc_norm where a task
-                                            has it, sparsity and bits per weight (the x-axes of sparsefx plot)
+                                            has it, sparsity and bits per weight (the x-axes of sparsefx plot),
+                                            and each example's 0/1 score ("correct", for paired comparisons)
     bench/results/tasks_smollm2.csv         the same rows as CSV
 
 Rows of variants not run this time are kept from the file (merged by variant).
@@ -83,6 +85,61 @@ def write(rows: list[dict], meta: dict, tag: str) -> None:
     atomic_write_bytes(RESULTS / f"{tag}.csv", buf.getvalue().encode())
 
 
+def paired_share(correct: dict | None, dense: dict | None) -> tuple[float, float] | None:
+    """A variant's mean accuracy as a share of dense's, and its standard error from the paired per-example
+    differences (both score the same seeded examples, so the difference is far tighter than either mean): per task
+    the mean of ``variant - dense`` over its examples, then the unweighted mean over tasks, as ``summary_rows``
+    averages accuracy. None without both variants' per-example scores on the same tasks."""
+    from sparsefx.stats import mean_of_estimates, mean_stderr
+
+    if not correct or not dense or correct.keys() != dense.keys():
+        return None
+    diffs, errs, base = [], [], []
+    for task, s in correct.items():
+        d = [int(a) - int(b) for a, b in zip(s, dense[task], strict=True)]
+        diffs.append(sum(d) / len(d))
+        errs.append(mean_stderr(d))
+        base.append(dense[task].count("1") / len(d))
+    diff, err = mean_of_estimates(diffs, errs)
+    dense_mean = sum(base) / len(base)
+    return 1 + diff / dense_mean, err / dense_mean
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The docs table: one line per variant, accuracy (%) ± stderr per task, the mean, and the mean as a share of
+    dense's: ± its paired standard error where the per-example scores are recorded (``paired_share``), else the
+    two means taken as independent (conservative: the same examples are scored by both, so their errors are
+    positively correlated)."""
+    tasks = [t for t in dict.fromkeys(r["task"] for r in rows) if t != "mean"] + ["mean"]
+    cell = {(r["variant"], r["task"]): r for r in rows}
+    dense = cell.get(("dense", "mean"))
+    lines = ["| variant | " + " | ".join(tasks) + " | mean / dense | bits/w | sparsity |",
+             "|---|" + "---:|" * (len(tasks) + 3)]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        accs = [f"{100 * cell[v, t]['acc']:.1f} ± {100 * cell[v, t]['acc_stderr']:.1f}" if (v, t) in cell else ""
+                for t in tasks]
+        share = ""
+        m = cell.get((v, "mean"))
+        if v == "dense" and m:
+            share = "100 %"
+        elif dense and m:
+            ratio = m["acc"] / dense["acc"]
+            se = ratio * ((m["acc_stderr"] / m["acc"]) ** 2 + (dense["acc_stderr"] / dense["acc"]) ** 2) ** 0.5
+            share = f"{100 * ratio:.1f} % ± {100 * se:.1f}"
+        c = meta.get("variants", {}).get(v, {})
+        paired = paired_share(c.get("correct"), meta.get("variants", {}).get("dense", {}).get("correct"))
+        if v != "dense" and paired:
+            share = f"{100 * paired[0]:.1f} % ± {100 * paired[1]:.1f}"
+        bits = f"{c['bits_per_weight']:.3f}" if c.get("bits_per_weight") else "—"
+        sp = f"{c['sparsity']:.2f}" if c.get("sparsity") else "—"
+        lines.append(f"| {v} | " + " | ".join(accs) + f" | {share} | {bits} | {sp} |")
+    n = {t: cell[rows[0]["variant"], t]["n"] for t in tasks if t != "mean" and (rows[0]["variant"], t) in cell}
+    lines.append("")
+    lines.append("Examples per task: " + ", ".join(f"{t} {k}" for t, k in n.items()) +
+                 f" (seeded subsets: --limit {meta.get('limit')}, --mmlu-limit {meta.get('mmlu_limit')} per subject).")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from sparsefx import tasks as T
     from sparsefx.artifact import load_artifact
@@ -96,11 +153,15 @@ def main() -> None:
     ap.add_argument("--mmlu-limit", type=int, default=50, help="examples per MMLU subject")
     ap.add_argument("--recompress", action="store_true")
     ap.add_argument("--tag", default="tasks_smollm2")
+    ap.add_argument("--markdown", action="store_true", help="print the results file as the docs table; run nothing")
     args = ap.parse_args()
     path = RESULTS / f"{args.tag}.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     meta_path = RESULTS / f"{args.tag}_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"variants": {}}
+    if args.markdown:
+        print(markdown(rows, meta))
+        return
     meta.update(run_meta(limit=args.limit, mmlu_limit=args.mmlu_limit, seed=T.SEED, tasks=args.tasks))
     for variant in args.variants:
         folder, level, build_s = build(variant, args.recompress)
@@ -114,13 +175,17 @@ def main() -> None:
             results.extend(T.evaluate_tasks(model, tok, task, limit=limit, progress=True))
         eval_s = time.perf_counter() - t0
         summary = T.summary_rows(results)
+        shown = {r["task"] for r in summary}
         new = [{"variant": variant, "task": r["task"], "acc": round(r["acc"], 6),
                 "acc_stderr": round(r["acc_stderr"], 6), "n": r["n"]} for r in summary]
         rows = [r for r in rows if r["variant"] != variant] + new
         meta["variants"][variant] = {
             **compression_of(folder, level),
             "compress_seconds": round(build_s, 1), "eval_seconds": round(eval_s, 1),
-            "acc_norm": {r["task"]: round(r["acc_norm"], 6) for r in summary if "acc_norm" in r}}
+            "acc_norm": {r["task"]: round(r["acc_norm"], 6) for r in summary if "acc_norm" in r},
+            # per example, 1 = right (acc or exact match), in the seeded order: for paired comparisons
+            "correct": {r.task: "".join("1" if x else "0" for x in r.scores[r.primary])
+                        for r in results if r.task in shown}}
         order = {v: i for i, v in enumerate(VARIANTS)}
         rows.sort(key=lambda r: order.get(r["variant"], len(order)))
         write(rows, meta, args.tag)
