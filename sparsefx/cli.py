@@ -136,16 +136,18 @@ def _eval_tasks(args, model, tok, names) -> int:
                                         progress=not args.no_progress, batch_size=args.batch_size)
     rows = task_suite.summary_rows(results)
     cats = {r.task: r.category for r in results}
-    table = Table(title=f"{args.model}: zero-shot accuracy"
-                        f"{f' ({args.limit} examples per task, seed {args.seed})' if args.limit else ''}")
+    table = Table()                  # the title on its own line: as a table title rich wraps it to the table's width
     for col in ("task", "category", "n", "acc", "acc_norm"):
         table.add_column(col, justify="left" if col in ("task", "category") else "right")
+
     def pct(v: float, e: float) -> str:
         return f"{100 * v:.1f} ± {100 * e:.1f}"
 
     for r in rows:
         table.add_row(r["task"], cats.get(r["task"], ""), f"{r['n']:,}", pct(r["acc"], r["acc_stderr"]),
                       pct(r["acc_norm"], r["acc_norm_stderr"]) if "acc_norm" in r else "")
+    print(f"{args.model}: zero-shot accuracy"
+          f"{f' ({args.limit} examples per task, seed {args.seed})' if args.limit else ''}")
     Console().print(table)
     print("acc: accuracy in % ± its standard error (exact match for triviaqa / nq_open); acc_norm: choices scored "
           "by log-likelihood per character (lm-evaluation-harness's)")

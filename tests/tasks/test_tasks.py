@@ -484,8 +484,10 @@ def test_cli_tasks_with_int8_activations_says_what_they_change(tiny_checkpoint, 
 
     folder = tiny_checkpoint(dtype=torch.float32)
     assert main(["eval", str(folder), "--tasks", "piqa", "--limit", "2", "--int8-activations", "--no-progress"]) == 0
-    err = capsys.readouterr().err
-    assert "generation tasks' (triviaqa, nq_open)" in err and "perplexity" not in err
+    got = capsys.readouterr()
+    assert "generation tasks' (triviaqa, nq_open)" in got.err and "perplexity" not in got.err
+    # the title on one line (a rich table title wraps to the table's narrow width)
+    assert f"{folder}: zero-shot accuracy (2 examples per task, seed 1234)" in got.out.splitlines()
 
 
 def test_chance_is_the_mean_guessing_accuracy_of_the_scored_examples(monkeypatch, tiny):
