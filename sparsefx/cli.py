@@ -84,6 +84,14 @@ def cmd_eval(args) -> int:
     if args.compile:   # the sparsefx backend: compressed ops lowered to kernels, the rest compiled by Inductor
         import torch
 
+        from .codegen.cpu import prepare_cpu_decode
+
+        if next(model.parameters()).device.type == "cpu":
+            # The kernels' fast one-token paths read the decode layout (weights re-stored: DAWS channels as rows);
+            # the backend lowers to the kernels but does not re-store weights. Unprepared, a banded DAWS linear
+            # falls to its masked-math path on every token (eval --compile of daws-50-mt3-banded ran >15 min).
+            prepare_cpu_decode(model, int8_activations=bool(args.int8_activations))
+
         # This process compiles one model and does not change it afterwards, so Dynamo's guards on nn.Module
         # attributes, checked before every call, only cost time (~10 % of compiled decode: bench/decode_guards.py).
         # Sound only with one compiled model per process: without them, an entry matches any HF model's call.
@@ -101,7 +109,7 @@ def cmd_eval(args) -> int:
               "(add --decode-path to score them)", file=sys.stderr)
     protocol = _protocol(args)
     res = evaluate(model, tok, protocol, speed=not args.no_speed, progress=not args.no_progress,
-                   prepare_decode=not args.compile, decode_path=args.decode_path,
+                   prepare_decode=not args.compile, decode_path=args.decode_path,   # compiled: prepared above
                    int8_activations=args.int8_activations)
     out = {**res.to_dict(), "compiled": bool(args.compile), "decode_path": bool(args.decode_path),
            "int8_activations": bool(args.int8_activations)}
@@ -127,7 +135,7 @@ def _eval_tasks(args, model, tok, names) -> int:
 
     from . import tasks as task_suite
 
-    if args.compile is False:
+    if not args.compile:              # a compiled model was prepared before compiling
         from .codegen.cpu import prepare_cpu_decode
 
         if next(model.parameters()).device.type == "cpu":

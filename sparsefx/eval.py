@@ -134,7 +134,8 @@ def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: 
     With ``speed`` and ``prepare_decode``, a model on CPU is prepared for the CPU decode kernels
     (``codegen.cpu.prepare_cpu_decode``: weights re-stored in place, outputs equal up to fp32 summation order) after
     the perplexity and before the timing, so the speed is what the kernels give. Pass ``prepare_decode=False`` for a
-    compiled model (the ``sparsefx`` backend lowers to the kernels itself) or to time the model as it is.
+    compiled model (prepare it before ``torch.compile``: the ``sparsefx`` backend lowers to the kernels, whose fast
+    one-token paths read the prepared layout, but re-stores no weights) or to time the model as it is.
     ``int8_activations`` is passed to that preparation (quantized linears decode with x rounded to int8); only a
     ``decode_path`` perplexity sees it.
 

@@ -54,12 +54,25 @@ def test_eval_compiled_through_the_backend_matches_eager(tmp_path, tiny_checkpoi
         return real_compile(fn, **kwargs)
 
     monkeypatch.setattr(torch, "compile", recording_compile)
+    from sparsefx.codegen import cpu
+
+    real_prepare = cpu.prepare_cpu_decode
+
+    def recording_prepare(model, **kwargs):
+        n = real_prepare(model, **kwargs)
+        compiled_with.append(("prepared", n))
+        return n
+
+    monkeypatch.setattr(cpu, "prepare_cpu_decode", recording_prepare)
     with torch._inductor.config.patch(fx_graph_cache=False):   # a cache hit would skip the lowering pass
         res = _compress_then_eval(tmp_path, "calibration: {samples: 4, seqlen: 64}\npasses: [{method: daws, "
                                             "sparsity: 0.5}]\n", "--compile", tokens=512, model=str(folder))
     assert res[("--compile",)]["compiled"] and not res[()]["compiled"]
     # one compiled model per process: the CLI leaves out Dynamo's nn.Module guards
-    assert [options.get("guard_filter_fn") for options in compiled_with] == \
+    # the compiled model is prepared for the decode kernels first (all 4 x 7 DAWS linears re-stored): their fast
+    # one-token paths read that layout, the backend does not re-store weights
+    assert compiled_with[0] == ("prepared", 4 * 7)
+    assert [options.get("guard_filter_fn") for options in compiled_with[1:]] == \
         [torch.compiler.skip_guard_on_all_nn_modules_unsafe]
     assert backend.counters["cpu.tiered_linear"] == 4 * 7 and backend.counters["fallback"] == 0
     # Not bit-equal: Inductor reassociates fp32 sums (RMSNorm), a few |x| cross a threshold and the change cascades
