@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 from .data import PROTOCOL, Protocol, eval_windows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +88,7 @@ def decode_tokens_per_s(model: nn.Module, prompt_len: int = 32, new_tokens: int 
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                   pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None
                   else model.config.pad_token_id)
+    log.info("decode speed: greedy generate(), best of %d runs of %d new tokens after a warm-up", repeats, new_tokens)
     model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
     best = 0.0
     for _ in range(repeats):
@@ -148,6 +152,9 @@ def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: 
     on_cpu = next(model.parameters()).device.type == "cpu"
     if decode_path and prepare_decode and on_cpu:
         _prepare(model, int8_activations)
+    # one line per stage: without a terminal there are no bars, and a compiled model's first window compiles
+    log.info("perplexity: %d windows of %d tokens%s", windows.shape[0], windows.shape[1],
+             ", token by token through the KV cache" if decode_path else "")
     ppl, nll, n = perplexity(model, windows, progress, decode=decode_path)
     tok_s = None
     if speed:

@@ -121,3 +121,17 @@ def test_token_by_token_scoring_raises_no_deprecation_warning():
         warnings.simplefilter("error")          # transformers' FutureWarning for past_key_values would fail here
         decoded = perplexity(model, windows, progress=False, decode=True)[0]
     assert decoded == pytest.approx(perplexity(model, windows, progress=False)[0], rel=1e-5)
+
+
+def test_eval_says_each_stage_when_there_are_no_bars(tiny_checkpoint, caplog):
+    """Piped, `sparsefx eval` draws no bars; a line per stage tells a log reader it is not hung."""
+    import logging
+
+    import torch
+
+    folder = tiny_checkpoint(dtype=torch.float32)
+    with caplog.at_level(logging.INFO, logger="sparsefx.eval"):
+        assert main(["eval", str(folder), "--tokens", "256", "--window", "128", "--no-progress"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "sparsefx.eval"]
+    assert said[0] == "perplexity: 2 windows of 128 tokens"
+    assert said[1].startswith("decode speed: greedy generate(), best of 2 runs of 64 new tokens")
