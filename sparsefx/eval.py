@@ -102,20 +102,19 @@ def decode_tokens_per_s(model: nn.Module, prompt_len: int = 32, new_tokens: int 
 def count_params(model: nn.Module) -> dict[str, int]:
     """Total and non-zero parameters, and the same for decoder-layer linear weights (compressed linears count
     the weights they stand for: a quantized or low-rank linear as dense, a packed N:M or banded one by its non-zero
-    values).
+    values; in the totals too, though they store buffers rather than parameters).
 
     Example:
         >>> count_params(tiny_model())["linear_params"]  # doctest: +SKIP
     """
     total = nonzero = lin = lin_nz = 0
-    for p in model.parameters():  # shared (tied) tensors are counted once
-        total += p.numel()
-        nonzero += int(torch.count_nonzero(p))
+    counted = set()                   # the layer linears' weights, counted below, not again among the parameters
     layers = getattr(getattr(model, "model", model), "layers", None)
     for mod in (layers.modules() if layers is not None else ()):
         kind = getattr(mod, "kind", None)
         weight = getattr(mod, "weight", None)
         if isinstance(mod, nn.Linear) or (kind and isinstance(weight, torch.Tensor) and weight.dim() == 2):
+            counted.add(id(weight))
             lin += weight.numel()                   # dense or activation-sparse linears keep their weight
             lin_nz += int(torch.count_nonzero(weight))
         elif kind in ("quant_linear", "lowrank_quant_linear", "nm_linear", "banded_linear"):
@@ -123,7 +122,13 @@ def count_params(model: nn.Module) -> dict[str, int]:
             lin += n_w
             packed = {"nm_linear": "nm_values", "banded_linear": "weight_banded"}.get(kind)
             lin_nz += int(torch.count_nonzero(getattr(mod, packed))) if packed else n_w
-    return {"params_total": total, "params_nonzero": nonzero, "linear_params": lin, "linear_nonzero": lin_nz}
+    # compressed linears hold buffers, not parameters: the total counts the weights they stand for, as above
+    for p in model.parameters():  # shared (tied) tensors are counted once
+        if id(p) not in counted:
+            total += p.numel()
+            nonzero += int(torch.count_nonzero(p))
+    return {"params_total": total + lin, "params_nonzero": nonzero + lin_nz, "linear_params": lin,
+            "linear_nonzero": lin_nz}
 
 
 def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: bool = True,

@@ -251,6 +251,9 @@ def test_banded_layout_holds_the_separate_layouts_tiers_in_one_matrix(tokens):
     # the banded linears still count as the weights they stand for
     counts = {k: count_params(m) for k, m in models.items()}
     assert counts["banded"]["linear_params"] == counts["separate"]["linear_params"] > 0
+    # ... in the model's total too, though banded linears hold buffers, not parameters
+    assert counts["banded"]["params_total"] == counts["separate"]["params_total"] == \
+        sum(p.numel() for p in tiny_model("llama").parameters())
     gm = gms["banded"]
     verify(gm)
     assert len([n for n in linear_nodes(gm) if n.target == banded_op.default]) == 7 * 2

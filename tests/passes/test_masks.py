@@ -153,8 +153,12 @@ def test_parameter_counts_see_compressed_linears(recipe, nonzero):
     from sparsefx.eval import count_params
 
     model = tiny_model("llama")
-    dense = count_params(model)["linear_params"]
+    before = count_params(model)
+    dense = before["linear_params"]
     compress(model, Recipe.from_yaml(f"passes: [{recipe}]"), progress=False)
     counts = count_params(model)
     assert counts["linear_params"] == dense
     assert counts["linear_nonzero"] == pytest.approx(nonzero * dense, rel=0.01)
+    # the model's totals too (packed and quantized linears hold buffers, not parameters)
+    assert counts["params_total"] == before["params_total"]
+    assert before["params_total"] - counts["params_nonzero"] == pytest.approx((1 - nonzero) * dense, rel=0.01)
