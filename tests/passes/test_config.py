@@ -89,6 +89,20 @@ def test_the_recommended_recipes_are_built_in():
         assert resolve_recipe(name).name == name
 
 
+def test_every_recipe_the_readme_and_docs_name_is_built_in():
+    """`-r NAME` in README.md and docs/*.md (not a .yaml path, not a placeholder) resolves from the package alone."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    named = {m for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+             for m in re.findall(r"(?:compress|sweep\.py) \S+ -r ([a-z][\w.@-]*)", doc.read_text())
+             if not m.endswith((".yaml", ".yml"))}
+    assert {"wanda-2of4", "daws-50-mt3-banded", "rtn-w3-g64", "gptq-w4-g128"} <= named      # the scan finds them
+    for name in sorted(named):
+        assert resolve_recipe(name).name == name
+
+
 def test_yaml_errors_name_the_file_and_the_place(tmp_path):
     bad = tmp_path / "mine.yaml"
     bad.write_text("name: x\npasses:\n  - method: wanda\n    sparsity: [0.5\n")
