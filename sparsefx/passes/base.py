@@ -73,6 +73,16 @@ class Pass:
     # True for passes whose result changes parameter shapes (structured removal): the pipeline lowers it onto the
     # model and captures again before the next pass
     restructures: ClassVar[bool] = False
+    # True for passes that feed calibration batches through the model themselves (GPTQ's and DAM's Gram matrices,
+    # GISP's gradients, CATS's observers) instead of reading the statistics the calibrate pass leaves ("calibrated"
+    # in ``requires``); see ``needs_calibration``
+    uses_calibration: ClassVar[bool] = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this pass needs calibration text: it reads the calibrate pass's statistics or runs batches
+        itself. The one definition that recipes, the CLI and both pipelines ask."""
+        return self.uses_calibration or "calibrated" in self.requires
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

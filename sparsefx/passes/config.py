@@ -242,8 +242,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any("calibrated" in getattr(ps, "requires", ()) or getattr(ps, "uses_calibration", False)
-                   for ps in map(build_pass, self.passes))
+        return any(build_pass(config).needs_calibration for config in self.passes)
 
 
 def builtin_recipes() -> dict[str, Path]:

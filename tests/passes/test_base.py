@@ -59,3 +59,34 @@ def test_the_last_pass_reporting_a_key_is_what_a_run_reports(llama):
     assert result.reported("no_such_key") is None
     details = [{"sparsity": 0.3}, {"bits_per_weight": 3.5, "sparsity": None}, {"sparsity": 0.6}]
     assert last_reported(details, "sparsity") == 0.6 and last_reported(details[:2], "sparsity") == 0.3
+
+
+def test_needs_calibration_is_the_pass_contracts_one_definition():
+    import importlib
+
+    from sparsefx.passes.config import _BUILTIN_MODULES, _CONFIGS, _PASSES, Recipe
+
+    class Reads(Pass):
+        requires = ("annotated", "calibrated")
+
+    class Feeds(Pass):
+        uses_calibration = True
+
+    assert Reads().needs_calibration and Feeds().needs_calibration and not Pass().needs_calibration
+    for module in set(_BUILTIN_MODULES.values()):
+        importlib.import_module(module)
+    passes = {method: _PASSES[config] for method, config in _CONFIGS.items()}
+    needs = {method for method, cls in passes.items() if cls.uses_calibration or "calibrated" in cls.requires}
+    assert {"wanda", "daws", "gptq", "dam", "gisp", "cats"} <= needs
+    assert not needs & {"magnitude", "rtn", "structured_magnitude"}
+    built = 0
+    for method in passes:                         # a recipe needs calibration exactly when one of its passes does
+        fields = {"bits": 4} if method in ("rtn", "gptq") else {"budget": 4.5} if method in (
+            "svd", "q_then_l", "l_then_q", "dam") else {"sparsity": 0.3}
+        try:
+            recipe = Recipe.from_dict({"passes": [{"method": method, **fields}]})
+        except RecipeError:
+            continue
+        built += 1
+        assert recipe.needs_calibration == (method in needs), method
+    assert built >= 10
