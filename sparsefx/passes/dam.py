@@ -38,7 +38,8 @@ from ..ir.qformat import QuantizedWeight, QuantSpec
 from .config import register_pass
 from .lowrank import balance, fit_diagonal, svd_factors, whitened_svd_factors
 from .quant import quantize_gptq, quantize_rtn
-from .quantize import LinearRewritePass, QuantConfig, check_damp, input_grams, replace_linear
+from .quantize import QuantConfig, check_damp, input_grams
+from .rewrite import LinearRewritePass, replace_linear
 
 LOWRANK = "sparsefx.lowrank_quant"  # node.meta key -> {"rank", "bits_per_weight", ...}
 

@@ -39,6 +39,7 @@ from .base import Pass, PassReport, PassResult
 from .calibrate import STATS, ActStats
 from .config import PassConfig, check_fraction, normalize_overrides, override_for, register_pass
 from .masks import compute_mask
+from .rewrite import replace_linear
 
 ALLOCATIONS = ("uniform", "greedy")
 MEDIUM_DTYPES = (None, "float16", "bfloat16")
@@ -310,8 +311,7 @@ class DawsPass(Pass):
     def _rewrite_banded(self, gm, node, info, w, w_abs, boundary_weights, cuts, stats):
         """``layout: banded``: replace ``node`` by ``banded_linear`` over one fp16 matrix holding every tier."""
         from ..ir.bandformat import pack_bands
-        from .quantize import replace_linear
-
+    
         try:
             banded = pack_bands(w, cuts)
         except ValueError as exc:

@@ -26,6 +26,7 @@ from ..ir.capture import get_param
 from .base import Pass, PassReport, PassResult
 from .calibrate import STATS
 from .config import PassConfig, check_roles, normalize_overrides, override_for, register_pass
+from .rewrite import replace_linear
 
 MASK = "sparsefx.mask"  # node.meta key -> dict describing the mask applied
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -180,7 +181,6 @@ def _pack(gm, node, info, w: torch.Tensor, target: tuple[int, int]) -> None:
     """Rewrite the masked linear ``node`` into ``sparsefx::nm_linear`` over its packed weight."""
     from ..ir import ops  # noqa: F401  (registers sparsefx::nm_linear)
     from ..ir.nmformat import pack_nm
-    from .quantize import replace_linear
 
     n, m = target
     values, index = pack_nm(w.detach(), n, m)
