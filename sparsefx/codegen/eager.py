@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 
 from ..ir import ops as _ops  # noqa: F401  (defines the sparsefx::* ops these modules call, also in a fresh process)
 from ..ir.annotate import LINEAR
+from ..ir.meta import MODULE, param_prefix
 
 
 def _call_directly(module: nn.Module, x: torch.Tensor) -> bool:
@@ -399,7 +400,6 @@ EAGER_KINDS: dict[str, type[nn.Module]] = {m.kind: m for m in (TieredLinear, Mul
                                                                SparseLowRankLinear,
                                                                ThresholdedAct, QuantLinear, LowRankQuantLinear,
                                                                NMLinear)}
-MODULE = "sparsefx.module"  # node.meta key: HF module a non-linear compressed node replaces (e.g. an act_fn)
 
 
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -521,7 +521,7 @@ def lower_to_eager(gm: GraphModule, model: nn.Module) -> list[str]:
         >>> lower_to_eager(gm, model)  # doctest: +SKIP
         []
     """
-    prefix = gm.meta.get("sparsefx.prefix", "")
+    prefix = param_prefix(gm)
     written = []
     for full, param in gm.named_parameters(remove_duplicate=False):
         if not full.startswith(prefix):

@@ -22,11 +22,10 @@ from torch.fx import GraphModule, Node
 
 from ..errors import UnsupportedModelError
 from .capture import get_param, param_name
+from .meta import LAYERS, LINEAR
 
 aten = torch.ops.aten
 
-LINEAR = "sparsefx.linear"   # node.meta key -> LinearInfo
-LAYERS = "sparsefx.layers"   # gm.meta key -> {layer index: LayerInfo}
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_ROLES = ("q", "k", "v", "o")
 MLP_ROLES = ("gate", "up", "down")

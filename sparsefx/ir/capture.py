@@ -11,12 +11,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .meta import EXAMPLE, MODEL_TYPE, PARAM_PREFIX, SOURCE, param_prefix
 
 # get_attr targets in the captured graph are "<PREFIX><HF parameter name>".
 PREFIX = "hf."
-# gm.meta key of graphs that do not take token ids (a decoder block, the LM head): small example inputs, kept so
-# that shapes can be re-propagated (verify) without a model
-EXAMPLE = "sparsefx.example_inputs"
 
 
 class _LogitsOnly(nn.Module):
@@ -64,9 +62,9 @@ def capture(model: nn.Module, max_seq_len: int | None = None) -> torch.fx.GraphM
     finally:
         model.train(was_training)
     gm = ep.module()
-    gm.meta["sparsefx.source"] = "export"
-    gm.meta["sparsefx.prefix"] = PREFIX
-    gm.meta["sparsefx.model_type"] = getattr(config, "model_type", "?")
+    gm.meta[SOURCE] = "export"
+    gm.meta[PARAM_PREFIX] = PREFIX
+    gm.meta[MODEL_TYPE] = getattr(config, "model_type", "?")
     return gm
 
 
@@ -79,14 +77,14 @@ def param_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     """
     if node.op != "get_attr":
         return None
-    prefix = gm.meta.get("sparsefx.prefix", "")
+    prefix = param_prefix(gm)
     target = str(node.target)
     return target[len(prefix):] if target.startswith(prefix) else target
 
 
 def get_param(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
     """The tensor of HF parameter ``name`` inside ``gm``."""
-    return gm.get_parameter(gm.meta.get("sparsefx.prefix", "") + name)
+    return gm.get_parameter(param_prefix(gm) + name)
 
 
 class ModuleTree(nn.Module):
@@ -160,9 +158,9 @@ def capture_stage(modules: dict[str, nn.Module], fn, example: tuple, model_type:
             f"{str(exc)[:500]}; compress the model whole (without --sequential) if it fits in memory"
         ) from exc
     gm = ep.module()
-    gm.meta["sparsefx.source"] = source
-    gm.meta["sparsefx.prefix"] = PREFIX
-    gm.meta["sparsefx.model_type"] = model_type
+    gm.meta[SOURCE] = source
+    gm.meta[PARAM_PREFIX] = PREFIX
+    gm.meta[MODEL_TYPE] = model_type
     gm.meta[EXAMPLE] = tuple(_detached(x) for x in example)
     return gm
 

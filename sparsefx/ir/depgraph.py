@@ -26,8 +26,7 @@ from torch.fx import GraphModule
 from ..errors import UnsupportedModelError
 from .annotate import LAYERS, annotated_linears
 from .capture import get_param
-
-DEPGRAPH = "sparsefx.depgraph"
+from .meta import DEPGRAPH
 
 
 @dataclass(frozen=True)

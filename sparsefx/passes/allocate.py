@@ -30,8 +30,8 @@ from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_leaves
 
 from ..errors import CalibrationError
+from ..ir.meta import KNOB as _KNOB
 
-_KNOB = "sparsefx.knob"  # node.meta key, set only while the search runs
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 

@@ -16,9 +16,8 @@ import torch
 from torch.fx import GraphModule
 
 from ..errors import RecipeError, SparsefxError
+from ..ir.meta import STAGES
 from ..ir.verify import IRError, verify
-
-STAGES = "sparsefx.stages"  # gm.meta key: stages provided so far, in order
 
 
 @dataclass

@@ -16,9 +16,9 @@ from torch.fx import GraphModule
 
 from ..errors import CalibrationError
 from ..ir.annotate import annotated_linears
+from ..ir.meta import STATS
 from .base import Pass, PassContext, PassReport, PassResult
 
-STATS = "sparsefx.stats"
 _OBS_PREFIX = "_sparsefx_observer_"
 # |x| histogram: log10-spaced bins over [1e-8, 1e4]; below goes into bin 0, above into the last bin.
 HIST_BINS, HIST_LO, HIST_HI = 2048, -8.0, 4.0

@@ -21,11 +21,10 @@ from ..codegen.eager import MODULE
 from ..errors import RecipeError, UnsupportedModelError
 from ..ir import ops as _ops  # noqa: F401  (registers sparsefx::threshold)
 from ..ir.annotate import ACTIVATIONS, LAYERS, annotated_linears
+from ..ir.meta import CATS, param_prefix
 from .base import Pass, PassReport, PassResult
 from .calibrate import observe
 from .config import PassConfig, check_fraction, normalize_overrides, override_for, register_pass
-
-CATS = "sparsefx.cats"  # node.meta key on threshold nodes -> {"t", "p"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class CatsPass(Pass):
 
     @torch.no_grad()
     def run(self, gm, ctx):
-        prefix = gm.meta.get("sparsefx.prefix", "")
+        prefix = param_prefix(gm)
         linears = {n.name: (n, info) for n, info in annotated_linears(gm)}
         plans = []  # (activation node, gate info, up info, down info, sparsity)
         for layer in gm.meta.get(LAYERS, {}).values():

@@ -34,14 +34,13 @@ import torch
 
 from ..errors import RecipeError
 from ..ir.capture import get_param
+from ..ir.meta import LOWRANK
 from ..ir.qformat import QuantizedWeight, QuantSpec
 from .config import register_pass
 from .lowrank import balance, fit_diagonal, svd_factors, whitened_svd_factors
 from .quant import quantize_gptq, quantize_rtn
 from .quantize import QuantConfig, check_damp, input_grams
 from .rewrite import LinearRewritePass, replace_linear
-
-LOWRANK = "sparsefx.lowrank_quant"  # node.meta key -> {"rank", "bits_per_weight", ...}
 
 
 @dataclass(frozen=True)

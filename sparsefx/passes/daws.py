@@ -28,12 +28,14 @@ decode kernel, at about bf16's precision for every tier (the full one included).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ..errors import RecipeError
 from ..ir import ops as _ops  # noqa: F401  (registers sparsefx::tiered_linear)
 from ..ir.annotate import ROLES, annotated_linears
 from ..ir.capture import get_param
+from ..ir.meta import TIERS, param_prefix
 from .allocate import Knob, greedy_allocate
 from .base import Pass, PassReport, PassResult
 from .calibrate import STATS, ActStats
@@ -44,7 +46,6 @@ from .rewrite import replace_linear
 ALLOCATIONS = ("uniform", "greedy")
 MEDIUM_DTYPES = (None, "float16", "bfloat16")
 LAYOUTS = ("separate", "banded")
-TIERS = "sparsefx.tiers"  # node.meta key -> dict of thresholds and predicted tier fractions
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def solve_tiers(stats: ActStats, sparsity: float, medium_fraction: float, medium
     """Thresholds that give ``sparsity`` effective sparsity with a medium tier of ``medium_fraction`` channels.
 
     Example:
-        >>> tiers = solve_tiers(node.meta["sparsefx.stats"], 0.5, 0.2, 0.5)  # doctest: +SKIP
+        >>> tiers = solve_tiers(node.meta[STATS], 0.5, 0.2, 0.5)  # doctest: +SKIP
     """
     m = medium_fraction
     if medium_weight_sparsity > 0:  # q_low >= 0
@@ -327,7 +328,7 @@ class DawsPass(Pass):
 
     @torch.no_grad()
     def run(self, gm, ctx):
-        prefix = gm.meta.get("sparsefx.prefix", "")
+        prefix = param_prefix(gm)
         report = PassReport(self.name)
         rewritten = []  # (new node, info, solver, target)
         total = 0

@@ -23,12 +23,12 @@ import torch
 from ..errors import RecipeError
 from ..ir.annotate import ROLES, annotated_linears
 from ..ir.capture import get_param
+from ..ir.meta import MASK
 from .base import Pass, PassReport, PassResult
 from .calibrate import STATS
 from .config import PassConfig, check_roles, normalize_overrides, override_for, register_pass
 from .rewrite import replace_linear
 
-MASK = "sparsefx.mask"  # node.meta key -> dict describing the mask applied
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..ir.qformat import QuantizedWeight, QuantSpec
 
+
 def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of each row of ``w: [rows, g]`` (one group per row): ``([rows], [rows])`` float.
 

@@ -22,14 +22,13 @@ from torch.fx import GraphModule
 from ..errors import CalibrationError, RecipeError
 from ..ir.annotate import ROLES
 from ..ir.capture import get_param
+from ..ir.meta import QUANT
 from ..ir.qformat import QuantizedWeight, QuantSpec
 from .base import PassContext
 from .calibrate import insert_observers, remove_observers, run_calibration
 from .config import PassConfig, check_roles, register_pass
 from .quant import quantize_gptq, quantize_rtn
 from .rewrite import LinearRewritePass, replace_linear
-
-QUANT = "sparsefx.quant"  # node.meta key -> {"bits", "group_size", "symmetric", "bytes"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,6 @@ class InputGram:
                 raise ValueError("this input's first-position Gram was not collected (input_grams(first_for=...))")
             return self.gram + (self.seqlen - 1) * self.first
         return self.gram
-
 
     def release(self, role: str, v_sink: bool = True) -> torch.Tensor:
         """``for_role`` for the last linear that reads this input: the InputGram lets go of its matrices, so the

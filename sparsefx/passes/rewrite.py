@@ -13,6 +13,7 @@ from torch.fx import GraphModule
 
 from ..errors import RecipeError
 from ..ir.annotate import annotated_linears
+from ..ir.meta import param_prefix
 from .base import Pass, PassReport, PassResult
 
 if TYPE_CHECKING:                     # annotations only: quantize imports this module
@@ -24,7 +25,7 @@ def replace_linear(gm: GraphModule, node, info, op, buffers: list[tuple[str, tor
     """Replace the ``aten.linear`` ``node`` by ``op(x, *buffers, bias, *extra)``. Each buffer is registered on the
     linear's module in ``gm`` and read by a new ``get_attr`` node (``None`` stays ``None``); the new node keeps the
     old one's metadata (``LinearInfo`` included)."""
-    prefix = gm.meta.get("sparsefx.prefix", "")
+    prefix = param_prefix(gm)
     module = gm.get_submodule(prefix + info.module)
     args = [node.args[0]]
     for key, t in buffers:

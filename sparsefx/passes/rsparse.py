@@ -22,6 +22,7 @@ from ..errors import RecipeError
 from ..ir import ops as _ops  # noqa: F401  (registers sparsefx::sparse_lowrank_linear)
 from ..ir.annotate import ROLES, annotated_linears
 from ..ir.capture import get_param
+from ..ir.meta import param_prefix
 from .base import Pass, PassReport, PassResult
 from .calibrate import STATS
 from .config import PassConfig, check_fraction, normalize_overrides, override_for, register_pass
@@ -77,7 +78,7 @@ class RSparsePass(Pass):
     @torch.no_grad()
     def run(self, gm, ctx):
         op = torch.ops.sparsefx.sparse_lowrank_linear.default
-        prefix = gm.meta.get("sparsefx.prefix", "")
+        prefix = param_prefix(gm)
         report = PassReport(self.name)
         per_param, skipped, total = {}, 0.0, 0
         for node, info in annotated_linears(gm, self.config.roles):

@@ -27,10 +27,10 @@ from torch.fx import GraphModule
 from ..errors import ArtifactError
 from ..ir.capture import get_param
 from ..ir.depgraph import Group, coupled_groups
+from ..ir.meta import PLAN
 
 log = logging.getLogger(__name__)
 
-PLAN = "sparsefx.structure_plan"        # gm.meta key -> StructurePlan
 STRUCTURE_ATTR = "sparsefx_structure"   # HF model attribute: the StructurePlan the model was shrunk with
 
 
