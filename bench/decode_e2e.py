@@ -44,10 +44,12 @@ import torch
 
 from sparsefx.codegen.cpu import prepare_cpu_decode
 from sparsefx.data import PROTOCOL, calibration_batches, eval_windows
-from sparsefx.experiments import print_table, run_meta, write_results
+from sparsefx.experiments import print_table
 from sparsefx.models import load_model
 from sparsefx.passes.config import resolve_recipe
 from sparsefx.pipeline import compress
+
+from harness import run_meta, write_results
 
 
 @torch.inference_mode()

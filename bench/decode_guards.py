@@ -29,8 +29,8 @@ MODES = {"default": None, "no-module-guards": "skip_guard_on_all_nn_modules_unsa
 
 def child(args) -> None:
     import torch
-
     from decode_e2e import decode_tok_s
+
     from sparsefx.artifact import load_artifact
     from sparsefx.codegen.cpu import prepare_cpu_decode
     from sparsefx.data import PROTOCOL, eval_windows
@@ -71,7 +71,9 @@ def main() -> None:
         return child(args)
     if not args.artifacts:
         ap.error("name at least one artifact folder (`sparsefx compress MODEL -r RECIPE -o DIR` writes one)")
-    from sparsefx.experiments import print_table, run_meta, write_results
+    from harness import run_meta, write_results
+
+    from sparsefx.experiments import print_table
 
     runs: dict[tuple[str, str], list[dict]] = {(a, m): [] for a in args.artifacts for m in MODES}
     for r in range(args.rounds):

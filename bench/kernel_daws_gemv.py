@@ -8,8 +8,8 @@ rest of the 50 % effective sparsity), the medium tier's rows are read
 - ``packed32`` / ``packed16``: bitmask-packed (``codegen.cpu.sparse_gemv.pack_medium``: kept values + 1 bit per
   weight), fp32 or fp16.
 TEAL at 50 % (one tier, half the rows) is the byte-count yardstick. Ratios are against the fastest dense fp32 call
-(``experiments.dense_gemv_calls``: ``mv``, ``linear``, or ``linear`` over the transposed copy). Weights are cold (copies past the last-level
-cache), variants timed interleaved (``experiments.interleaved_medians``). Every variant is checked against the
+(``harness.dense_gemv_calls``: ``mv``, ``linear``, or ``linear`` over the transposed copy). Weights are cold (copies past the last-level
+cache), variants timed interleaved (``harness.interleaved_medians``). Every variant is checked against the
 reference first. Writes bench/results/kernel_daws_gemv.csv and .json.
 """
 
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from sparsefx.codegen.cpu.sparse_gemv import pack_medium, tiered_gemv, tiered_gemv_packed, tiered_gemv_reference
-from sparsefx.experiments import (best_dense, dense_gemv_calls, interleaved_medians, kernel_bench_cases, run_meta,
-                                  sparse_gemv_bench_args, write_results)
 from sparsefx.passes.masks import compute_mask
+
+from harness import (best_dense, dense_gemv_calls, interleaved_medians, kernel_bench_cases, run_meta,
+                     sparse_gemv_bench_args, write_results)
 
 EFFECTIVE = 0.5
 TIER_SHAPES = [(0.2, 0.5), (0.4, 0.5), (0.6, 0.35)]   # (medium share, medium weight sparsity): recipes daws-50[-m..]

@@ -9,11 +9,11 @@ Per shape, the routing is solved as the pass solves it (``passes.daws.solve_leve
 - ``mt3_banded``: the same tiers and routing in one banded fp16 matrix (recipe daws-50-mt3-banded, ``banded_gemv``);
 - ``dense_f16``: that banded matrix with every threshold zero — a dense GEMV over fp16 storage, the dense baseline
   for the same bytes per weight (the ``_vs_dense`` ratios are against the fastest dense fp32 call of
-  ``experiments.dense_gemv_calls``: ``mv``, ``linear``, or ``linear`` over the transposed copy);
+  ``harness.dense_gemv_calls``: ``mv``, ``linear``, or ``linear`` over the transposed copy);
 - ``m60s35_f16``: one medium tier, 60 % of the channels at 35 % (recipe daws-50-m60-s35-f16);
 - ``teal50``: one tier, half the rows.
 The row also gives the share of channels per tier and the bytes read relative to the dense weight. Weights are cold
-(copies past the last-level cache), variants timed interleaved (``experiments.interleaved_medians``), every variant
+(copies past the last-level cache), variants timed interleaved (``harness.interleaved_medians``), every variant
 checked against its reference first. Writes bench/results/kernel_multitier_gemv.csv and .json.
 """
 
@@ -23,14 +23,20 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import (banded_gemv, banded_gemv_reference, multitier_gemv,
-                                               multitier_gemv_reference, tiered_gemv)
-from sparsefx.experiments import (best_dense, dense_gemv_calls, interleaved_medians, kernel_bench_cases, run_meta,
-                                  sparse_gemv_bench_args, write_results)
+from sparsefx.codegen.cpu.sparse_gemv import (
+    banded_gemv,
+    banded_gemv_reference,
+    multitier_gemv,
+    multitier_gemv_reference,
+    tiered_gemv,
+)
 from sparsefx.ir.bandformat import pack_bands
 from sparsefx.passes.calibrate import Observer
 from sparsefx.passes.daws import magnitude_quantiles, solve_levels, solve_tiers
 from sparsefx.passes.masks import compute_mask
+
+from harness import (best_dense, dense_gemv_calls, interleaved_medians, kernel_bench_cases, run_meta,
+                     sparse_gemv_bench_args, write_results)
 
 EFFECTIVE = 0.5
 MEDIUM_TIERS = (0.25, 0.5, 0.75)

@@ -2,12 +2,12 @@
 
     python bench/kernel_quant_gemv.py            # shapes of DEVELOPERS.md, 8/4/3/2 bits, group 64 asymmetric
 
-Variants per shape: dense fp32 (the fastest of ``experiments.dense_gemv_calls``: torch.mv, F.linear, F.linear over the
+Variants per shape: dense fp32 (the fastest of ``harness.dense_gemv_calls``: torch.mv, F.linear, F.linear over the
 transposed copy), the op's default implementation (dequantize the whole weight, then F.linear — what ran before the
 kernel), and the C++ kernel that multiplies straight from the packed codes (``sparsefx/codegen/cpu/quant_gemv.py``) at
 each bit width, and its int8-activation twin (``quant_matmul_q8``: x rounded to int8 per 32 inputs, codes multiplied
 as bytes; columns ``q8_*``). "Cold": every call uses the next of several weight copies that together exceed the last-level cache,
-as in decode. Variants are timed interleaved (``sparsefx.experiments.interleaved_medians``). Packed codes are random
+as in decode. Variants are timed interleaved (``harness.interleaved_medians``). Packed codes are random
 bytes (every bit pattern is a valid code), scales random fp16: the kernel's work does not depend on the values.
 Writes bench/results/kernel_quant_gemv.csv and .json.
 """
@@ -18,12 +18,18 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.codegen.cpu.quant_gemv import (_extension, quant_matmul, quant_matmul_q8, quant_matmul_q8_reference,
-                                             quant_matmul_reference)
-from sparsefx.experiments import (KERNEL_SHAPES, best_dense, cold_copies, cold_weights, dense_gemv_calls,
-                                  interleaved_medians, kernel_bench_parser, run_meta, write_results)
+from sparsefx.codegen.cpu.quant_gemv import (
+    _extension,
+    quant_matmul,
+    quant_matmul_q8,
+    quant_matmul_q8_reference,
+    quant_matmul_reference,
+)
 from sparsefx.ir.ops import quant_linear_math
 from sparsefx.ir.qformat import QuantSpec
+
+from harness import (KERNEL_SHAPES, best_dense, cold_copies, cold_weights, dense_gemv_calls, interleaved_medians,
+                     kernel_bench_parser, run_meta, write_results)
 
 BITS = [8, 4, 3, 2]
 

@@ -4,7 +4,7 @@
 
 "Cold": each call uses the next of several weight copies that together exceed the last-level cache, as in decode,
 where every layer's weights come from DRAM. Dense = the fastest of torch.mv(W, x), F.linear(x, W) and F.linear over
-the transposed copy (MKL/oneDNN; ``sparsefx.experiments.dense_gemv_calls``).
+the transposed copy (MKL/oneDNN; ``harness.dense_gemv_calls``).
 Variants are timed interleaved (round after round, a burst of calls each), so drift in the machine's memory
 bandwidth hits dense and sparse alike; each time is the median over all calls.
 Shapes are [out x in] of the Linear (W: [out, in]); the sparse kernel stores W.T ([in, out]).
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.experiments import (KERNEL_SHAPES, best_dense, cold_copies, cold_weights, dense_gemv_calls,
-                                  interleaved_medians, run_meta, sparse_gemv_bench_args, write_results)
 from sparsefx.codegen.cpu.sparse_gemv import sparse_gemv, sparse_gemv_reference
+
+from harness import (KERNEL_SHAPES, best_dense, cold_copies, cold_weights, dense_gemv_calls, interleaved_medians,
+                     run_meta, sparse_gemv_bench_args, write_results)
 
 SPARSITIES = [0.0, 0.4, 0.5, 0.6, 0.75]
 

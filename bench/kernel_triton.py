@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from sparsefx.experiments import print_table, run_meta, write_results
+from sparsefx.experiments import print_table
+
+from harness import run_meta, write_results
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]     # [out, in]
 SMOKE_SHAPES = [(128, 256)]

@@ -14,9 +14,12 @@ import dataclasses
 import time
 from pathlib import Path
 
+
 from sparsefx.data import PROTOCOL
-from sparsefx.experiments import print_table, run_meta, sweep, write_results
+from sparsefx.experiments import print_table, sweep
 from sparsefx.passes.config import resolve_recipe
+
+from harness import run_meta, write_results
 
 MASK_RECIPES = ["dense", "magnitude-50", "wanda-50", "magnitude-2of4", "wanda-2of4", "wanda-4of8", "wanda-50-attn30"]
 

@@ -195,7 +195,7 @@ def plot_study(data: dict, out: Path) -> None:
 
 
 def main() -> None:
-    from sparsefx.experiments import run_meta
+    from harness import run_meta
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -100,12 +100,12 @@ def params_of(folder: Path) -> int:
 
 
 def calibration(vocab: int, samples: int):
+    import dataclasses
+
     from transformers import AutoTokenizer
 
     from sparsefx.data import PROTOCOL, calibration_batches
     from sparsefx.models import embedded_model_path
-
-    import dataclasses
 
     tok = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
     p = dataclasses.replace(PROTOCOL, calib_samples=samples)

@@ -23,18 +23,18 @@ DEFAULT = ["magnitude-50", "wanda-50", "daws-50-mt3-banded", "gptq-w4-g64", "dam
 
 
 def main() -> None:
+    import dataclasses
+
+    from harness import run_meta, write_results
     from transformers.utils import logging as hf_logging
 
     from sparsefx.artifact import load_artifact
     from sparsefx.data import PROTOCOL, eval_windows, recipe_calibration
     from sparsefx.eval import perplexity
-    from sparsefx.experiments import run_meta, write_results
     from sparsefx.models import embedded_model_path, load_model
     from sparsefx.passes.config import resolve_recipe
     from sparsefx.pipeline import compress
     from sparsefx.sequential.pipeline import compress_checkpoint
-
-    import dataclasses
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=DEFAULT)

@@ -26,11 +26,13 @@ import torch
 from sparsefx.artifact import save_artifact
 from sparsefx.data import PROTOCOL, calibration_batches, eval_windows
 from sparsefx.eval import count_params, decode_tokens_per_s, perplexity
-from sparsefx.experiments import print_table, run_meta, write_results
+from sparsefx.experiments import print_table
 from sparsefx.models import load_model
 from sparsefx.passes.config import Recipe
 from sparsefx.passes.structured import shrink_model
 from sparsefx.pipeline import compress
+
+from harness import run_meta, write_results
 
 
 def variants(steps: int, normalize: str) -> dict[str, dict]:

@@ -141,10 +141,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
+    from harness import run_meta
+
     from sparsefx import tasks as T
     from sparsefx.artifact import load_artifact
     from sparsefx.codegen.cpu import prepare_cpu_decode
-    from sparsefx.experiments import run_meta
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=VARIANTS)

@@ -190,11 +190,18 @@ def time_us(fns: list, reps: int, cuda: bool) -> float:
     return graph_us(fns, rep_ms=max(20, reps)) if cuda else _wall_us(fns[0], reps)
 
 
+COLD_BYTES = 512e6  # well past a CPU's last-level cache and a GPU's L2
+
+
+def cold_copies(nbytes: float) -> int:
+    """How many copies of a weight of ``nbytes`` bytes add up to ``COLD_BYTES`` (at least 2): a timing loop that
+    cycles through them reads every call's weights from DRAM, as decode does."""
+    return max(2, int(COLD_BYTES // nbytes))
+
+
 def cold_copies_of(t: torch.Tensor | None, nbytes: float, cuda: bool) -> list:
     """``t`` and copies of it, as many as make ``nbytes``-sized sets add up to well past the GPU's L2
-    (``experiments.COLD_BYTES``); on CPU ``t`` alone (no GPU cache to defeat)."""
-    from ..experiments import cold_copies
-
+    (``COLD_BYTES``); on CPU ``t`` alone (no GPU cache to defeat)."""
     n = cold_copies(nbytes) if cuda else 1
     return [t] + [None if t is None else t.clone() for _ in range(n - 1)]
 

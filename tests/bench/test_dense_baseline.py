@@ -1,9 +1,9 @@
-"""The dense baseline of the CPU kernel benchmarks (sparsefx.experiments.dense_gemv_calls / best_dense)."""
+"""The dense baseline of the CPU kernel benchmarks (bench/harness.py: dense_gemv_calls / best_dense)."""
 
 import pytest
 import torch
 
-from sparsefx.experiments import best_dense, cold_weights, dense_gemv_calls
+from harness import best_dense, cold_weights, dense_gemv_calls
 
 
 @pytest.mark.parametrize("x_shape", [(37,), (1, 37), (3, 37)])
