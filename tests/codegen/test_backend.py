@@ -162,6 +162,42 @@ def test_multitier_generate_with_kv_cache_under_the_backend(layout, op):
         compiled = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(compiled, eager)
     assert backend.counters[f"cpu.{op}"] >= 7 * model.config.num_hidden_layers
+    assert hasattr(torch.ops.sparsefx_cpu, op) and backend.counters["fallback"] == 0
+
+
+@pytest.mark.parametrize("layout, op", [("separate", "multitier_linear"), ("banded", "banded_linear")])
+def test_a_prepared_model_compiled_reaches_the_cpu_decode_kernels(layout, op):
+    """The counters above count lowering; this counts the C++ op's calls at run time (torch.profiler sees every
+    dispatcher call) and checks their one-token inputs meet the prepared layout the kernels' fast path reads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sparsefx.codegen.cpu import prepare_cpu_decode
+    from sparsefx.codegen.cpu.sparse_gemv import extension_runs
+    from sparsefx.codegen.eager import BandedLinear, MultiTierLinear
+
+    assert extension_runs(), "the C++ kernels must build on the CPU machines the tests run on (AVX2, a compiler)"
+    model, _, _ = _compressed("llama", "passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], "
+                                       f"layout: {layout}}}]")
+    layers = model.config.num_hidden_layers
+    assert prepare_cpu_decode(model) == 7 * layers
+    routed = [m for m in model.modules() if isinstance(m, (BandedLinear, MultiTierLinear))]
+    stored = [m.weight_banded if layout == "banded" else m.weight for m in routed]
+    assert len(routed) == 7 * layers and all(w.stride(0) == 1 for w in stored)    # [out, in] viewed over [in, out]
+    prompt = torch.randint(0, 256, (1, 6))
+    backend.counters.clear()
+    with torch.no_grad():
+        eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        model.forward = torch.compile(model.forward, backend="sparsefx")
+        model.generate(prompt, max_new_tokens=4, do_sample=False)     # compile first: prompt, 1 token, dynamic length
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            compiled = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(compiled, eager) and backend.counters["fallback"] == 0
+    calls = [e for e in prof.events() if e.name == f"sparsefx_cpu::{op}"]
+    one_token = [e for e in calls if e.input_shapes and e.input_shapes[0][:-1] in ([1, 1], [1])]
+    assert len(one_token) == 7 * layers * 5                 # every linear of the 5 one-token steps, in C++
+    assert len(calls) == len(one_token) + 7 * layers        # and the prompt's forward
+    # nothing ran the Python-registered op (while compiling, Dynamo's fake-tensor tracing calls it: not here)
+    assert not [e for e in prof.events() if e.name == f"sparsefx::{op}"]
 
 
 def test_a_failing_lowering_falls_back_to_eager_with_a_warning(monkeypatch, caplog, tokens):
