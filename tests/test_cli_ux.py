@@ -135,3 +135,21 @@ def test_eval_says_each_stage_when_there_are_no_bars(tiny_checkpoint, caplog):
     said = [r.getMessage() for r in caplog.records if r.name == "sparsefx.eval"]
     assert said[0] == "perplexity: 2 windows of 128 tokens"
     assert said[1].startswith("decode speed: greedy generate(), best of 2 runs of 64 new tokens")
+
+
+def test_a_slow_kernel_build_says_so_and_a_fast_load_stays_silent(caplog):
+    """The first load of the C++ kernels compiles them for minutes with nothing shown; a cached load is silent."""
+    import logging
+    import time
+
+    from sparsefx.codegen.cpu.build import announce_if_slow
+
+    with caplog.at_level(logging.INFO, logger="sparsefx.codegen.cpu.build"):
+        with announce_if_slow("the test kernels", after_s=0.05):
+            pass                                                       # a cache hit
+        time.sleep(0.2)
+        assert not caplog.records
+        with announce_if_slow("the test kernels", after_s=0.05):
+            time.sleep(0.5)                                            # a build
+    assert [r.getMessage() for r in caplog.records] == \
+        ["compiling the test kernels (once per environment: a minute or two on 2 cores)"]

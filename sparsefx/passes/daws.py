@@ -33,15 +33,15 @@ import torch
 
 from ..errors import RecipeError
 from ..ir import ops as _ops  # noqa: F401  (registers sparsefx::tiered_linear)
-from ..ir.annotate import ROLES, annotated_linears
+from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import TIERS, param_prefix
 from .allocate import Knob, greedy_allocate
 from .base import Pass, PassReport, PassResult
-from .calibrate import STATS, ActStats
+from .calibrate import ActStats
 from .config import PassConfig, check_fraction, normalize_overrides, override_for, register_pass
 from .masks import compute_mask
-from .rewrite import replace_linear
+from .rewrite import calibrated_stats, dense_linears, replace_linear
 
 ALLOCATIONS = ("uniform", "greedy")
 MEDIUM_DTYPES = (None, "float16", "bfloat16")
@@ -332,16 +332,12 @@ class DawsPass(Pass):
         report = PassReport(self.name)
         rewritten = []  # (new node, info, solver, target)
         total = 0
-        for node, info in annotated_linears(gm, self.config.roles):
-            if node.target != torch.ops.aten.linear.default:
-                continue
+        for node, info in dense_linears(gm, self.config.roles):
             target = self.config.target_for(info.param)
             total += info.in_features * info.out_features
             if target == 0.0:
                 continue
-            stats = node.meta.get(STATS)
-            if stats is None:
-                raise RecipeError(f"daws needs activation statistics for {info.param}; run the calibrate pass first")
+            stats = calibrated_stats(node, info, "daws")
             new, solver = self._rewrite(gm, prefix, node, info, stats)
             rewritten.append((new, info, solver, target))
         gm.recompile()

@@ -21,13 +21,12 @@ from typing import Any
 import torch
 
 from ..errors import RecipeError
-from ..ir.annotate import ROLES, annotated_linears
+from ..ir.annotate import ROLES
 from ..ir.capture import get_param
-from ..ir.meta import MASK
+from ..ir.meta import LINEAR, MASK
 from .base import Pass, PassReport, PassResult
-from .calibrate import STATS
 from .config import PassConfig, check_roles, normalize_overrides, override_for, register_pass
-from .rewrite import replace_linear
+from .rewrite import calibrated_stats, dense_linears, replace_linear
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -145,9 +144,7 @@ class _MaskPass(Pass):
         layers: dict[str, float] = {}
         zeroed = total = 0
         packed = 0
-        for node, info in annotated_linears(gm, self.config.roles):
-            if node.target != torch.ops.aten.linear.default:
-                continue            # already rewritten by an earlier pass: its weight is not a dense parameter
+        for node, info in dense_linears(gm, self.config.roles):
             target = self.config.target_for(info.param)
             if target == 0.0:
                 continue
@@ -207,8 +204,5 @@ class WandaPass(_MaskPass):
     requires = ("annotated", "calibrated")
 
     def score(self, node, weight):
-        stats = node.meta.get(STATS)
-        if stats is None:
-            raise RecipeError(f"wanda needs activation statistics for {node.meta['sparsefx.linear'].param}; "
-                              "run the calibrate pass first")
+        stats = calibrated_stats(node, node.meta[LINEAR], "wanda")
         return weight.abs().float() * stats.channel_l2.to(weight.device)[None, :]

@@ -6,18 +6,36 @@ low-rank + quantization family (DAM & co.), packed N:M masks and banded DAWS use
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from torch.fx import GraphModule
 
 from ..errors import RecipeError
-from ..ir.annotate import annotated_linears
-from ..ir.meta import param_prefix
+from ..ir.annotate import LinearInfo, annotated_linears
+from ..ir.meta import STATS, param_prefix
 from .base import Pass, PassReport, PassResult
 
-if TYPE_CHECKING:                     # annotations only: quantize imports this module
+if TYPE_CHECKING:                     # annotations only: quantize and calibrate import this module's importers
+    from .calibrate import ActStats
     from .quantize import InputGram, QuantConfig
+
+
+def dense_linears(gm: GraphModule, roles=None) -> Iterator[tuple[torch.fx.Node, LinearInfo]]:
+    """The annotated linears of ``roles`` that are still plain ``aten.linear``: an earlier pass may have rewritten
+    others into a compressed op, whose weight is no longer a dense parameter to mask, route or quantize."""
+    for node, info in annotated_linears(gm, roles):
+        if node.target == torch.ops.aten.linear.default:
+            yield node, info
+
+
+def calibrated_stats(node: torch.fx.Node, info: LinearInfo, method: str) -> ActStats:
+    """The activation statistics the calibrate pass left on ``node``, or a RecipeError naming the linear."""
+    stats = node.meta.get(STATS)
+    if stats is None:
+        raise RecipeError(f"{method} needs activation statistics for {info.param}; run the calibrate pass first")
+    return stats
 
 
 def replace_linear(gm: GraphModule, node, info, op, buffers: list[tuple[str, torch.Tensor | None]],
@@ -83,8 +101,7 @@ class LinearRewritePass(Pass):
     def run(self, gm, ctx):
         from ..ir import ops  # noqa: F401  (registers the sparsefx:: ops)
 
-        linears = [(n, i) for n, i in annotated_linears(gm, self.config.roles)
-                   if n.target == torch.ops.aten.linear.default]
+        linears = list(dense_linears(gm, self.config.roles))
         for _, info in linears:
             self.check(info)
         grams = self.grams(gm, ctx, linears)

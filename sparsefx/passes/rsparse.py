@@ -20,12 +20,12 @@ import torch
 
 from ..errors import RecipeError
 from ..ir import ops as _ops  # noqa: F401  (registers sparsefx::sparse_lowrank_linear)
-from ..ir.annotate import ROLES, annotated_linears
+from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import param_prefix
 from .base import Pass, PassReport, PassResult
-from .calibrate import STATS
 from .config import PassConfig, check_fraction, normalize_overrides, override_for, register_pass
+from .rewrite import calibrated_stats, dense_linears
 
 
 @dataclass(frozen=True)
@@ -81,17 +81,13 @@ class RSparsePass(Pass):
         prefix = param_prefix(gm)
         report = PassReport(self.name)
         per_param, skipped, total = {}, 0.0, 0
-        for node, info in annotated_linears(gm, self.config.roles):
-            if node.target != torch.ops.aten.linear.default:
-                continue
+        for node, info in dense_linears(gm, self.config.roles):
             in_f, out_f = info.in_features, info.out_features
             total += in_f * out_f
             s = float(override_for(self.config, info.param, self.config.sparsity))
             if s == 0.0:
                 continue
-            stats = node.meta.get(STATS)
-            if stats is None:
-                raise RecipeError(f"rsparse needs activation statistics for {info.param}; run calibrate first")
+            stats = calibrated_stats(node, info, "rsparse")
             budget = (1.0 - s) * in_f * out_f
             rank = max(1, int(self.config.rank_share * budget / (in_f + out_f)))
             keep = max(0.0, (budget - rank * (in_f + out_f)) / (in_f * out_f))

@@ -776,9 +776,13 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_quant_gemv_v12", cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
-                          functions=["quant_matmul", "quant_matmul_q8", "quant_gemv_t", "lowrank_quant_matmul"],
-                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+        from .build import announce_if_slow
+
+        with announce_if_slow("the C++ quantized decode kernels"):
+            ext = load_inline(name="sparsefx_quant_gemv_v12",
+                              cpp_sources=[_CPP.replace("MAX_ROWS_VALUE", str(MAX_ROWS))],
+                              functions=["quant_matmul", "quant_matmul_q8", "quant_gemv_t", "lowrank_quant_matmul"],
+                              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
 
         def quant_linear_fake(x, packed, scales, zeros, bias, bits, group_size):
             return x.new_empty((*x.shape[:-1], packed.shape[0]))

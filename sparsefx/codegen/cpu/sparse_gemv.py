@@ -712,8 +712,12 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        ext = load_inline(name="sparsefx_tiered_gemv_v17", cpp_sources=[_CPP],
-                          functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv", "banded_gemv"], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+        from .build import announce_if_slow
+
+        with announce_if_slow("the C++ activation-sparse decode kernels"):
+            ext = load_inline(name="sparsefx_tiered_gemv_v17", cpp_sources=[_CPP],
+                              functions=["tiered_gemv", "tiered_gemv_packed", "multitier_gemv", "banded_gemv"],
+                              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
         _register_fake()
         return ext
     except Exception as exc:  # no compiler / no AVX2: the reference path still gives correct results
