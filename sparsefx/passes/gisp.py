@@ -23,6 +23,7 @@ plan alone says what to remove. ``lower_to_eager`` then shrinks the HF model to 
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from .base import Pass, PassContext, PassReport, PassResult
 from .calibrate import STATS
 from .config import PassConfig, check_fraction, register_pass
 from .structured import PLAN, StructurePlan, restore_units, unit_scores, zero_units
+
+log = logging.getLogger(__name__)
 
 KINDS = ("attention", "mlp")
 
@@ -286,6 +289,9 @@ class GispPass(_StructuredPass):
                 plan.steps.append({"step": step, "loss_before": round(loss, 6), "units_removed": len(taken),
                                    "level": round(removed_params / plan.total_params, 6),
                                    "seconds": round(time.perf_counter() - t0, 1)})
+                # a round is a forward + backward over all the calibration text: minutes on CPU, one line each
+                log.info("gisp round %d/%d: loss %.4f, %d units removed, level %.3f (%.0f s)", step, cfg.steps,
+                         loss, len(taken), removed_params / plan.total_params, time.perf_counter() - t0)
             plan.exact_until = removed_params / plan.total_params
             # beyond the target: what is left, ranked by the last round's scores (guards still apply)
             left = [(s, i, u) for s, i, u in cands if alive[i][u]]

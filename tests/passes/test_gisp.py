@@ -1,6 +1,7 @@
 """GISP and the structured baselines on tiny GQA models: scores, schedule, guard, physical removal, nesting."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_search_restores_weights_and_grad_flags():
         assert p.requires_grad == flags[n] and p.grad is None
 
 
-def test_one_shot_order_is_the_normalised_taylor_ranking_and_iteration_agrees_on_its_first_step():
+def test_one_shot_order_is_the_normalised_taylor_ranking_and_iteration_agrees_on_its_first_step(caplog):
     model = tiny_model("llama", layers=3)
     calib = _calib()
     gm, plan = _plan(model, "{method: gisp, sparsity: 0.4, steps: 1, level: 0.0}", calib)
@@ -137,10 +138,15 @@ def test_one_shot_order_is_the_normalised_taylor_ranking_and_iteration_agrees_on
     left = [s for k, s in score.items() if k not in gone and k in {(g, u) for g, u, _ in plan.order}]
     assert min(left) >= max(got) - 1e-12
     # iterative: the first of two steps removes the one-shot ranking's prefix up to half the target
-    _, plan2 = _plan(tiny_model("llama", layers=3), "{method: gisp, sparsity: 0.4, steps: 2, level: 0.0}", calib)
+    with caplog.at_level(logging.INFO, logger="sparsefx.passes.gisp"):
+        _, plan2 = _plan(tiny_model("llama", layers=3), "{method: gisp, sparsity: 0.4, steps: 2, level: 0.0}", calib)
     n1 = plan2.steps[0]["units_removed"]
     assert [(g, u) for g, u, _ in plan2.order[:n1]] == [(g, u) for g, u, _ in plan.order[:n1]]
     assert len(plan2.steps) == 2 and plan2.steps[1]["loss_before"] != plan2.steps[0]["loss_before"]
+    # one line per round (minutes each on a real model; piped, there are no bars)
+    said = [r.getMessage() for r in caplog.records if r.name == "sparsefx.passes.gisp"]
+    assert [m.split(":")[0] for m in said] == ["gisp round 1/2", "gisp round 2/2"]
+    assert f"{plan2.steps[0]['units_removed']} units removed" in said[0]
 
 
 def test_guard_keeps_a_unit_in_every_group():

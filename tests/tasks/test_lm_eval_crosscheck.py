@@ -22,6 +22,7 @@ CHECKED = {
     "arc_easy": ("arc_easy", "ai2_arc/ARC-Easy/validation"),
     "piqa": ("piqa", "piqa/plain_text/validation"),
     "winogrande": ("winogrande", "winogrande/winogrande_xl/validation"),
+    "boolq": ("boolq", "boolq/none/validation"),
     "mmlu_anatomy": ("mmlu_anatomy", "hails/mmlu_no_train/anatomy/test"),
 }
 
@@ -43,6 +44,8 @@ def _lm_eval_config(name: str, split_dir: str) -> dict:
     for key in ("training_split", "validation_split", "test_split", "fewshot_split", "fewshot_config", "tag", "group"):
         cfg.pop(key, None)
     cfg[f"{split}_split"] = split          # lm-eval scores the test split when there is one, else validation
+    if name == "boolq":                    # lm-eval reads super_glue's 0/1 `label`; the wheel has google/boolq's
+        cfg["doc_to_target"] = "{{answer | int}}"    # True/False `answer` (the same questions and gold)
     return cfg
 
 
