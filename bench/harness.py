@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from sparsefx.codegen.autotune import COLD_BYTES, cold_copies  # noqa: F401  (re-exported for the kernel benches)
+from sparsefx.codegen.autotune import cold_copies
 
 # Kernel benchmarks (bench/kernel_*.py): the [out, in] shapes of DEVELOPERS.md, and how many bytes of weight copies
 # a benchmark cycles through so that every call reads its weights from DRAM, as decode does.

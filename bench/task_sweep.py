@@ -118,18 +118,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for v in dict.fromkeys(r["variant"] for r in rows):
         accs = [f"{100 * cell[v, t]['acc']:.1f} ± {100 * cell[v, t]['acc_stderr']:.1f}" if (v, t) in cell else ""
                 for t in tasks]
-        share = ""
+        c = meta.get("variants", {}).get(v, {})
         m = cell.get((v, "mean"))
+        share = ""
         if v == "dense" and m:
             share = "100 %"
         elif dense and m:
-            ratio = m["acc"] / dense["acc"]
-            se = ratio * ((m["acc_stderr"] / m["acc"]) ** 2 + (dense["acc_stderr"] / dense["acc"]) ** 2) ** 0.5
+            paired = paired_share(c.get("correct"), meta.get("variants", {}).get("dense", {}).get("correct"))
+            if paired:
+                ratio, se = paired
+            else:
+                ratio = m["acc"] / dense["acc"]
+                se = ratio * ((m["acc_stderr"] / m["acc"]) ** 2 + (dense["acc_stderr"] / dense["acc"]) ** 2) ** 0.5
             share = f"{100 * ratio:.1f} % ± {100 * se:.1f}"
-        c = meta.get("variants", {}).get(v, {})
-        paired = paired_share(c.get("correct"), meta.get("variants", {}).get("dense", {}).get("correct"))
-        if v != "dense" and paired:
-            share = f"{100 * paired[0]:.1f} % ± {100 * paired[1]:.1f}"
         bits = f"{c['bits_per_weight']:.3f}" if c.get("bits_per_weight") else "—"
         sp = f"{c['sparsity']:.2f}" if c.get("sparsity") else "—"
         lines.append(f"| {v} | " + " | ".join(accs) + f" | {share} | {bits} | {sp} |")

@@ -81,16 +81,17 @@ def cmd_eval(args) -> int:
     else:
         model, tok = load_model(args.model, dtype=dtype)
         model.to(device)
-    if args.compile:   # the sparsefx backend: compressed ops lowered to kernels, the rest compiled by Inductor
-        import torch
-
+    if (args.compile or task_names is not None) and next(model.parameters()).device.type == "cpu":
         from .codegen.cpu import prepare_cpu_decode
 
-        if next(model.parameters()).device.type == "cpu":
-            # The kernels' fast one-token paths read the decode layout (weights re-stored: DAWS channels as rows);
-            # the backend lowers to the kernels but does not re-store weights. Unprepared, a banded DAWS linear
-            # falls to its masked-math path on every token (eval --compile of daws-50-mt3-banded ran >15 min).
-            prepare_cpu_decode(model, int8_activations=bool(args.int8_activations))
+        # The kernels' fast one-token paths (the tasks' generation steps, every compiled decode step) read the
+        # decode layout (weights re-stored: DAWS channels as rows). The backend lowers to the kernels but re-stores
+        # no weights, so this comes before compiling: unprepared, a banded DAWS linear falls to its masked-math path
+        # on every token (eval --compile of daws-50-mt3-banded ran >15 min). Perplexity alone: evaluate prepares
+        # after scoring, before timing.
+        prepare_cpu_decode(model, int8_activations=bool(args.int8_activations))
+    if args.compile:   # the sparsefx backend: compressed ops lowered to kernels, the rest compiled by Inductor
+        import torch
 
         # This process compiles one model and does not change it afterwards, so Dynamo's guards on nn.Module
         # attributes, checked before every call, only cost time (~10 % of compiled decode: bench/decode_guards.py).
@@ -135,11 +136,6 @@ def _eval_tasks(args, model, tok, names) -> int:
 
     from . import tasks as task_suite
 
-    if not args.compile:              # a compiled model was prepared before compiling
-        from .codegen.cpu import prepare_cpu_decode
-
-        if next(model.parameters()).device.type == "cpu":
-            prepare_cpu_decode(model, int8_activations=bool(args.int8_activations))
     results = task_suite.evaluate_tasks(model, tok, names, limit=args.limit, seed=args.seed,
                                         progress=not args.no_progress, batch_size=args.batch_size)
     rows = task_suite.summary_rows(results)

@@ -312,7 +312,7 @@ class DawsPass(Pass):
     def _rewrite_banded(self, gm, node, info, w, w_abs, boundary_weights, cuts, stats):
         """``layout: banded``: replace ``node`` by ``banded_linear`` over one fp16 matrix holding every tier."""
         from ..ir.bandformat import pack_bands
-    
+
         try:
             banded = pack_bands(w, cuts)
         except ValueError as exc:
