@@ -162,6 +162,8 @@ def main() -> None:
     meta_path = RESULTS / f"{args.tag}_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"variants": {}}
     if args.markdown:
+        if not rows:
+            raise SystemExit(f"{path} holds no results; run the sweep first (python bench/task_sweep.py)")
         print(markdown(rows, meta))
         return
     meta.update(run_meta(limit=args.limit, mmlu_limit=args.mmlu_limit, seed=T.SEED, tasks=args.tasks))

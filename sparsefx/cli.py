@@ -66,6 +66,8 @@ def cmd_eval(args) -> int:
 
         task_names = task_suite.resolve(args.tasks)
         task_suite.check_limit(args.limit)
+        if args.batch_size < 1:
+            raise SparsefxError(f"--batch-size must be at least 1 example per forward, got {args.batch_size}")
     elif args.limit is not None:
         raise SparsefxError("--limit applies to --tasks (examples per task); for perplexity use --tokens")
     if args.level is not None and not is_artifact(args.model):

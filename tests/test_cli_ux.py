@@ -153,3 +153,9 @@ def test_a_slow_kernel_build_says_so_and_a_fast_load_stays_silent(caplog):
             time.sleep(0.5)                                            # a build
     assert [r.getMessage() for r in caplog.records] == \
         ["compiling the test kernels (once per environment: a minute or two on 2 cores)"]
+
+
+def test_a_bad_batch_size_is_refused_before_any_model_is_loaded(tmp_path, capsys):
+    # the model does not exist: had it been loaded first, the error would name the missing model instead
+    assert main(["eval", str(tmp_path / "no-model"), "--tasks", "piqa", "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1 example per forward, got 0" in capsys.readouterr().err
