@@ -27,7 +27,7 @@ cannot hold two compiled models of one architecture (an entry compiled for one m
 
 ``--int8-activations`` adds a twin of every recipe, suffix ``-q8``, prepared with
 ``prepare_cpu_decode(int8_activations=True)`` (compiled: the backend's ``int8_activations`` option): its quantized
-linears decode with their input rounded to int8 per 32 channels (``codegen/cpu/quant_gemv.py: quant_matmul_q8``).
+linears decode with their input rounded to int8 per 32 channels (``ops/quant/cpu.py: quant_matmul_q8``).
 Recipes without quantized linears run the same kernels in both twins.
 """
 

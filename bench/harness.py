@@ -77,10 +77,10 @@ def kernel_bench_parser(out_default) -> argparse.ArgumentParser:
 def sparse_gemv_bench_args(out_default) -> argparse.Namespace:
     """``kernel_bench_parser``'s arguments for a benchmark of the C++ activation-sparse GEMV; exits when the
     extension does not build here (nothing to benchmark)."""
-    from sparsefx.codegen.cpu.sparse_gemv import _extension
+    from sparsefx.ops.routed.cpu import extension
 
     args = kernel_bench_parser(out_default).parse_args()
-    if _extension() is None:
+    if extension() is None:
         raise SystemExit("the C++ kernel did not build; nothing to benchmark")
     return args
 

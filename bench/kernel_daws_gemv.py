@@ -5,7 +5,7 @@
 Per shape and tier shape (medium share m of the channels, its weights pruned to sparsity s; the low tier takes the
 rest of the 50 % effective sparsity), the medium tier's rows are read
 - ``dense32`` / ``dense16``: stored dense (pruned weights are zeros in the row), fp32 or fp16;
-- ``packed32`` / ``packed16``: bitmask-packed (``codegen.cpu.sparse_gemv.pack_medium``: kept values + 1 bit per
+- ``packed32`` / ``packed16``: bitmask-packed (``ops.routed.cpu.pack_medium_rows``: kept values + 1 bit per
   weight), fp32 or fp16.
 TEAL at 50 % (one tier, half the rows) is the byte-count yardstick. Ratios are against the fastest dense fp32 call
 (``harness.dense_gemv_calls``: ``mv``, ``linear``, or ``linear`` over the transposed copy). Weights are cold (copies past the last-level
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import pack_medium, tiered_gemv, tiered_gemv_packed, tiered_gemv_reference
+from sparsefx.ops.routed.cpu import pack_medium_rows, tiered_gemv, tiered_gemv_packed, tiered_gemv_reference
 from sparsefx.passes.masks import compute_mask
 
 from harness import (best_dense, dense_gemv_calls, interleaved_medians, kernel_bench_cases, run_meta,
@@ -40,7 +40,7 @@ def main() -> None:
             med = [(w * compute_mask(w.abs(), s)).t().contiguous() for w in ws]
             # per copy, the medium tier as the kernel's trailing tensor arguments: (rows,) or (mask, values, offsets)
             stores = {"dense32": [(t,) for t in med], "dense16": [(t.half(),) for t in med],
-                      "packed32": [pack_medium(t) for t in med], "packed16": [pack_medium(t.half()) for t in med]}
+                      "packed32": [pack_medium_rows(t) for t in med], "packed16": [pack_medium_rows(t.half()) for t in med]}
             fns = {**dense_gemv_calls(x, ws, wts, nxt),
                    "teal50": lambda: tiered_gemv(x, wts[nxt()], None, teal, teal)}
             for name, store in stores.items():

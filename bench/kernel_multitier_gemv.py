@@ -23,14 +23,8 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import (
-    banded_gemv,
-    banded_gemv_reference,
-    multitier_gemv,
-    multitier_gemv_reference,
-    tiered_gemv,
-)
-from sparsefx.ir.bandformat import pack_bands
+from sparsefx.ops.routed.cpu import (banded_gemv, banded_gemv_reference, multitier_gemv, multitier_gemv_reference, tiered_gemv)
+from sparsefx.ops.routed.format import pack_bands
 from sparsefx.passes.calibrate import Observer
 from sparsefx.passes.daws import magnitude_quantiles, solve_levels, solve_tiers
 from sparsefx.passes.masks import compute_mask

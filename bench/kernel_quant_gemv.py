@@ -4,7 +4,7 @@
 
 Variants per shape: dense fp32 (the fastest of ``harness.dense_gemv_calls``: torch.mv, F.linear, F.linear over the
 transposed copy), the op's default implementation (dequantize the whole weight, then F.linear — what ran before the
-kernel), and the C++ kernel that multiplies straight from the packed codes (``sparsefx/codegen/cpu/quant_gemv.py``) at
+kernel), and the C++ kernel that multiplies straight from the packed codes (``sparsefx/ops/quant/cpu.py``) at
 each bit width, and its int8-activation twin (``quant_matmul_q8``: x rounded to int8 per 32 inputs, codes multiplied
 as bytes; columns ``q8_*``). "Cold": every call uses the next of several weight copies that together exceed the last-level cache,
 as in decode. Variants are timed interleaved (``harness.interleaved_medians``). Packed codes are random
@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.codegen.cpu.quant_gemv import (
-    _extension,
-    quant_matmul,
-    quant_matmul_q8,
-    quant_matmul_q8_reference,
-    quant_matmul_reference,
-)
-from sparsefx.ir.ops import quant_linear_math
-from sparsefx.ir.qformat import QuantSpec
+from sparsefx.ops.quant.cpu import (extension, quant_matmul, quant_matmul_q8, quant_matmul_q8_reference, quant_matmul_reference)
+from sparsefx.ops.quant.op import quant_linear_math
+from sparsefx.ops.quant.format import QuantSpec
 
 from harness import (KERNEL_SHAPES, best_dense, cold_copies, cold_weights, dense_gemv_calls, interleaved_medians,
                      kernel_bench_parser, run_meta, write_results)
@@ -49,7 +43,7 @@ def main() -> None:
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--rows", type=int, default=1, help="tokens per call (decode: 1)")
     args = ap.parse_args()
-    if _extension() is None:
+    if extension() is None:
         raise SystemExit("the C++ kernel did not build; nothing to benchmark")
     rows = []
     for out_f, in_f in KERNEL_SHAPES:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import sparse_gemv, sparse_gemv_reference
+from sparsefx.ops.routed.cpu import sparse_gemv, sparse_gemv_reference
 
 from harness import (KERNEL_SHAPES, best_dense, cold_copies, cold_weights, dense_gemv_calls, interleaved_medians,
                      run_meta, sparse_gemv_bench_args, write_results)

@@ -78,13 +78,12 @@ def main() -> None:
     else:
         device, shapes, max_configs = "cuda", SHAPES, None
     from sparsefx.codegen import autotune
-    from sparsefx.codegen.triton import banded as tb
-    from sparsefx.codegen.triton import multitier as tmt
-    from sparsefx.codegen.triton import nm as tn
-    from sparsefx.codegen.triton import quant as tq
-    from sparsefx.codegen.triton import tiered as tt
-    from sparsefx.ir.bandformat import tier_weight
-    from sparsefx.ir.qformat import QuantSpec
+    from sparsefx.ops import tuning
+    from sparsefx.ops.nm import triton as tn
+    from sparsefx.ops.quant import triton as tq
+    from sparsefx.ops.quant.format import QuantSpec
+    from sparsefx.ops.routed import triton as tt
+    from sparsefx.ops.routed.format import tier_weight
     from sparsefx.passes.quant import quantize_rtn
 
     if args.tune:
@@ -93,7 +92,7 @@ def main() -> None:
                   | {(1, i, RANK, 4) for _, i in shapes if 4 in args.tune_bits}}
         found = autotune.tune_triton(wanted, device, sparsities=(0.5,), reps=args.reps, max_configs=max_configs,
                                      dtype=torch.bfloat16, progress=lambda r: print("tuned", r, flush=True))
-        autotune.store([{**r, "sparsity": None} for r in found], device)
+        tuning.store([{**r, "sparsity": None} for r in found], device)
     configs = ["heuristic", "tuned"] if args.tune or args.cached else ["heuristic"]
 
     cuda = device == "cuda"
@@ -165,11 +164,11 @@ def main() -> None:
             separate = copies(*[tier_weight(banded.t(), j, torch.bfloat16).t().contiguous() for j in range(4)])
             for config in configs:
                 bcfg = tt.default_gemv_config(in_f, out_f) if config == "heuristic" else None
-                us = bench(lambda b: tb.banded_gemv(xb, b, ts, config=bcfg), sets)
+                us = bench(lambda b: tt.banded_gemv(xb, b, ts, config=bcfg), sets)
                 row("banded_gemv", shape, "mt3 e~0.50", config, us, dense_us, kept * banded.numel() * 2)
-                us = bench(lambda b: tb.banded_gemv(xb, b, [0.0] * len(ts), config=bcfg), sets)
+                us = bench(lambda b: tt.banded_gemv(xb, b, [0.0] * len(ts), config=bcfg), sets)
                 row("banded_gemv", shape, "all rows", config, us, dense_us, banded.numel() * 2)
-                us = bench(lambda *m: tmt.multitier_gemv(xb, m[0], list(m[1:]), ts, config=bcfg), separate)
+                us = bench(lambda *m: tt.multitier_gemv(xb, m[0], list(m[1:]), ts, config=bcfg), separate)
                 row("multitier_gemv", shape, "mt3 e~0.50 separate", config, us, dense_us, kept * banded.numel() * 2)
             del sets, separate
         for n_keep, m_group in ((2, 4), (4, 8)) if "nm" in args.kernels else []:

@@ -322,6 +322,7 @@ def cmd_autotune(args) -> int:
 
     from .artifact import is_artifact, load_artifact
     from .codegen import autotune
+    from .ops import tuning
     from .models import load_model
 
     if args.cache:
@@ -329,7 +330,7 @@ def cmd_autotune(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kernels = args.kernels or ("triton" if device.type == "cuda" else "cpu")
     if kernels == "triton":
-        from .codegen.triton import available
+        from .ops.triton_support import available
 
         if not available(device):
             raise SparsefxError(f"the Triton kernels cannot run on {device}: tune them on a CUDA device, or with "
@@ -341,7 +342,7 @@ def cmd_autotune(args) -> int:
     shapes = autotune.model_shapes(model)
     if args.max_shapes:
         shapes = {k: set(sorted(v)[:args.max_shapes]) for k, v in shapes.items()}
-    print(f"tuning {kernels} kernels on {autotune.device_name(device, '' if kernels == 'triton' else 'cpu_')}: "
+    print(f"tuning {kernels} kernels on {tuning.device_name(device, '' if kernels == 'triton' else 'cpu_')}: "
           + ", ".join(f"{len(v)} {k} shapes" for k, v in shapes.items()))
 
     def show(r):
@@ -360,7 +361,7 @@ def cmd_autotune(args) -> int:
         for r in results:
             print(f"  cpu_tiered_gemv {'x'.join(map(str, r['shape'])):>18s}  sparse kernel wins from sparsity "
                   f"{r['config']['min_sparsity']}")
-    path = autotune.store(results, device)
+    path = tuning.store(results, device)
     print(f"wrote {len(results)} entries to {path}")
     return 0
 

@@ -148,7 +148,8 @@ def test_artifacts_load_in_a_fresh_interpreter(tmp_path, tokens, entry):
 
 @pytest.mark.parametrize("entry", ["{method: rtn, bits: 3, group_size: 32}", "{method: daws, sparsity: 0.5}"])
 def test_load_prepares_cpu_decode_and_the_prepared_model_saves_again(tmp_path, tokens, entry):
-    from sparsefx.codegen.eager import QuantLinear, TieredLinear
+    from sparsefx.ops.quant.eager import QuantLinear
+    from sparsefx.ops.routed.eager import TieredLinear
 
     recipe = Recipe.from_yaml(f"passes: [{entry}]\ncalibration: {{samples: 4, seqlen: 16}}")
     model = tiny_model("llama")

@@ -142,9 +142,9 @@ def test_a_slow_kernel_build_says_so_and_a_fast_load_stays_silent(caplog):
     import logging
     import time
 
-    from sparsefx.codegen.cpu.build import announce_if_slow
+    from sparsefx.ops.build import announce_if_slow
 
-    with caplog.at_level(logging.INFO, logger="sparsefx.codegen.cpu.build"):
+    with caplog.at_level(logging.INFO, logger="sparsefx.ops.build"):
         with announce_if_slow("the test kernels", after_s=0.05):
             pass                                                       # a cache hit
         time.sleep(0.2)

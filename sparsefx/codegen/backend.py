@@ -23,7 +23,7 @@ If a stage fails, the backend logs a warning and runs Dynamo's graph eagerly —
 thing, only without the kernels. ``counters`` counts what was bound and lowered (tests assert on it).
 
 Options: ``kernels`` (``auto`` | ``triton`` | ``cpu`` | ``reference``), ``artifact`` (path), ``inductor`` (bool),
-``int8_activations`` (bool; CPU quantized linears decode with x rounded to int8, see ``cpu/quant_gemv.py``).
+``int8_activations`` (bool; CPU quantized linears decode with x rounded to int8, see ``ops/quant/cpu.py``).
 """
 
 from __future__ import annotations
@@ -40,20 +40,16 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..errors import ArtifactError, RecipeError
+from ..ops import spec_for_target
+from ..ops.triton_support import available
+from .cpu import enable_cpu_kernels
+from .eager import EAGER_KINDS
 
 log = logging.getLogger(__name__)
 
 counters: collections.Counter = collections.Counter()
 
 KERNELS = ("auto", "triton", "cpu", "reference")
-# compressed op -> the Triton kernel op with the same signature (codegen/triton/*.py)
-TRITON_KERNELS = {"tiered_linear": "triton_tiered_linear", "multitier_linear": "triton_multitier_linear",
-                  "banded_linear": "triton_banded_linear",
-                  "quant_linear": "triton_quant_linear",
-                  "lowrank_quant_linear": "triton_lowrank_quant_linear", "nm_linear": "triton_nm_linear"}
-# compressed ops with a CPU kernel registered on the op itself (codegen/cpu)
-CPU_KERNELS = ("tiered_linear", "multitier_linear", "banded_linear", "quant_linear", "lowrank_quant_linear")
-INT8_ACTIVATION_OPS = ("quant_linear", "lowrank_quant_linear")   # CPU ops with an int8-activation (_q8) twin
 
 
 @dataclass(frozen=True)
@@ -63,7 +59,7 @@ class BackendOptions:
     kernels: str = "auto"
     artifact: str | None = None
     inductor: bool = True
-    int8_activations: bool = False   # CPU: quantized linears decode with x rounded to int8 (cpu/quant_gemv.py)
+    int8_activations: bool = False   # CPU: quantized linears decode with x rounded to int8 (ops/quant/cpu.py)
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -87,8 +83,6 @@ class BackendOptions:
         """What ``auto`` means on ``device``: Triton on CUDA when installed, the C++ kernels on CPU."""
         if self.kernels != "auto":
             return self.kernels
-        from .triton import available
-
         if device.type == "cuda":
             return "triton" if available(device) else "reference"
         return "cpu" if device.type == "cpu" else "reference"
@@ -187,8 +181,6 @@ def _copy_dynamo_graph(gm: GraphModule) -> GraphModule:
 def bind_artifact(gm: GraphModule, example_inputs: list, path: str | Path) -> tuple[GraphModule, list[torch.Tensor]]:
     """A copy of ``gm`` where each ``linear`` whose weight the artifact at ``path`` compressed is the op call of the
     artifact's eager module. The compressed tensors become new trailing inputs: returns the graph and them."""
-    from .eager import EAGER_KINDS
-
     plan = _ArtifactPlan(path)
     gm = _copy_dynamo_graph(gm)
     names = parameter_names(gm)
@@ -264,56 +256,36 @@ def _inline(gm: GraphModule, node: torch.fx.Node, module: nn.Module, prefix: str
 
 # ---------------------------------------------------------------- 2. lower compressed ops to kernels
 
-def _op_name(target) -> str | None:
-    """``tiered_linear`` for ``torch.ops.sparsefx.tiered_linear(.default)``, else None."""
-    name = getattr(target, "name", None)
-    text = name() if callable(name) else str(target)
-    if not text.startswith("sparsefx::"):
-        return None
-    return text[len("sparsefx::"):].split(".")[0]
-
-
 def lower_graph(graph: torch.fx.Graph, family: str, int8_activations: bool = False) -> collections.Counter:
-    """Retarget every compressed op node of ``graph`` to the kernels of ``family``; return counts per op. With
-    ``int8_activations`` (CPU), ``quant_linear`` and ``lowrank_quant_linear`` nodes go to their ``_q8`` twins in
-    ``sparsefx_cpu`` (counted as ``cpp.quant_linear_q8``, ``cpp.lowrank_quant_linear_q8``), whose decode rounds x to
-    int8 per 32 inputs.
+    """Retarget every compressed op node of ``graph`` to the kernel of ``family`` that its ``OpSpec`` names
+    (``kernels[family]``; ``sparsefx/ops``); return counts per op: ``<family>.<op>`` for a node retargeted (CPU with
+    ``int8_activations``: the quantized ops' ``_q8`` twins, whose decode rounds x to int8 per 32 inputs, counted as
+    ``cpu.<op>_q8``), ``reference.<op>`` for one left on the op's own implementation (no kernel for ``family``, or
+    it cannot run here).
 
     Example:
         >>> lower_graph(gm.graph, "triton")  # doctest: +SKIP
         Counter({'triton.tiered_linear': 210})
     """
     lowered: collections.Counter = collections.Counter()
-    cpp_ops = {}
-    if family == "triton":
-        from .triton import banded, multitier, nm, quant, tiered  # noqa: F401  (registers sparsefx::triton_*)
-    elif family == "cpu":
-        from .cpu import enable_cpu_kernels
-        from .cpu.quant_gemv import cpp_lowrank_quant_linear, cpp_quant_linear
-        from .cpu.sparse_gemv import cpp_banded_linear, cpp_multitier_linear, cpp_tiered_linear
-
+    if family == "cpu":
         enable_cpu_kernels()
-        # these ops' kernels are also registered in C++ (no Python call per linear in the compiled graph)
-        cpp_ops = {"tiered_linear": cpp_tiered_linear(), "multitier_linear": cpp_multitier_linear(),
-                   "banded_linear": cpp_banded_linear(), "quant_linear": cpp_quant_linear(int8_activations),
-                   "lowrank_quant_linear": cpp_lowrank_quant_linear(int8_activations)}
+    targets: dict[str, tuple] = {}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        op = _op_name(node.target)
-        if op is None or op.startswith("triton_"):
+        spec = spec_for_target(node.target)
+        if spec is None:
             continue
-        if family == "triton" and op in TRITON_KERNELS:
-            node.target = getattr(torch.ops.sparsefx, TRITON_KERNELS[op]).default
-            lowered[f"triton.{op}"] += 1
-        elif family == "cpu" and op in CPU_KERNELS:
-            if cpp_ops.get(op) is not None:
-                node.target = cpp_ops[op]
-                twin = f"{op}_q8" if op in INT8_ACTIVATION_OPS and int8_activations else op
-                lowered[f"cpp.{twin}"] += 1  # ... through its C++-registered twin (no Python call per linear)
-            lowered[f"cpu.{op}"] += 1      # the op's registered CPU kernel (or its C++ twin) runs it
+        if spec.name not in targets:
+            loader = spec.kernels.get(family)
+            targets[spec.name] = loader(int8_activations) if loader is not None else (None, None)
+        target, label = targets[spec.name]
+        if target is not None:
+            node.target = target
+            lowered[label] += 1
         else:
-            lowered[f"reference.{op}"] += 1
+            lowered[f"reference.{spec.name}"] += 1
     counters.update(lowered)
     return lowered
 
@@ -345,8 +317,6 @@ def sparsefx_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     opts = BackendOptions.from_dict(options)                   # bad options are the caller's error: raise
     family = opts.kernel_family(_device(example_inputs))
     if family == "triton":
-        from .triton import available
-
         if not available(_device(example_inputs)):
             log.warning("sparsefx backend: Triton kernels cannot run on %s; using the reference ops",
                         _device(example_inputs))

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codegen.eager import MODULE
+from ..ir.meta import MODULE
 from ..errors import RecipeError, UnsupportedModelError
-from ..ir import ops as _ops  # noqa: F401  (registers sparsefx::threshold)
+from .. import ops as _ops  # noqa: F401  (registers sparsefx::threshold)
 from ..ir.annotate import ACTIVATIONS, LAYERS, annotated_linears
 from ..ir.meta import CATS, param_prefix
 from .base import Pass, PassReport, PassResult

@@ -35,7 +35,8 @@ import torch
 from ..errors import RecipeError
 from ..ir.capture import get_param
 from ..ir.meta import LOWRANK
-from ..ir.qformat import QuantizedWeight, QuantSpec
+from ..ops.quant.args import BUFFERS
+from ..ops.quant.format import QuantizedWeight, QuantSpec
 from .config import register_pass
 from .lowrank import balance, fit_diagonal, svd_factors, whitened_svd_factors
 from .quant import quantize_gptq, quantize_rtn
@@ -250,10 +251,6 @@ class _LowRankQuantPass(LinearRewritePass):
 
 
 # buffer names, in the op's argument order after x
-BUFFERS = ("lq_packed", "lq_scales", "lq_zeros", "lq_at", "lq_at_scales", "lq_at_zeros", "lq_d", "lq_b",
-           "lq_b_scales", "lq_b_zeros")
-
-
 def _tensors(dec: Decomposition) -> list[tuple[str, torch.Tensor | None]]:
     def parts(t):
         if isinstance(t, QuantizedWeight):

@@ -21,7 +21,7 @@ at the midpoint between two levels; each medium tier keeps the largest |W| of th
 tier still lowers to ``tiered_linear``; more to ``sparsefx::multitier_linear``.
 
 ``layout: banded`` stores those nested tiers in one fp16 matrix whose low mantissa bits hold each weight's band
-(``ir/bandformat.py``) and lowers to ``sparsefx::banded_linear``: one matrix in memory and one stream for the
+(``ops/routed/format.py``) and lowers to ``sparsefx::banded_linear``: one matrix in memory and one stream for the
 decode kernel, at about bf16's precision for every tier (the full one included).
 """
 
@@ -32,10 +32,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError
-from ..ir import ops as _ops  # noqa: F401  (registers sparsefx::tiered_linear)
 from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import TIERS, param_prefix
+from ..ops import REGISTRY, spec_for_target
+from ..ops.routed.args import MultitierArgs, TieredArgs
+from ..ops.routed.format import MAX_MEDIUMS, pack_bands
 from .allocate import Knob, greedy_allocate
 from .base import Pass, PassReport, PassResult
 from .calibrate import ActStats
@@ -59,7 +61,7 @@ class DawsConfig(PassConfig):
     medium_tiers: weight sparsities of one or more medium tiers, rising (e.g. ``[0.25, 0.5, 0.75]``) — when given,
     the tiers follow from "keep the large products" (module docstring) and ``medium_fraction`` /
     ``medium_weight_sparsity`` are not used; layout: ``separate`` stores one more copy of the weights per medium
-    tier, ``banded`` (with ``medium_tiers``, at most three) all tiers in one fp16 matrix (``ir/bandformat.py``)."""
+    tier, ``banded`` (with ``medium_tiers``, at most three) all tiers in one fp16 matrix (``ops/routed/format.py``)."""
 
     method = "daws"
     sparsity: float = 0.5
@@ -100,8 +102,6 @@ class DawsConfig(PassConfig):
         if self.layout not in LAYOUTS:
             raise RecipeError(f"daws.layout: expected one of {list(LAYOUTS)}, got {self.layout!r}")
         if self.layout == "banded":
-            from ..ir.bandformat import MAX_MEDIUMS
-
             if not 1 <= len(tiers) <= MAX_MEDIUMS:
                 raise RecipeError(f"daws.layout: banded needs daws.medium_tiers with 1 to {MAX_MEDIUMS} tiers (two "
                                   f"band bits per weight), got {list(tiers)}; use layout: separate for more")
@@ -223,13 +223,7 @@ def solve_levels(stats: ActStats, boundary_weights, densities, sparsity: float) 
 
 
 def _set_levels(node, levels: Levels) -> None:
-    if node.target == torch.ops.sparsefx.tiered_linear.default:
-        node.update_arg(4, levels.thresholds[0])
-        node.update_arg(5, levels.thresholds[1])
-    elif node.target == torch.ops.sparsefx.banded_linear.default:
-        node.update_arg(3, list(levels.thresholds))
-    else:
-        node.update_arg(4, list(levels.thresholds))
+    spec_for_target(node.target).args.from_node(node).set_thresholds(node, levels.thresholds)
 
 
 @register_pass(DawsConfig)
@@ -287,9 +281,9 @@ class DawsPass(Pass):
                 return solve_levels(stats, boundary_weights, densities, s)
 
             if len(mediums) == 1:
-                op, args = torch.ops.sparsefx.tiered_linear.default, (mediums[0], bias_node, 0.0, 0.0)
+                view = TieredArgs(node.args[0], weight_node, mediums[0], bias_node, 0.0, 0.0)
             else:
-                op, args = torch.ops.sparsefx.multitier_linear.default, (mediums, bias_node, [0.0] * (len(cuts) + 1))
+                view = MultitierArgs(node.args[0], weight_node, mediums, bias_node, [0.0] * (len(cuts) + 1))
         else:
             s_w = c.medium_weight_sparsity
             wm_node = weight_node  # no medium tier (TEAL-style): t_low == t_high, the medium weights are never read
@@ -301,9 +295,9 @@ class DawsPass(Pass):
             def solver(s):
                 return Levels.from_tiers(self.solve(stats, s), s_w)
 
-            op, args = torch.ops.sparsefx.tiered_linear.default, (wm_node, bias_node, 0.0, 0.0)
+            view = TieredArgs(node.args[0], weight_node, wm_node, bias_node, 0.0, 0.0)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(op, (node.args[0], weight_node, *args))
+            new = gm.graph.call_function(REGISTRY[view.op_name].op, view.as_args())
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -311,8 +305,6 @@ class DawsPass(Pass):
 
     def _rewrite_banded(self, gm, node, info, w, w_abs, boundary_weights, cuts, stats):
         """``layout: banded``: replace ``node`` by ``banded_linear`` over one fp16 matrix holding every tier."""
-        from ..ir.bandformat import pack_bands
-
         try:
             banded = pack_bands(w, cuts)
         except ValueError as exc:

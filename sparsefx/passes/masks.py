@@ -6,7 +6,7 @@ Scores (higher = keep):
 Comparison group: each output row (Wanda's finding: per-output groups beat per-layer ones for LLMs), or each run
 of M consecutive input weights of a row for N:M (keep the N best of every M).
 Masked weights are zeroed in place; the compressed model stays an ordinary HF model — unless ``pack: true``, which
-stores every N:M layer packed (``ir/nmformat.py``: kept values + uint8 in-group indices) as
+stores every N:M layer packed (``ops/nm/format.py``: kept values + uint8 in-group indices) as
 ``sparsefx::nm_linear``: 2:4 in fp32 takes 2.5 bytes per weight instead of 4, and the backend runs it with the
 Triton N:M kernel on CUDA. (On CPU there is no N:M kernel: its reference gathers the inputs per kept weight, which
 is slower than the dense GEMV, so leave ``pack`` off for CPU decode speed.)
@@ -176,8 +176,8 @@ class _MaskPass(Pass):
 
 def _pack(gm, node, info, w: torch.Tensor, target: tuple[int, int]) -> None:
     """Rewrite the masked linear ``node`` into ``sparsefx::nm_linear`` over its packed weight."""
-    from ..ir import ops  # noqa: F401  (registers sparsefx::nm_linear)
-    from ..ir.nmformat import pack_nm
+    from .. import ops  # noqa: F401  (registers sparsefx::nm_linear)
+    from ..ops.nm.format import pack_nm
 
     n, m = target
     values, index = pack_nm(w.detach(), n, m)

@@ -1,6 +1,6 @@
 """Choosing quantization codes: group-wise round-to-nearest (RTN) and GPTQ.
 
-The storage format (``QuantSpec``, ``QuantizedWeight``, packing) is in ``ir/qformat.py``.
+The storage format (``QuantSpec``, ``QuantizedWeight``, packing) is in ``ops/quant/format.py``.
 
 GPTQ (Frantar et al. 2022) quantizes columns left to right and spreads each column's rounding error over the
 columns not yet quantized, weighted by the inverse Hessian ``H = 2 X^T X / n`` of the layer's calibration inputs
@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from ..ir.qformat import QuantizedWeight, QuantSpec
+from ..ops.quant.format import QuantizedWeight, QuantSpec
 
 
 def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

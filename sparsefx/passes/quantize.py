@@ -23,7 +23,7 @@ from ..errors import CalibrationError, RecipeError
 from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import QUANT
-from ..ir.qformat import QuantizedWeight, QuantSpec
+from ..ops.quant.format import QuantizedWeight, QuantSpec
 from .base import PassContext
 from .calibrate import insert_observers, remove_observers, run_calibration
 from .config import PassConfig, check_roles, register_pass
@@ -33,7 +33,7 @@ from .rewrite import LinearRewritePass, replace_linear
 
 @dataclass(frozen=True)
 class QuantConfig(PassConfig):
-    """bits, group_size, symmetric: the format (``ir/qformat.py``); roles: which linears (lm_head stays dense unless
+    """bits, group_size, symmetric: the format (``ops/quant/format.py``); roles: which linears (lm_head stays dense unless
     named); v_sink: GPTQ weighs the attention-sink position of value projections by the sequence length
     (``InputGram.for_role``)."""
 

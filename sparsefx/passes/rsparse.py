@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError
-from ..ir import ops as _ops  # noqa: F401  (registers sparsefx::sparse_lowrank_linear)
+from .. import ops as _ops  # noqa: F401  (registers sparsefx::sparse_lowrank_linear)
 from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import param_prefix

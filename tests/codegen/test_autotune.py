@@ -9,6 +9,7 @@ import torch
 from sparsefx.artifact import save_artifact
 from sparsefx.cli import main
 from sparsefx.codegen import autotune
+from sparsefx.ops import tuning
 from sparsefx.models import tiny_model
 from sparsefx.passes.config import Recipe
 from sparsefx.pipeline import compress
@@ -18,36 +19,36 @@ from sparsefx.pipeline import compress
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "tune" / "autotune.json"
     monkeypatch.setenv("SPARSEFX_AUTOTUNE_CACHE", str(path))
-    autotune.reload()
+    tuning.reload()
     yield path
-    autotune.reload()
+    tuning.reload()
 
 
 def test_store_and_lookup_by_device_shape_and_bin(cache):
     cfg = {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4}
-    autotune.store([{"kernel": "tiered_gemv", "shape": (576, 1536), "sparsity": 0.52, "config": cfg, "us": 3.0}],
+    tuning.store([{"kernel": "tiered_gemv", "shape": (576, 1536), "sparsity": 0.52, "config": cfg, "us": 3.0}],
                    "cpu")
-    assert autotune.lookup("tiered_gemv", "cpu", (576, 1536), 0.55) == cfg       # same bin (0.5)
-    assert autotune.lookup("tiered_gemv", "cpu", (576, 1536), 0.75) is None
-    assert autotune.lookup("tiered_gemv", "cpu", (576, 1536)) is None            # no shape-only entry
-    assert autotune.lookup("quant_matmul", "cpu", (576, 1536), 0.5) is None
+    assert tuning.lookup("tiered_gemv", "cpu", (576, 1536), 0.55) == cfg       # same bin (0.5)
+    assert tuning.lookup("tiered_gemv", "cpu", (576, 1536), 0.75) is None
+    assert tuning.lookup("tiered_gemv", "cpu", (576, 1536)) is None            # no shape-only entry
+    assert tuning.lookup("quant_matmul", "cpu", (576, 1536), 0.5) is None
     assert [p.name for p in cache.parent.iterdir()] == ["autotune.json"]          # no temporary files left
     data = json.loads(cache.read_text())
-    assert list(data["devices"]) == [autotune.device_name("cpu", "tiered_gemv")]
+    assert list(data["devices"]) == [tuning.device_name("cpu", "tiered_gemv")]
     # a second store merges
-    autotune.store([{"kernel": "tiered_gemv", "shape": (576, 1536), "sparsity": None, "config": cfg, "us": 3.0}], "cpu")
-    assert autotune.lookup("tiered_gemv", "cpu", (576, 1536)) == cfg
-    assert autotune.lookup("tiered_gemv", "cpu", (576, 1536), 0.5) == cfg
+    tuning.store([{"kernel": "tiered_gemv", "shape": (576, 1536), "sparsity": None, "config": cfg, "us": 3.0}], "cpu")
+    assert tuning.lookup("tiered_gemv", "cpu", (576, 1536)) == cfg
+    assert tuning.lookup("tiered_gemv", "cpu", (576, 1536), 0.5) == cfg
 
 
 def test_a_corrupt_cache_is_ignored_with_a_warning(cache, caplog):
     cache.parent.mkdir(parents=True)
     cache.write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="sparsefx.codegen.autotune"):
-        assert autotune.lookup("tiered_gemv", "cpu", (8, 8)) is None
+    with caplog.at_level(logging.WARNING, logger="sparsefx.ops.tuning"):
+        assert tuning.lookup("tiered_gemv", "cpu", (8, 8)) is None
     assert "re-run `sparsefx autotune`" in caplog.text
-    autotune.store([{"kernel": "k", "shape": (1,), "sparsity": None, "config": {"a": 1}, "us": 1.0}], "cpu")
-    assert autotune.lookup("k", "cpu", (1,)) == {"a": 1}                         # rebuilt
+    tuning.store([{"kernel": "k", "shape": (1,), "sparsity": None, "config": {"a": 1}, "us": 1.0}], "cpu")
+    assert tuning.lookup("k", "cpu", (1,)) == {"a": 1}                         # rebuilt
 
 
 def _daws_artifact(tmp_path):
@@ -59,17 +60,17 @@ def _daws_artifact(tmp_path):
 
 def test_cli_tunes_the_triton_kernels_and_launchers_read_the_result(tmp_path, cache, capsys):
     pytest.importorskip("triton")
-    from sparsefx.codegen.triton.tiered import gemv_configs, tiered_gemv
+    from sparsefx.ops.routed.triton import gemv_configs, tiered_gemv
 
     art = _daws_artifact(tmp_path)
     assert main(["autotune", str(art), "--kernels", "triton", "--max-configs", "2", "--reps", "1",
                  "--sparsity", "0.5", "--cache", str(cache)]) == 0
     out = capsys.readouterr().out
     assert "tiered_gemv" in out and "wrote" in out
-    autotune.reload()
+    tuning.reload()
     shapes = autotune.model_shapes(tiny_model("llama"))["tiered_gemv"]
     for shape in shapes:
-        cfg = autotune.lookup("tiered_gemv", "cpu", shape)
+        cfg = tuning.lookup("tiered_gemv", "cpu", shape)
         assert cfg in gemv_configs()[:2]
     # a launcher without an explicit config runs with the stored one and still computes the right thing
     k, n = sorted(shapes)[0]
@@ -79,10 +80,10 @@ def test_cli_tunes_the_triton_kernels_and_launchers_read_the_result(tmp_path, ca
 
 def test_cli_tunes_the_banded_triton_gemv_and_its_launcher_reads_the_result(tmp_path, cache, capsys):
     pytest.importorskip("triton")
-    from sparsefx.codegen.triton.banded import banded_gemv
-    from sparsefx.codegen.triton.tiered import gemv_configs
-    from sparsefx.ir.bandformat import pack_bands
-    from sparsefx.ir.ops import banded_linear_reference
+    from sparsefx.ops.routed.triton import banded_gemv
+    from sparsefx.ops.routed.triton import gemv_configs
+    from sparsefx.ops.routed.format import pack_bands
+    from sparsefx.ops.routed.op import banded_linear_reference
 
     model = tiny_model("llama")
     recipe = Recipe.from_yaml("passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], "
@@ -94,10 +95,10 @@ def test_cli_tunes_the_banded_triton_gemv_and_its_launcher_reads_the_result(tmp_
     assert main(["autotune", str(art), "--kernels", "triton", "--max-configs", "2", "--reps", "1",
                  "--cache", str(cache)]) == 0
     assert "banded_gemv" in capsys.readouterr().out
-    autotune.reload()
+    tuning.reload()
     plain = [c for c in gemv_configs() if not c.get("GATHER")][:2]
     for shape in shapes:
-        assert autotune.lookup("banded_gemv", "cpu", shape) in plain
+        assert tuning.lookup("banded_gemv", "cpu", shape) in plain
     # the launcher runs with the stored config and still computes the right thing
     k, n = sorted(shapes)[0]
     banded = pack_bands(torch.randn(n, k), [0.5, 1.0, 1.5])
@@ -108,10 +109,10 @@ def test_cli_tunes_the_banded_triton_gemv_and_its_launcher_reads_the_result(tmp_
 
 def test_cli_tunes_the_cpu_kernel_and_a_losing_shape_keeps_the_dense_path(tmp_path, cache, capsys):
     from sparsefx.codegen.cpu import prepare_cpu_decode
-    from sparsefx.codegen.cpu.sparse_gemv import _extension
-    from sparsefx.codegen.eager import TieredLinear
+    from sparsefx.ops.routed.cpu import extension
+    from sparsefx.ops.routed.eager import TieredLinear
 
-    if _extension() is None:
+    if extension() is None:
         pytest.skip("the C++ kernel does not build here")
     art = _daws_artifact(tmp_path)
     assert main(["autotune", str(art), "--kernels", "cpu", "--reps", "3", "--cache", str(cache)]) == 0
@@ -120,7 +121,7 @@ def test_cli_tunes_the_cpu_kernel_and_a_losing_shape_keeps_the_dense_path(tmp_pa
     assert all("min_sparsity" in e["config"] for e in entries.values())
     # a shape measured never to win keeps the dense path in decode; one that wins from some sparsity takes the kernel
     # (on these tiny shapes the measurement itself may go either way, so the entries are set here)
-    autotune.store([{"kernel": "cpu_tiered_gemv", "shape": shape, "sparsity": None,
+    tuning.store([{"kernel": "cpu_tiered_gemv", "shape": shape, "sparsity": None,
                      "config": {"min_sparsity": None if shape == (64, 64) else 0.25}, "us": 1.0}
                     for shape in autotune.model_shapes(tiny_model("llama"))["tiered_gemv"]], "cpu")
     from sparsefx.artifact import load_artifact

@@ -76,7 +76,7 @@ def test_compressed_linears_lower_to_their_triton_kernels(recipe, op, tokens):
                                         ("passes: [{method: dam, budget: 5.0, bits: 3, group_size: 32, "
                                          "factor_group: 32}]", "lowrank_quant_linear")])
 def test_quantized_models_lower_to_the_cpu_kernels(recipe, op, tokens, monkeypatch):
-    from sparsefx.codegen.cpu import quant_gemv
+    from sparsefx.ops.quant import cpu as quant_gemv
 
     model, _, _ = _compressed("llama", recipe)
     one = tokens[:1, :1]                                     # one token: the packed-code kernel, not dequant + GEMM
@@ -89,10 +89,9 @@ def test_quantized_models_lower_to_the_cpu_kernels(recipe, op, tokens, monkeypat
         calls.clear()                                        # only the compiled model's calls count
         out = torch.compile(model, backend="sparsefx", options={"kernels": "cpu"})(one).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert backend.counters[f"cpu.{op}"] == 7 * model.config.num_hidden_layers
-    assert backend.counters["fallback"] == 0
-    # registered in C++: the compiled graph calls the kernel without going through Python
-    assert backend.counters[f"cpp.{op}"] == 7 * model.config.num_hidden_layers and not calls
+    # retargeted to the C++-registered op: the compiled graph calls the kernel without going through Python
+    assert backend.counters[f"cpu.{op}"] == 7 * model.config.num_hidden_layers and not calls
+    assert backend.counters[f"reference.{op}"] == 0 and backend.counters["fallback"] == 0
 
 
 @pytest.mark.parametrize("entry, kind, op", [
@@ -100,7 +99,7 @@ def test_quantized_models_lower_to_the_cpu_kernels(recipe, op, tokens, monkeypat
     ("{method: dam, budget: 5.0, bits: 3, group_size: 32, factor_group: 32}", "LowRankQuantLinear",
      "lowrank_quant_linear")])
 def test_int8_activations_option_lowers_quantized_linears_to_the_q8_ops(tokens, entry, kind, op):
-    from sparsefx.codegen.cpu.quant_gemv import round_activations_int8
+    from sparsefx.ops.quant.cpu import round_activations_int8
 
     model, _, _ = _compressed("llama", f"passes: [{entry}]")
     one = tokens[:1, :1]
@@ -109,7 +108,7 @@ def test_int8_activations_option_lowers_quantized_linears_to_the_q8_ops(tokens, 
         compiled = torch.compile(model, backend="sparsefx", options={"kernels": "cpu", "int8_activations": True})
         out = compiled(one).logits
     n = 7 * model.config.num_hidden_layers
-    assert backend.counters[f"cpp.{op}_q8"] == n and backend.counters[f"cpp.{op}"] == 0
+    assert backend.counters[f"cpu.{op}_q8"] == n and backend.counters[f"cpu.{op}"] == 0
     assert backend.counters["fallback"] == 0
     # what the q8 op computes: each linear's input rounded to int8 per 32 channels (DAM: packed factors too)
     handles = [m.register_forward_pre_hook(lambda _m, a: (round_activations_int8(a[0]),))
@@ -172,8 +171,8 @@ def test_a_prepared_model_compiled_reaches_the_cpu_decode_kernels(layout, op):
     from torch.profiler import ProfilerActivity, profile
 
     from sparsefx.codegen.cpu import prepare_cpu_decode
-    from sparsefx.codegen.cpu.sparse_gemv import extension_runs
-    from sparsefx.codegen.eager import BandedLinear, MultiTierLinear
+    from sparsefx.ops.routed.cpu import extension_runs
+    from sparsefx.ops.routed.eager import BandedLinear, MultiTierLinear
 
     assert extension_runs(), "the C++ kernels must build on the CPU machines the tests run on (AVX2, a compiler)"
     model, _, _ = _compressed("llama", "passes: [{method: daws, sparsity: 0.5, medium_tiers: [0.25, 0.5, 0.75], "

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from sparsefx.codegen.cpu import enable_cpu_kernels, prepare_cpu_decode
-from sparsefx.codegen.cpu.sparse_gemv import cpu_supports_kernel
-from sparsefx.codegen.eager import BandedLinear, MultiTierLinear, TieredLinear
-from sparsefx.ir.ops import tiered_linear_math, tiered_linear_reference
+from sparsefx.ops.routed.cpu import cpu_supports_kernels
+from sparsefx.ops.routed.eager import BandedLinear, MultiTierLinear, TieredLinear
+from sparsefx.ops.routed.op import tiered_linear_math, tiered_linear_reference
 from sparsefx.models import tiny_model
 from sparsefx.passes.config import Recipe
 from sparsefx.pipeline import compress
 
-needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
+needs_kernel = pytest.mark.skipif(not cpu_supports_kernels(), reason="the C++ kernel needs AVX2/FMA/F16C")
 
 
 def _compressed(recipe="{method: daws, sparsity: 0.5}"):

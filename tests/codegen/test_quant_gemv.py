@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from sparsefx.codegen.cpu import enable_cpu_kernels, prepare_cpu_decode
-from sparsefx.codegen.cpu import quant_gemv as qg
-from sparsefx.codegen.cpu.sparse_gemv import cpu_supports_kernel
-from sparsefx.ir.ops import lowrank_quant_linear_math, quant_linear_math
-from sparsefx.ir.qformat import QuantSpec
+from sparsefx.ops.quant import cpu as qg
+from sparsefx.ops.routed.cpu import cpu_supports_kernels
+from sparsefx.ops.quant.op import lowrank_quant_linear_math, quant_linear_math
+from sparsefx.ops.quant.format import QuantSpec
 from sparsefx.models import tiny_model
 from sparsefx.passes.config import Recipe
 from sparsefx.passes.quant import quantize_rtn
 from sparsefx.pipeline import compress
 
-needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
+needs_kernel = pytest.mark.skipif(not cpu_supports_kernels(), reason="the C++ kernel needs AVX2/FMA/F16C")
 
 
 def _count_kernel_calls(monkeypatch) -> list:
@@ -90,7 +90,7 @@ def test_inputs_the_kernel_does_not_take_use_the_reference():
 @needs_kernel
 def test_kernel_refuses_inconsistent_operands():
     qw = _packed(5, 64, 4, 32, False, 0)
-    ext = qg._extension()
+    ext = qg.extension()
     with pytest.raises(RuntimeError, match="packed must be"):
         ext.quant_matmul(torch.randn(1, 64), qw.packed[:, :-1].contiguous(), qw.scales, qw.zeros, 4, 32)
     with pytest.raises(RuntimeError, match="scales must be"):
@@ -219,7 +219,7 @@ def test_registered_lowrank_kernel_matches_the_default_implementation(with_main,
                                     "{method: dam, budget: 5.0, bits: 3, group_size: 32, factor_group: 32}",
                                     "{method: l_then_q, budget: 5.0, bits: 3, group_size: 32}"])
 def test_prepared_quantized_model_decodes_through_the_kernel_with_the_same_outputs(recipe):
-    from sparsefx.codegen.eager import LowRankQuantLinear, QuantLinear
+    from sparsefx.ops.quant.eager import LowRankQuantLinear, QuantLinear
 
     model = tiny_model("llama")
     compress(model, Recipe.from_yaml(f"passes: [{recipe}]"), calibration=torch.randint(0, 256, (8, 32)),

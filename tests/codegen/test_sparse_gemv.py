@@ -3,20 +3,16 @@
 import pytest
 import torch
 
-from sparsefx.codegen.cpu.sparse_gemv import (_extension, banded_gemv, banded_gemv_reference, cpp_banded_linear,
-                                              cpp_multitier_linear, cpp_tiered_linear_packed,
-                                              cpu_supports_kernel, multitier_gemv, multitier_gemv_reference,
-                                              pack_medium, sparse_gemv, sparse_gemv_reference, tiered_gemv,
-                                              tiered_gemv_packed, tiered_gemv_reference, unpack_medium)
-from sparsefx.ir.bandformat import pack_bands
-from sparsefx.ir.ops import tiered_linear_reference
+from sparsefx.ops.routed.cpu import (extension, banded_gemv, banded_gemv_reference, cpp_banded_linear, cpp_multitier_linear, cpp_tiered_linear_packed, cpu_supports_kernels, multitier_gemv, multitier_gemv_reference, pack_medium_rows, sparse_gemv, sparse_gemv_reference, tiered_gemv, tiered_gemv_packed, tiered_gemv_reference, unpack_medium)
+from sparsefx.ops.routed.format import pack_bands
+from sparsefx.ops.routed.op import tiered_linear_reference
 
-needs_kernel = pytest.mark.skipif(not cpu_supports_kernel(), reason="the C++ kernel needs AVX2/FMA/F16C")
+needs_kernel = pytest.mark.skipif(not cpu_supports_kernels(), reason="the C++ kernel needs AVX2/FMA/F16C")
 
 
 @needs_kernel
 def test_kernel_builds():
-    assert _extension() is not None
+    assert extension() is not None
 
 
 @needs_kernel
@@ -105,7 +101,7 @@ def test_banded_gemv_rejects_bad_operands():
 @needs_kernel
 @pytest.mark.parametrize("lead", [(1, 1), (3, 5)])
 def test_cpp_registered_op_computes_the_banded_linear(lead):
-    from sparsefx.ir.ops import banded_linear_math
+    from sparsefx.ops.routed.op import banded_linear_math
 
     op = cpp_banded_linear()
     assert op is not None, "the C++ extension must build on this CPU (AVX2/FMA/F16C)"
@@ -128,7 +124,7 @@ def test_multitier_gemv_rejects_mismatched_thresholds():
 @needs_kernel
 @pytest.mark.parametrize("lead", [(1, 1), (3, 5)])
 def test_cpp_registered_op_computes_the_multitier_linear(lead):
-    from sparsefx.ir.ops import multitier_linear_math
+    from sparsefx.ops.routed.op import multitier_linear_math
 
     op = cpp_multitier_linear()
     assert op is not None, "the C++ extension must build on this CPU (AVX2/FMA/F16C)"
@@ -173,8 +169,8 @@ def test_fp16_medium_rows_are_read_as_stored():
 def test_cpp_registered_op_computes_the_tiered_linear(lead, medium_dtype):
     # sparsefx_cpu::tiered_linear (what the backend lowers to on CPU): one token on transposed storage takes the
     # kernel, everything else the op's default math; both equal sparsefx::tiered_linear's reference
-    from sparsefx.codegen.cpu.sparse_gemv import cpp_tiered_linear
-    from sparsefx.ir.ops import tiered_linear_math
+    from sparsefx.ops.routed.cpu import cpp_tiered_linear
+    from sparsefx.ops.routed.op import tiered_linear_math
 
     op = cpp_tiered_linear()
     assert op is not None, "the C++ extension must build on this CPU (AVX2/FMA/F16C)"
@@ -198,7 +194,7 @@ def _pruned(in_f, out_f, density, dtype=torch.float32):
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_pack_medium_round_trips_and_counts_each_rows_values(in_f, out_f, density):
     wmt = _pruned(in_f, out_f, density)
-    mask, values, offsets = pack_medium(wmt)
+    mask, values, offsets = pack_medium_rows(wmt)
     assert mask.dtype == torch.uint8 and mask.shape == (in_f, -(-out_f // 8))
     assert offsets.tolist() == [0] + (wmt != 0).sum(1).cumsum(0).tolist()
     assert values.numel() == int(offsets[-1]) + 8 and torch.equal(values[-8:], torch.zeros(8))
@@ -216,7 +212,7 @@ def test_packed_medium_tier_matches_reference(in_f, out_f, q_low, q_high, medium
     a = x.abs()
     t_low = float(a.quantile(q_low)) if q_low > 0 else 0.0
     t_high = float(a.quantile(q_high))
-    got = tiered_gemv_packed(x, wt, *pack_medium(wmt), t_high, t_low)
+    got = tiered_gemv_packed(x, wt, *pack_medium_rows(wmt), t_high, t_low)
     ref = tiered_gemv_reference(x, wt, wmt, t_high, t_low)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, in_f ** 0.5))
 
@@ -224,12 +220,12 @@ def test_packed_medium_tier_matches_reference(in_f, out_f, q_low, q_high, medium
 @needs_kernel
 def test_packed_kernel_rejects_a_mask_of_the_wrong_width():
     x, wt = torch.randn(9), torch.randn(9, 17)
-    mask, values, offsets = pack_medium(_pruned(9, 16, 0.5))
+    mask, values, offsets = pack_medium_rows(_pruned(9, 16, 0.5))
     with pytest.raises(ValueError, match="ceil"):
         tiered_gemv_packed(x, wt, mask, values, offsets, 1.0, 0.5)
     with pytest.raises(RuntimeError, match="padding"):   # values cut short: the C++ check, not an overread
-        _extension().tiered_gemv_packed(x, wt, *pack_medium(_pruned(9, 17, 0.5))[:1], torch.zeros(3),
-                                        pack_medium(_pruned(9, 17, 1.0))[2], 1.0, 0.5)
+        extension().tiered_gemv_packed(x, wt, *pack_medium_rows(_pruned(9, 17, 0.5))[:1], torch.zeros(3),
+                                        pack_medium_rows(_pruned(9, 17, 1.0))[2], 1.0, 0.5)
 
 
 @needs_kernel
@@ -241,5 +237,5 @@ def test_cpp_packed_op_computes_the_tiered_linear(lead):
     x = torch.randn(*lead, in_f)
     a = x.abs().flatten()
     t_high, t_low = float(a.quantile(0.7)), float(a.quantile(0.3))
-    got = cpp_tiered_linear_packed()(x, w, wm, *pack_medium(wm.t()), b, t_high, t_low)
+    got = cpp_tiered_linear_packed()(x, w, wm, *pack_medium_rows(wm.t()), b, t_high, t_low)
     torch.testing.assert_close(got, tiered_linear_reference(x, w, wm, b, t_high, t_low), rtol=1e-4, atol=1e-4)

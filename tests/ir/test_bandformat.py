@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparsefx.ir.bandformat import MAX_MEDIUMS, band_of, pack_bands, tier_weight
+from sparsefx.ops.routed.format import MAX_MEDIUMS, band_of, pack_bands, tier_weight
 
 # every finite non-negative fp16 bit pattern, and its value
 _ALL = torch.arange(0, 0x7C00, dtype=torch.int32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsefx.artifact import load_artifact, save_artifact
-from sparsefx.codegen.eager import LowRankQuantLinear
+from sparsefx.ops.quant.eager import LowRankQuantLinear
 from sparsefx.errors import RecipeError
 from sparsefx.models import tiny_model
 from sparsefx.passes.config import Recipe

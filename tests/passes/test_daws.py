@@ -3,9 +3,8 @@ import torch
 
 from sparsefx.errors import RecipeError
 from sparsefx.ir import annotated_linears, linear_nodes, verify
-from sparsefx.ir.bandformat import band_of, pack_bands, tier_weight
-from sparsefx.ir.ops import (banded_linear_math, banded_linear_reference, multitier_linear_math,
-                             multitier_linear_reference, tiered_linear_reference)
+from sparsefx.ops.routed.format import band_of, pack_bands, tier_weight
+from sparsefx.ops.routed.op import (banded_linear_math, banded_linear_reference, multitier_linear_math, multitier_linear_reference, tiered_linear_reference)
 from sparsefx.models import tiny_model
 from sparsefx.passes.calibrate import Observer
 from sparsefx.passes.config import Recipe, config_from_dict

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparsefx.ir.qformat import QuantSpec
+from sparsefx.ops.quant.format import QuantSpec
 from sparsefx.passes.lowrank import fit_diagonal, svd_factors, whitened_svd_factors
 from sparsefx.passes.quant import quantize_rtn
 

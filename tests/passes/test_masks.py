@@ -70,7 +70,7 @@ def test_masks_apply_and_generate_works(arch, recipe, tokens):
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_packed_nm_layers_compute_the_masked_model_and_round_trip(arch, pattern, tokens, tmp_path):
     from sparsefx.artifact import load_artifact, save_artifact
-    from sparsefx.codegen.eager import NMLinear
+    from sparsefx.ops.nm.eager import NMLinear
 
     calib = torch.randint(0, 256, (4, 32))
     masked, packed = tiny_model(arch), tiny_model(arch)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsefx.errors import RecipeError
-from sparsefx.ir.qformat import QuantizedWeight, QuantSpec, pack, unpack
+from sparsefx.ops.quant.format import QuantizedWeight, QuantSpec, pack, unpack
 from sparsefx.passes.quant import quantize_gptq, quantize_rtn
 
 

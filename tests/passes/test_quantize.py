@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sparsefx.artifact import load_artifact, save_artifact
-from sparsefx.codegen.eager import QuantLinear
+from sparsefx.ops.quant.eager import QuantLinear
 from sparsefx.errors import CalibrationError, RecipeError
-from sparsefx.ir import ops  # noqa: F401
+from sparsefx import ops  # noqa: F401
 from sparsefx.models import TINY_ARCHS, tiny_model
 from sparsefx.passes.config import Recipe
 from sparsefx.pipeline import compress

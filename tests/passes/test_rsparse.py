@@ -3,7 +3,7 @@ import torch
 
 from sparsefx.errors import RecipeError
 from sparsefx.ir import verify
-from sparsefx.ir.ops import sparse_lowrank_linear_reference
+from sparsefx.ops.rsparse.op import sparse_lowrank_linear_reference
 from sparsefx.models import tiny_model
 from sparsefx.passes.config import Recipe, config_from_dict
 from sparsefx.passes.rsparse import lowrank_factors

@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from sparsefx.codegen.triton.banded import banded_gemv, triton_banded_linear  # noqa: E402
-from sparsefx.ir.bandformat import pack_bands  # noqa: E402
-from sparsefx.ir.ops import banded_linear_reference  # noqa: E402
+from sparsefx.ops.routed.triton import banded_gemv, triton_banded_linear  # noqa: E402
+from sparsefx.ops.routed.format import pack_bands  # noqa: E402
+from sparsefx.ops.routed.op import banded_linear_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 x: the products are exact on both sides, only the summation order differs (K <= 257 terms); fp16 x: the

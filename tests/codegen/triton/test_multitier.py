@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from sparsefx.codegen.triton.multitier import multitier_gemv, triton_multitier_linear  # noqa: E402
-from sparsefx.ir.ops import multitier_linear_reference  # noqa: E402
+from sparsefx.ops.routed.triton import multitier_gemv, triton_multitier_linear  # noqa: E402
+from sparsefx.ops.routed.op import multitier_linear_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 x: exact products on both sides, only the summation order differs (K <= 257 terms); fp16 x: the reference

@@ -5,8 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from sparsefx.codegen.triton.nm import (  # noqa: E402
-    nm_matmul, nm_matmul_reference, pack_nm, triton_nm_linear, unpack_nm)
+from sparsefx.ops.nm.triton import nm_matmul, nm_matmul_reference, pack_nm, triton_nm_linear, unpack_nm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

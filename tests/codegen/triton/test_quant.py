@@ -5,11 +5,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import sparsefx.ir.ops  # noqa: E402,F401  (registers sparsefx::quant_linear / lowrank_quant_linear)
-from sparsefx.codegen.triton.quant import (  # noqa: E402
-    Packed, default_config, default_gemv_config, gemv_eligible, quant_gemv, quant_matmul, quant_matmul_reference,
-    triton_lowrank_quant_linear, triton_quant_linear)
-from sparsefx.ir.qformat import QuantSpec  # noqa: E402
+import sparsefx.ops  # noqa: E402,F401  (registers sparsefx::quant_linear / lowrank_quant_linear)
+from sparsefx.ops.quant.triton import (Packed, default_config, default_gemv_config, gemv_eligible, quant_gemv, quant_matmul, quant_matmul_reference, triton_lowrank_quant_linear, triton_quant_linear)
+from sparsefx.ops.quant.format import QuantSpec  # noqa: E402
 from sparsefx.passes.quant import quantize_rtn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

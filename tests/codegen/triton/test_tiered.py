@@ -5,10 +5,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from sparsefx.codegen.triton import available  # noqa: E402
-from sparsefx.codegen.triton.tiered import (  # noqa: E402
-    DENSE_ABOVE, block_layout, default_gemv_config, kept_channels, tiered_gemm, tiered_gemv, triton_tiered_linear)
-from sparsefx.ir.ops import tiered_linear_reference  # noqa: E402
+from sparsefx.ops.triton_support import available  # noqa: E402
+from sparsefx.ops.routed.triton import (DENSE_ABOVE, block_layout, default_gemv_config, kept_channels, tiered_gemm, tiered_gemv, triton_tiered_linear)
+from sparsefx.ops.routed.op import tiered_linear_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: products are exact in both, only the summation order differs (K <= 300 terms); fp16 inputs: both sides
@@ -50,7 +49,7 @@ def test_gemv_matches_reference(k, n, dtype, config):
 
 def test_every_gemv_config_the_tuner_tries_computes_the_same():
     # wide tiles with more K splits than K blocks included: k_chunks leaves no split empty or overlapping
-    from sparsefx.codegen.triton.tiered import gemv_configs
+    from sparsefx.ops.routed.triton import gemv_configs
 
     x, w, wm = _case(203, 301, torch.float16, seed=5)
     ref = tiered_linear_reference(x[None].float(), w.float(), wm.float(), None, 1.0, 0.4)[0]
