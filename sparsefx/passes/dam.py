@@ -35,7 +35,7 @@ import torch
 from ..errors import RecipeError
 from ..ir.capture import get_param
 from ..ir.meta import LOWRANK
-from ..ops.quant.args import BUFFERS
+from ..ops.quant.args import BUFFERS, LowRankQuantArgs
 from ..ops.quant.format import QuantizedWeight, QuantSpec
 from .config import register_pass
 from .lowrank import balance, fit_diagonal, svd_factors, whitened_svd_factors
@@ -234,8 +234,8 @@ class _LowRankQuantPass(LinearRewritePass):
         cfg = self.config
         rank = min(cfg.rank_for(info.out_features, info.in_features), info.out_features, info.in_features)
         dec = decompose(cfg, get_param(gm, info.param), gram.for_role(info.role, cfg.v_sink), rank)
-        new = replace_linear(gm, node, info, torch.ops.sparsefx.lowrank_quant_linear.default, _tensors(dec),
-                             (cfg.bits, cfg.group_size, cfg.factor_bits, cfg.factor_group))
+        new = replace_linear(gm, node, info, LowRankQuantArgs, _tensors(dec), bits=cfg.bits,
+                             group_size=cfg.group_size, factor_bits=cfg.factor_bits, factor_group=cfg.factor_group)
         new.meta[LOWRANK] = {"rank": dec.rank, "bytes": dec.nbytes,
                              "bits_per_weight": dec.nbytes * 8 / (info.in_features * info.out_features)}
         if dec.order:
@@ -251,14 +251,15 @@ class _LowRankQuantPass(LinearRewritePass):
 
 
 # buffer names, in the op's argument order after x
-def _tensors(dec: Decomposition) -> list[tuple[str, torch.Tensor | None]]:
+def _tensors(dec: Decomposition) -> dict[str, tuple[str, torch.Tensor | None]]:
     def parts(t):
         if isinstance(t, QuantizedWeight):
             return [t.packed, t.scales, t.zeros]
         return [t, None, None]
 
     main = [None, None, None] if dec.main is None else parts(dec.main)
-    return list(zip(BUFFERS, [*main, *parts(dec.at), dec.d, *parts(dec.b)]))
+    tensors = [*main, *parts(dec.at), dec.d, *parts(dec.b)]
+    return {arg: (key, t) for arg, key, t in zip(LowRankQuantArgs.STORED, BUFFERS, tensors)}
 
 
 @register_pass(SvdConfig)

@@ -36,7 +36,7 @@ from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import TIERS, param_prefix
 from ..ops import REGISTRY, spec_for_target
-from ..ops.routed.args import MultitierArgs, TieredArgs
+from ..ops.routed.args import BandedArgs, MultitierArgs, TieredArgs
 from ..ops.routed.format import MAX_MEDIUMS, pack_bands
 from .allocate import Knob, greedy_allocate
 from .base import Pass, PassReport, PassResult
@@ -310,8 +310,8 @@ class DawsPass(Pass):
         except ValueError as exc:
             raise RecipeError(f"daws on {info.param}: {exc}") from None
         densities = (1.0, *(float((w_abs >= cut).float().mean()) for cut in cuts), 0.0)
-        new = replace_linear(gm, node, info, torch.ops.sparsefx.banded_linear.default, [("weight_banded", banded)],
-                             ([0.0] * (len(cuts) + 1),))
+        new = replace_linear(gm, node, info, BandedArgs, {"weight": ("weight_banded", banded)},
+                             thresholds=[0.0] * (len(cuts) + 1))
 
         def solver(s):
             return solve_levels(stats, boundary_weights, densities, s)

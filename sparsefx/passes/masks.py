@@ -24,6 +24,8 @@ from ..errors import RecipeError
 from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import LINEAR, MASK
+from ..ops.nm.args import NMArgs
+from ..ops.nm.format import pack_nm
 from .base import Pass, PassReport, PassResult
 from .config import PassConfig, check_roles, normalize_overrides, override_for, register_pass
 from .rewrite import calibrated_stats, dense_linears, replace_linear
@@ -176,13 +178,11 @@ class _MaskPass(Pass):
 
 def _pack(gm, node, info, w: torch.Tensor, target: tuple[int, int]) -> None:
     """Rewrite the masked linear ``node`` into ``sparsefx::nm_linear`` over its packed weight."""
-    from .. import ops  # noqa: F401  (registers sparsefx::nm_linear)
-    from ..ops.nm.format import pack_nm
 
     n, m = target
     values, index = pack_nm(w.detach(), n, m)
-    new = replace_linear(gm, node, info, torch.ops.sparsefx.nm_linear.default,
-                         [("nm_values", values), ("nm_index", index)], (n, m))
+    new = replace_linear(gm, node, info, NMArgs, {"values": ("nm_values", values), "index": ("nm_index", index)},
+                         n=n, m=m)
     new.meta[MASK] = {**node.meta[MASK], "packed": True}
 
 

@@ -23,6 +23,7 @@ from ..errors import CalibrationError, RecipeError
 from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import QUANT
+from ..ops.quant.args import QuantArgs
 from ..ops.quant.format import QuantizedWeight, QuantSpec
 from .base import PassContext
 from .calibrate import insert_observers, remove_observers, run_calibration
@@ -186,9 +187,9 @@ class _QuantPass(LinearRewritePass):
     def rewrite(self, gm, node, info, gram, last_use=False):
         spec = self.config.spec
         qw = self.quantize(get_param(gm, info.param), gram, info.role, last_use)
-        buffers = [("qweight_packed", qw.packed), ("qweight_scales", qw.scales), ("qweight_zeros", qw.zeros)]
-        new = replace_linear(gm, node, info, torch.ops.sparsefx.quant_linear.default, buffers,
-                             (spec.bits, spec.group_size))
+        buffers = {"packed": ("qweight_packed", qw.packed), "scales": ("qweight_scales", qw.scales),
+                   "zeros": ("qweight_zeros", qw.zeros)}
+        new = replace_linear(gm, node, info, QuantArgs, buffers, bits=spec.bits, group_size=spec.group_size)
         new.meta[QUANT] = {**qw.attrs(), "bytes": qw.nbytes}
         return qw.nbytes, {"bytes": qw.nbytes}
 

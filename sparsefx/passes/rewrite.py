@@ -15,6 +15,7 @@ from torch.fx import GraphModule
 from ..errors import RecipeError
 from ..ir.annotate import LinearInfo, annotated_linears
 from ..ir.meta import STATS, param_prefix
+from ..ops import REGISTRY, ArgsView
 from .base import Pass, PassReport, PassResult
 
 if TYPE_CHECKING:                     # annotations only: quantize and calibrate import this module's importers
@@ -38,26 +39,30 @@ def calibrated_stats(node: torch.fx.Node, info: LinearInfo, method: str) -> ActS
     return stats
 
 
-def replace_linear(gm: GraphModule, node, info, op, buffers: list[tuple[str, torch.Tensor | None]],
-                   extra: tuple) -> torch.fx.Node:
-    """Replace the ``aten.linear`` ``node`` by ``op(x, *buffers, bias, *extra)``. Each buffer is registered on the
-    linear's module in ``gm`` and read by a new ``get_attr`` node (``None`` stays ``None``); the new node keeps the
-    old one's metadata (``LinearInfo`` included)."""
+def replace_linear(gm: GraphModule, node, info, view: type[ArgsView],
+                   buffers: dict[str, tuple[str, torch.Tensor | None]], **scalars) -> torch.fx.Node:
+    """Replace the ``aten.linear`` ``node`` by a call of the op that ``view`` (its argument view) describes, its
+    arguments by name: ``x`` and ``bias`` from ``node``, each of ``buffers`` (``{argument: (buffer name, tensor)}``)
+    registered on the linear's module in ``gm`` and read by a new ``get_attr`` node (a ``None`` tensor stays
+    ``None``), the rest from ``scalars``. The new node keeps the old one's metadata (``LinearInfo`` included)."""
     prefix = param_prefix(gm)
     module = gm.get_submodule(prefix + info.module)
-    args = [node.args[0]]
-    for key, t in buffers:
+    args = {"x": node.args[0], "bias": node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"), **scalars}
+    for arg, (key, t) in buffers.items():
         if t is None:
-            args.append(None)
+            args[arg] = None
             continue
         module.register_buffer(key, t)
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(f"{prefix}{info.module}.{key}")
         attr.meta["val"] = torch.empty_like(t, device="meta")
-        args.append(attr)
-    bias = node.args[2] if len(node.args) > 2 else None
+        args[arg] = attr
+    missing = set(view.names()) - set(args)
+    if missing:
+        raise TypeError(f"replace_linear: {view.op_name} also needs {sorted(missing)}")
+    call = view(**{name: args[name] for name in view.names()})
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(op, (*args, bias, *extra))
+        new = gm.graph.call_function(REGISTRY[view.op_name].op, call.as_args())
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
