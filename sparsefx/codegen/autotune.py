@@ -7,6 +7,15 @@ import logging
 
 import torch
 
+from ..ops.quant import triton as tq
+from ..ops.quant.eager import LowRankQuantLinear, QuantLinear
+from ..ops.quant.format import QuantSpec
+from ..ops.routed import triton as tt
+from ..ops.routed.cpu import extension, tiered_gemv
+from ..ops.routed.eager import BandedLinear, MultiTierLinear, TieredLinear
+from ..ops.routed.format import pack_bands
+from ..passes.quant import quantize_rtn
+
 log = logging.getLogger(__name__)
 
 
@@ -20,9 +29,6 @@ def model_shapes(model: torch.nn.Module) -> dict[str, set]:
         >>> model_shapes(tiny_model("llama"))["tiered_gemv"]  # doctest: +SKIP
         {(64, 64), (64, 96), (96, 64), (64, 32)}
     """
-    from ..ops.routed.eager import BandedLinear, MultiTierLinear, TieredLinear
-    from ..ops.quant.eager import LowRankQuantLinear, QuantLinear
-
     shapes: dict[str, set] = {"tiered_gemv": set(), "banded_gemv": set(), "quant_matmul": set()}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
@@ -108,8 +114,6 @@ def banded_inputs(k: int, n: int, device, dtype):
         >>> wt.shape, len(ts)
         (torch.Size([64, 32]), 4)
     """
-    from ..ops.routed.format import pack_bands
-
     g = torch.Generator().manual_seed(k * 37 + n)
     x = torch.randn(k, generator=g)
     w = torch.randn(n, k, generator=g)
@@ -125,9 +129,6 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
                 dtype=torch.float16, progress=None) -> list[dict]:
     """Time every config of the Triton kernels on each shape (and sparsity bin) with cold weights (``graph_us``);
     return the best per key."""
-    from ..ops.quant import triton as tq
-    from ..ops.routed import triton as tt
-
     cuda = torch.device(device).type == "cuda"
     results = []
     for k, n in sorted(shapes.get("tiered_gemv", ())):
@@ -158,9 +159,6 @@ def tune_triton(shapes: dict[str, set], device, sparsities=(0.5,), reps: int = 5
         if progress:
             progress(results[-1])
     for m, k, n, bits in sorted(shapes.get("quant_matmul", ())):
-        from ..ops.quant.format import QuantSpec
-        from ..passes.quant import quantize_rtn
-
         group = next(gs for gs in (128, 64, 32, 96, 192) if k % gs == 0)
         qw = quantize_rtn(torch.randn(n, k), QuantSpec(bits, group))
         packed = [tq.Packed(p, qw.scales.to(device), qw.zeros.to(device), bits, group)
@@ -191,8 +189,6 @@ def tune_cpu(shapes: dict[str, set], sparsities=(0.25, 0.4, 0.5, 0.6, 0.75), rep
              progress=None) -> list[dict]:
     """CPU: the C++ tiered GEMV against the dense fp32 GEMV per shape and sparsity bin; the config records the
     lowest sparsity at which the sparse kernel wins (``min_sparsity``; ``None`` if it never does)."""
-    from ..ops.routed.cpu import extension, tiered_gemv
-
     if extension() is None:
         raise RuntimeError("the C++ CPU kernel did not build on this machine; nothing to tune")
     results = []

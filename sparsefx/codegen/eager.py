@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 
 from ..ir.meta import param_prefix
 from ..ops import REGISTRY, eager_kinds, spec_for_target
+from ..passes.structured import PLAN, STRUCTURE_ATTR, shrink_model
 
 # Eager modules that carry compressed state, by kind (used to restore artifacts): one per registered op.
 EAGER_KINDS: dict[str, type[nn.Module]] = eager_kinds()
@@ -34,8 +35,6 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _apply_structure(gm: GraphModule, model: nn.Module) -> list[str]:
-    from ..passes.structured import PLAN, STRUCTURE_ATTR, shrink_model
-
     plan = gm.meta.get(PLAN)
     if plan is None:
         return []

@@ -29,8 +29,10 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_leaves
 
+from .. import distributed
 from ..errors import CalibrationError
 from ..ir.meta import KNOB as _KNOB
+from .calibrate import calibration_args
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -89,8 +91,6 @@ def split_by_layer(gm: GraphModule) -> tuple[GraphModule, dict[int, str]]:
 def _record_inputs(split: GraphModule, names: dict[int, str], tokens, batch_size: int):
     """Run the split (dense) model once and keep each layer submodule's positional inputs, per batch.
     ``tokens``: token ids ``[N, S]`` or a block's ``BlockInputs``."""
-    from .calibrate import calibration_args
-
     inputs: dict[int, list[tuple]] = {ly: [] for ly in names}
     hooks = []
     for ly, name in names.items():
@@ -109,8 +109,6 @@ def _record_inputs(split: GraphModule, names: dict[int, str], tokens, batch_size
 def _sq_err(outs, targets) -> float:
     """Relative squared error of the block's outputs, summed over this process's batches and then over all
     processes of a ``torchrun`` calibration (so every rank takes the same greedy step)."""
-    from .. import distributed
-
     num = den = 0.0
     for o, t in zip(outs, targets):
         for a, b in zip(tree_leaves(o), tree_leaves(t)):

@@ -16,6 +16,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..errors import RecipeError, SparsefxError
+from ..ir import annotate, annotated_linears, build_dependency_graph
 from ..ir.meta import STAGES
 from ..ir.verify import IRError, verify
 
@@ -157,8 +158,6 @@ class AnnotatePass(Pass):
     provides = ("annotated",)
 
     def run(self, gm, ctx):
-        from ..ir import annotate, annotated_linears, build_dependency_graph
-
         layers = annotate(gm)
         dep = build_dependency_graph(gm)
         roles: dict[str, int] = {}

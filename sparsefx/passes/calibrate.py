@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .. import distributed
 from ..errors import CalibrationError
 from ..ir.annotate import annotated_linears
 from ..ir.meta import STATS
@@ -100,8 +101,6 @@ class Observer(nn.Module):
 
     def all_reduce_(self) -> None:
         """Sum (max for ``abs_max``) the statistics over every process of a ``torchrun`` calibration."""
-        from .. import distributed
-
         n = torch.tensor([self.n_tokens], dtype=torch.float64)
         distributed.all_reduce_([self.sq_sum, self.abs_sum, self.hist, n])
         distributed.all_reduce_([self.abs_max], op="max")
@@ -224,8 +223,6 @@ def run_calibration(gm: GraphModule, batches, batch_size: int = 4, progress: boo
     ``BlockInputs`` — with a progress bar; then all-reduce the observers' statistics over the processes of a
     ``torchrun`` calibration (``sparsefx.distributed``)."""
     from tqdm.auto import tqdm
-
-    from .. import distributed
 
     _check_batches(batches)
     device = next(iter(gm.parameters())).device

@@ -23,7 +23,9 @@ from typing import Any, Callable, ClassVar
 import yaml
 
 from .._cache import atomic_write_bytes
+from ..data import TEXTS
 from ..errors import RecipeError
+from ..ir.annotate import ROLES
 
 _CONFIGS: dict[str, type["PassConfig"]] = {}
 _PASSES: dict[type["PassConfig"], Callable[["PassConfig"], Any]] = {}
@@ -78,8 +80,6 @@ def check_fraction(value: Any, field: str, upper_open: bool = True) -> float:
 def check_roles(method: str, roles) -> None:
     """Raise ``RecipeError`` unless ``roles`` is a non-empty list of linear roles (``ir.annotate.ROLES``, ``lm_head``,
     ``other``)."""
-    from ..ir.annotate import ROLES
-
     known = set(ROLES) | {"lm_head", "other"}
     bad = [r for r in roles if r not in known]
     if bad or not roles:
@@ -159,8 +159,6 @@ class CalibrationConfig:
     batch_size: int = 4
 
     def __post_init__(self):
-        from ..data import TEXTS
-
         if self.text not in TEXTS:
             raise RecipeError(f"calibration.text: unknown text {self.text!r}; choose one of {list(TEXTS)}")
         for name in ("samples", "seqlen", "batch_size"):

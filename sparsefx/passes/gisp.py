@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
+from .. import distributed
 from ..errors import CalibrationError, RecipeError
 from ..ir.annotate import annotated_linears
 from ..ir.capture import get_param
@@ -195,8 +196,6 @@ def objective_gradients(gm: GraphModule, params: list[str], ctx: PassContext,
 def _mean_over_processes(grads: dict[str, torch.Tensor], loss: float, ctx: PassContext, objective: str):
     """Under ``torchrun`` each process averaged over its share of the data: weigh each share by its size and sum
     over processes, so every rank holds the gradient of the mean loss over all of the data."""
-    from .. import distributed
-
     if distributed.world_size() == 1:
         return grads, loss
     n_local = float(ctx.calibration.shape[0] if objective == "lm" else len(ctx.pairs))

@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from ..errors import CalibrationError
 from ..ops.quant.format import QuantizedWeight, QuantSpec
 
 
@@ -104,8 +105,6 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp:
     try:
         Hinv = _inverse_cholesky_in_place(H)
     except torch.linalg.LinAlgError as e:
-        from ..errors import CalibrationError
-
         raise CalibrationError(f"GPTQ: the damped Hessian of a {in_f}-input linear is not positive definite in "
                                f"{str(dtype).removeprefix('torch.')} ({e}); raise gptq.damp (now {damp})"
                                f"{' or use precision: float64' if dtype == torch.float32 else ''}") from None

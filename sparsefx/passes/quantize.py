@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .. import distributed
 from ..errors import CalibrationError, RecipeError
 from ..ir.annotate import ROLES
 from ..ir.capture import get_param
@@ -151,8 +152,6 @@ class GramObserver(nn.Module):
 
     def all_reduce_(self) -> None:
         """Sum the Gram matrices over every process of a ``torchrun`` calibration."""
-        from .. import distributed
-
         n = torch.tensor([self.n_tokens], dtype=torch.float64)
         distributed.all_reduce_([t for t in (self.gram, self.first, n) if t is not None])
         self.n_tokens = int(n.item())

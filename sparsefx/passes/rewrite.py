@@ -104,8 +104,6 @@ class LinearRewritePass(Pass):
 
     @torch.no_grad()
     def run(self, gm, ctx):
-        from .. import ops  # noqa: F401  (registers the sparsefx:: ops)
-
         linears = list(dense_linears(gm, self.config.roles))
         for _, info in linears:
             self.check(info)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .format import pack_nm, unpack_nm
 from ..triton_support import check_device, k_chunks, output_buffer, splits_for
+from ..tuning import lookup
+from .format import pack_nm, unpack_nm
 
 
 def _kernel():
@@ -56,7 +57,6 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     if x.dim() != 2 or values.shape != index.shape or x.shape[1] * n != values.shape[1] * m:
         raise ValueError(f"nm_matmul: x {tuple(x.shape)} does not fit an {n}:{m} weight stored as "
                          f"{tuple(values.shape)} values and {tuple(index.shape)} indices")
-    from ..tuning import lookup
 
     rows, k = x.shape
     out_f, kept = values.shape

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 
 from ..triton_support import check_device, k_chunks, output_buffer, splits_for
+from ..tuning import lookup
+from .format import dequantize_packed
 
 
 def _kernel(name: str = "qmm"):
@@ -67,8 +69,6 @@ class Packed:
 
     def dense(self, dtype=torch.float32) -> torch.Tensor:
         """The float matrix (reference)."""
-        from .format import dequantize_packed
-
         if self.bits == 16:
             return self.packed.to(dtype)
         return dequantize_packed(self.packed, self.scales, self.zeros, self.bits, self.group, dtype)
@@ -147,7 +147,6 @@ def quant_gemv(x: torch.Tensor, main: Packed, bias: torch.Tensor | None = None,
         raise ValueError(f"quant_gemv takes one row of 2/3/4/8-bit codes in power-of-two groups >= 32; got {m} "
                          f"rows of {None if main is None else main.bits}-bit codes in groups of "
                          f"{None if main is None else main.group} (use quant_matmul)")
-    from ..tuning import lookup
 
     cfg = config or lookup("quant_gemv", x.device, (k, n, main.bits)) or default_gemv_config(k, n)
     k_chunk, split = k_chunks(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
@@ -181,7 +180,6 @@ def quant_matmul(x: torch.Tensor, main: Packed | None, bias: torch.Tensor | None
     m, k, n = _check(x, main, lowrank)
     if config is None and gemv_eligible(m, main):
         return quant_gemv(x, main, bias, colscale, lowrank, out=out)
-    from ..tuning import lookup
 
     cfg = config or lookup("quant_matmul", x.device, (m, k, n, main.bits if main else 0)) or default_config(m, k, n)
     k_chunk, split = k_chunks(k, cfg["BLOCK_K"], cfg["SPLIT_K"] if main is not None else 1)

@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 
 from ..triton_support import check_device, k_chunks, output_buffer, splits_for
+from ..tuning import lookup
+from .format import MAX_MEDIUMS
+from .op import banded_linear_math, check_banded_args, check_multitier_args, multitier_linear_math, tiered_linear_math
 
 # Union fraction above which the batch > 1 path multiplies densely (two masked GEMMs) instead of gathering.
 DENSE_ABOVE = 0.7
@@ -73,7 +76,6 @@ def default_gemm_config(m: int, k: int, n: int) -> dict:
 def _config(kernel: str, shape: tuple, default: dict, device: torch.device, config: dict | None) -> dict:
     if config is not None:
         return config
-    from ..tuning import lookup
 
     return lookup(kernel, device, shape) or default
 
@@ -223,8 +225,6 @@ def triton_tiered_linear(x: torch.Tensor, weight: torch.Tensor, weight_medium: t
     One token -> GEMV; more rows -> GEMM over the union of kept channels, or the dense path when the union is
     over ``DENSE_ABOVE`` of the inputs.
     """
-    from .op import tiered_linear_math
-
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])                                   # [M, in]
     wmt = weight_medium.t()                                         # read only when t_low < t_high
@@ -247,7 +247,7 @@ def _(x, weight, weight_medium, bias, t_high, t_low):
 
 # ---------------------------------------------------------------- multitier_linear (mediums stored apart)
 
-MAX_MEDIUMS = ROUTED_THRESHOLDS - 1
+assert MAX_MEDIUMS == ROUTED_THRESHOLDS - 1        # the GEMVs' threshold slots hold every tier of the format
 
 
 def multitier_gemv(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch.Tensor], thresholds: list[float],
@@ -279,8 +279,6 @@ def triton_multitier_linear(x: torch.Tensor, weight: torch.Tensor, mediums: list
                             bias: torch.Tensor | None, thresholds: list[float]) -> torch.Tensor:
     """``sparsefx::multitier_linear`` through the Triton kernel (same signature; what the backend lowers it to): one
     token with at most three mediums -> ``multitier_gemv``; anything else -> the op's default math."""
-    from .op import check_multitier_args, multitier_linear_math
-
     check_multitier_args(x, weight, mediums, thresholds)
     if x.numel() != x.shape[-1] or len(mediums) > MAX_MEDIUMS:
         return multitier_linear_math(x, weight, mediums, bias, thresholds)
@@ -308,7 +306,6 @@ def banded_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: list[float], conf
         >>> y = banded_gemv(torch.randn(64), wt, [1.5, 0.7, 0.3])  # doctest: +SKIP
     """
     from . import _banded_jit
-    from .format import MAX_MEDIUMS
 
     check_device(x, wt)
     if x.dim() != 1 or wt.dim() != 2 or wt.shape[0] != x.shape[0] or wt.dtype != torch.float16:
@@ -326,8 +323,6 @@ def triton_banded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          thresholds: list[float]) -> torch.Tensor:
     """``sparsefx::banded_linear`` through the Triton kernel (same signature; what the backend lowers it to): one
     token -> ``banded_gemv``; more rows -> the op's default math."""
-    from .op import banded_linear_math, check_banded_args
-
     check_banded_args(x, weight, thresholds)
     if x.numel() != x.shape[-1]:
         return banded_linear_math(x, weight, bias, thresholds)
