@@ -30,10 +30,12 @@ import torch
 from torch import nn
 
 from ._cache import atomic_dir
+from .codegen.cpu import prepare_cpu_decode
+from .codegen.eager import EAGER_KINDS, compressed_modules, replace_module
 from .errors import ArtifactError
 from .passes.calibrate import ActStats
 from .passes.config import Recipe
-from .passes.structured import STRUCTURE_ATTR
+from .passes.structured import shrink_model, shrink_to, STRUCTURE_ATTR, StructurePlan
 from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, TensorStore, index_name
 
 FORMAT, VERSION = "sparsefx-artifact", 1
@@ -97,8 +99,6 @@ class ArtifactWriter:
         """``module``'s persistent state (its names prefixed by ``prefix``) and its compressed modules' state. A
         tensor that two names share inside ``module`` (tied embeddings) is written once, under its first name (the
         loader ties it again from ``config.tie_word_embeddings``)."""
-        from .codegen.eager import compressed_modules
-
         seen: set[tuple] = set()    # only within this call: a freed tensor's address is reused by the next block
         for name, t in module.state_dict(prefix=prefix, keep_vars=True).items():
             key = (t.data_ptr(), tuple(t.shape), t.dtype)
@@ -118,7 +118,7 @@ class ArtifactWriter:
         """Write the shards' final names, indexes, config, tokenizer, recipe, report, statistics and manifest."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from . import __version__   # lazy: the package imports this module while it initialises
 
         self.dense.finish()
         self.compressed.finish()
@@ -190,8 +190,6 @@ def checkpoint_dtypes(folder: str | Path) -> dict:
 
 
 def _restore_compressed_modules(model: nn.Module, folder: Path, digests: dict[str, str] | None = None) -> None:
-    from .codegen.eager import EAGER_KINDS, replace_module
-
     if not (folder / "compressed.json").is_file():
         return
     plan = json.loads((folder / "compressed.json").read_text())
@@ -217,7 +215,7 @@ def _load_model(path: Path, dtype: torch.dtype, digests: dict[str, str] | None, 
     (and checked against its digest in that same read), its tensors cast to ``dtype`` and assigned, not copied."""
     from transformers import AutoConfig
 
-    from .models import empty_model, tie_embeddings
+    from .models import empty_model, tie_embeddings   # lazy: models imports this module (MANIFEST)
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -229,8 +227,6 @@ def _load_model(path: Path, dtype: torch.dtype, digests: dict[str, str] | None, 
                             "restore it, or re-run `sparsefx compress`") from exc
     plan = None
     if (path / "structure.json").is_file():
-        from .passes.structured import StructurePlan, shrink_to
-
         plan = StructurePlan.from_json((path / "structure.json").read_text())
         stored, plan.applied = plan.applied, 0
         shrink_to(model, plan, stored)
@@ -317,8 +313,6 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, check: b
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ArtifactError(f"{path}: the model files do not load ({exc}); re-run `sparsefx compress`") from exc
     if level is not None:
-        from .passes.structured import shrink_model
-
         plan = getattr(model, STRUCTURE_ATTR)
         try:
             shrink_model(model, plan, level)
@@ -359,8 +353,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, level: float | No
         raise ValueError("int8_activations is a decode preparation: drop prepare_decode=False, or int8_activations")
     model = load_artifact(path, dtype, level=level, device=device).model
     if prepare_decode and next(model.parameters()).device.type == "cpu":
-        from .codegen.cpu import prepare_cpu_decode
-
         prepare_cpu_decode(model, int8_activations=int8_activations)
     return model
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .codegen.cpu import prepare_cpu_decode
 from .data import PROTOCOL, Protocol, eval_windows
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,4 @@ def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: 
 
 
 def _prepare(model: nn.Module, int8_activations: bool = False) -> None:
-    from .codegen.cpu import prepare_cpu_decode
-
     prepare_cpu_decode(model, int8_activations=int8_activations)

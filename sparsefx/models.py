@@ -89,7 +89,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return embedded_model_path(str(name_or_path))
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").exists():
-        from .artifact import MANIFEST
+        from .artifact import MANIFEST   # lazy: artifact imports this module (empty_model, tie_embeddings)
 
         own = sorted(p.name for p in path.iterdir() if p.name in _ARTIFACT_ONLY or p.name.startswith("compressed"))
         if own and not (path / MANIFEST).is_file():

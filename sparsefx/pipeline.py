@@ -94,7 +94,7 @@ def compress(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None 
         >>> result = compress(tiny_model("llama"), recipe)  # doctest: +SKIP
     """
     if sequential:
-        from .sequential import ModelSource, compress_blocks
+        from .sequential import ModelSource, compress_blocks   # lazy: sequential builds on this module
 
         res = compress_blocks(ModelSource(model, device), recipe, calibration, inputs=calib_inputs,
                               progress=progress, pairs=pairs)

@@ -33,13 +33,17 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._cache import atomic_dir
+from ..artifact import ArtifactWriter, checkpoint_dtypes
 from ..codegen.eager import lower_to_eager
-from ..errors import RecipeError
+from ..errors import CalibrationError, RecipeError
 from ..ir.capture import capture_stage
+from ..models import empty_model, tie_embeddings
 from ..passes.base import PassContext, PassReport, merge_reports
 from ..passes.calibrate import STATS, ActStats, BlockInputs
-from ..passes.config import Recipe
-from ..pipeline import build_pipeline
+from ..passes.config import build_pass, Recipe
+from ..pipeline import _manager, build_pipeline
+from ..shards import DEFAULT_MAX_SHARD_SIZE, ShardError, TensorStore
 from .blocks import BlockCall, block_kwargs, find_blocks, head_inputs, text_config
 
 log = logging.getLogger(__name__)
@@ -112,9 +116,6 @@ class CheckpointSource:
 
     def __init__(self, folder, device=None):
         from transformers import AutoConfig
-
-        from ..models import empty_model, tie_embeddings
-        from ..shards import ShardError, TensorStore
 
         self.folder = folder
         self.store = TensorStore(folder)
@@ -242,8 +243,6 @@ def _head_roles(config) -> bool:
 
 
 def _refuse_restructuring(recipe: Recipe) -> None:
-    from ..passes.config import build_pass
-
     for cfg in recipe.passes:
         if build_pass(cfg).restructures:
             raise RecipeError(
@@ -274,8 +273,6 @@ def compress_blocks(source, recipe: Recipe, calibration: torch.Tensor | None, wr
     head_passes = [p for p in manager.passes if _head_roles(getattr(p, "config", None))]
     head_manager = None
     if head_passes:
-        from ..pipeline import _manager
-
         head_manager = _manager(head_passes)
         head_manager.check_order()
     model, blocks, path = source.model, source.blocks, source.path
@@ -283,8 +280,6 @@ def compress_blocks(source, recipe: Recipe, calibration: torch.Tensor | None, wr
     bs = recipe.calibration.batch_size
     needs_data = recipe.needs_calibration
     if needs_data and calibration is None:
-        from ..errors import CalibrationError
-
         raise CalibrationError("this recipe needs calibration data, but none was given; pass "
                                "calibration=data.calibration_batches(tokenizer)")
     ids = calibration if calibration is not None else torch.zeros(1, 16, dtype=torch.long)
@@ -376,10 +371,6 @@ def compress_checkpoint(folder, recipe: Recipe, output, calibration: torch.Tenso
         >>> compress_checkpoint("ckpt/llama-7b", resolve_recipe("wanda-50"), "out/w50", calib, tok)  # doctest: +SKIP
     """
     from pathlib import Path
-
-    from .._cache import atomic_dir
-    from ..artifact import ArtifactWriter, checkpoint_dtypes
-    from ..shards import DEFAULT_MAX_SHARD_SIZE
 
     source = CheckpointSource(folder, device)
     generation = None

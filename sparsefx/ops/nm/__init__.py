@@ -18,7 +18,7 @@ from .format import pack_nm
 
 
 def _triton(int8_activations: bool):
-    from . import triton  # noqa: F401  (registers sparsefx::triton_nm_linear)
+    from . import triton  # noqa: F401  (lazy, registers sparsefx::triton_nm_linear; imports no triton until a kernel runs)
 
     return torch.ops.sparsefx.triton_nm_linear.default, "triton.nm_linear"
 

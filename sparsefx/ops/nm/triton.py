@@ -19,7 +19,7 @@ from .format import pack_nm, unpack_nm
 
 
 def _kernel():
-    from . import _nm_jit
+    from . import _nm_jit   # lazy: the JIT module imports triton
 
     return _nm_jit.nm_mm
 

@@ -80,7 +80,8 @@ def extension():
     if not cpu_supports_kernels():
         return None
     try:
-        ext = load_extension("quant", SOURCE, "the C++ quantized decode kernels", defines={"SPARSEFX_MAX_ROWS": MAX_ROWS})
+        ext = load_extension("quant", SOURCE, "the C++ quantized decode kernels",
+                             defines={"SPARSEFX_MAX_ROWS": MAX_ROWS})
     except Exception as exc:  # no compiler: the reference path still gives correct results
         log.warning("quantized C++ kernels unavailable (%s); using the pure-torch fallback", exc)
         return None

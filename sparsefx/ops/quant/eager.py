@@ -88,7 +88,8 @@ class LowRankQuantLinear(nn.Module):
         with torch.no_grad():
             y = module(torch.zeros(1, module.in_features))   # the stored tensors must agree with each other
         if y.shape != (1, module.out_features):
-            raise ValueError(f"low-rank + quantized state computes {tuple(y.shape)}, expected (1, {module.out_features})")
+            raise ValueError(f"low-rank + quantized state computes {tuple(y.shape)}, "
+                             f"expected (1, {module.out_features})")
         return module
 
     def extra_repr(self) -> str:

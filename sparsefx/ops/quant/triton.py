@@ -35,7 +35,7 @@ from .format import dequantize_packed
 
 
 def _kernel(name: str = "qmm"):
-    from . import _quant_jit
+    from . import _quant_jit   # lazy: the JIT module imports triton
 
     return getattr(_quant_jit, name)
 

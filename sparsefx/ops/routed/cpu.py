@@ -98,8 +98,8 @@ def tiered_gemv_packed_reference(x: torch.Tensor, wt: torch.Tensor, mask: torch.
 
 def tiered_gemv_packed(x: torch.Tensor, wt: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
                        offsets: torch.Tensor, t_high: float, t_low: float) -> torch.Tensor:
-    """``tiered_gemv`` reading the medium tier from its bitmask-packed rows (``pack_medium_rows``): fewer bytes per medium
-    row when its weights are pruned. The C++ kernel where it runs, the reference otherwise.
+    """``tiered_gemv`` reading the medium tier from its bitmask-packed rows (``pack_medium_rows``): fewer bytes per
+    medium row when its weights are pruned. The C++ kernel where it runs, the reference otherwise.
 
     Example:
         >>> wt = torch.randn(576, 1536); wmt = wt * (torch.rand_like(wt) > 0.35)
@@ -228,7 +228,8 @@ def multitier_gemv_reference(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch
     return multitier_linear_reference(x, wt.t(), [w.t() for w in wmts], None, thresholds)
 
 
-def multitier_gemv(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch.Tensor], thresholds: list[float]) -> torch.Tensor:
+def multitier_gemv(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch.Tensor],
+                   thresholds: list[float]) -> torch.Tensor:
     """Batch-1 GEMV of ``sparsefx::multitier_linear``: channel i reads row i of ``wt`` (|x_i| >= thresholds[0]) or of
     ``wmts[k]`` (thresholds[k + 1] <= |x_i| < thresholds[k]), or nothing. The C++ kernel where it runs, the
     reference otherwise.

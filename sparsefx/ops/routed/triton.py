@@ -32,13 +32,13 @@ DENSE_ABOVE = 0.7
 
 
 def _kernels():
-    from . import _tiered_jit
+    from . import _tiered_jit   # lazy: the JIT module imports triton
 
     return _tiered_jit.gemv, _tiered_jit.gemm
 
 
 def _gather_kernels():
-    from . import _tiered_jit
+    from . import _tiered_jit   # lazy: the JIT module imports triton
 
     return _tiered_jit.compact, _tiered_jit.gemv_gather
 
@@ -80,7 +80,8 @@ def _config(kernel: str, shape: tuple, default: dict, device: torch.device, conf
     return lookup(kernel, device, shape) or default
 
 
-# Threshold slots of the routed GEMVs (``multitier_gemv``, ``banded_gemv`` below): the full tier and up to three medium tiers.
+# Threshold slots of the routed GEMVs (``multitier_gemv``, ``banded_gemv`` below): the full tier and up to three
+# medium tiers.
 ROUTED_THRESHOLDS = 4
 
 
@@ -259,7 +260,7 @@ def multitier_gemv(x: torch.Tensor, wt: torch.Tensor, wmts: list[torch.Tensor], 
         >>> wt = torch.randn(64, 32); wmts = [wt * (wt.abs() > 0.5), wt * (wt.abs() > 1.0)]
         >>> y = multitier_gemv(torch.randn(64), wt, wmts, [1.5, 0.7, 0.3])  # doctest: +SKIP
     """
-    from . import _multitier_jit
+    from . import _multitier_jit   # lazy: the JIT module imports triton
 
     check_device(x, wt, *wmts)
     if x.dim() != 1 or wt.dim() != 2 or wt.shape[0] != x.shape[0] or any(w.shape != wt.shape for w in wmts):
@@ -305,7 +306,7 @@ def banded_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: list[float], conf
         >>> wt = pack_bands(torch.randn(32, 64), [0.5, 1.0]).t()
         >>> y = banded_gemv(torch.randn(64), wt, [1.5, 0.7, 0.3])  # doctest: +SKIP
     """
-    from . import _banded_jit
+    from . import _banded_jit   # lazy: the JIT module imports triton
 
     check_device(x, wt)
     if x.dim() != 1 or wt.dim() != 2 or wt.shape[0] != x.shape[0] or wt.dtype != torch.float16:
