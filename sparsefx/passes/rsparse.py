@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError
-from .. import ops as _ops  # noqa: F401  (registers sparsefx::sparse_lowrank_linear)
 from ..ir.annotate import ROLES
 from ..ir.capture import get_param
 from ..ir.meta import param_prefix
+from ..ops.rsparse.args import SparseLowRankArgs
 from .base import Pass, PassReport, PassResult
 from .config import PassConfig, check_fraction, normalize_overrides, override_for, register_pass
 from .rewrite import calibrated_stats, dense_linears
@@ -103,8 +103,9 @@ class RSparsePass(Pass):
                 v_node = gm.graph.get_attr(prefix + info.module + ".lowrank_v")
                 for n, val in ((u_node, u), (v_node, v)):
                     n.meta["val"] = weight_node.meta["val"].new_empty(val.shape) if "val" in weight_node.meta else val
-                new = gm.graph.call_function(op, (node.args[0], weight_node, u_node, v_node,
-                                                  node.args[2] if len(node.args) > 2 else None, t))
+                call = SparseLowRankArgs(x=node.args[0], weight=weight_node, u=u_node, v=v_node,
+                                         bias=node.args[2] if len(node.args) > 2 else None, t=t)
+                new = gm.graph.call_function(op, call.as_args())
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
