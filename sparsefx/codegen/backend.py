@@ -40,6 +40,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..errors import ArtifactError, RecipeError
+from .. import ops as ops_package
 from ..ops import spec_for_target
 from ..ops.triton_support import available
 from .cpu import enable_cpu_kernels
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 counters: collections.Counter = collections.Counter()
 
 KERNELS = ("auto", "triton", "cpu", "reference")
+_OPS_SOURCES = tuple(sorted(str(p) for p in Path(ops_package.__file__).parent.glob("*/__init__.py")))
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,8 @@ def _lowering_pass(family: str, int8_activations: bool):
             lower_graph(graph, family, int8_activations)
 
         def uuid(self):
-            return (family, int8_activations, get_hash_for_files((__file__,)))
+            # Inductor's graph cache keys on this: the lowering is this file plus the registry's kernel loaders
+            return (family, int8_activations, get_hash_for_files((__file__, *_OPS_SOURCES)))
 
     return LowerCompressedOps()
 
