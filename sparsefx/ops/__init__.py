@@ -10,6 +10,11 @@ its ``OpSpec`` in ``REGISTRY`` (see ``spec.py``).
 Shared: ``spec.py`` (the registry, argument views), ``build.py`` (building the C++ kernels), ``layout.py`` (the
 transposed storage the CPU decode kernels read), ``tuning.py`` (the autotune cache the launchers read),
 ``triton_support.py`` and ``_tile_jit.py`` (what the Triton kernels share).
+
+Adding an op: a new folder with ``op.py`` (``torch.library.custom_op`` + fake + reference), ``args.py`` (an
+``ArgsView`` dataclass whose fields are the schema's arguments), ``eager.py`` (the module and its ``to_eager``),
+kernels or a reason per backend, and an ``__init__.py`` that ``register``s its ``OpSpec`` with an ``example``;
+import the folder below. ``tests/ops/test_registry.py`` then checks it against the reference on random inputs.
 """
 
 from __future__ import annotations
