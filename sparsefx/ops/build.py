@@ -70,4 +70,17 @@ def load_extension(stem: str, source: Path, what: str, defines: dict[str, int] |
                     verbose=False)
 
 
-__all__ = ["FLAGS", "announce_if_slow", "cpu_supports_kernels", "extension_name", "load_extension"]
+def try_load_extension(stem: str, source: Path, what: str, defines: dict[str, int] | None = None):
+    """``load_extension``, or None (with a warning naming why) where the kernels cannot run here: a CPU without
+    AVX2/FMA/F16C, or a build that fails (no compiler). Callers then take the pure-torch path."""
+    if not cpu_supports_kernels():
+        return None
+    try:
+        return load_extension(stem, source, what, defines)
+    except Exception as exc:  # no compiler: the reference path still gives correct results
+        log.warning("%s unavailable (%s); using the pure-torch fallback", what, exc)
+        return None
+
+
+__all__ = ["FLAGS", "announce_if_slow", "cpu_supports_kernels", "extension_name", "load_extension",
+           "try_load_extension"]

@@ -13,6 +13,7 @@ A change to one op's kernel touches its family folder only.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -117,6 +118,24 @@ def register(spec: OpSpec) -> OpSpec:
     return spec
 
 
+def triton_kernel(family: str, name: str) -> KernelLoader:
+    """The ``kernels["triton"]`` loader of op ``name`` of the family package ``family``: imports its ``triton.py``
+    (which registers ``sparsefx::triton_<name>`` and imports no triton until a kernel runs) when first lowered."""
+    def load(int8_activations: bool):
+        importlib.import_module(f"{family}.triton")
+        return getattr(torch.ops.sparsefx, f"triton_{name}").default, f"triton.{name}"
+
+    return load
+
+
+def cpu_kernel_setup(op, kernel) -> Callable[[], None]:
+    """A ``setup["cpu"]`` that registers ``kernel`` as the CPU implementation of the custom op ``op``."""
+    def setup() -> None:
+        op.register_kernel("cpu")(kernel)
+
+    return setup
+
+
 def spec_for_target(target) -> OpSpec | None:
     """The spec of a node target (``torch.ops.sparsefx.<name>`` or its ``.default``), or None."""
     name = getattr(target, "name", None)
@@ -139,4 +158,5 @@ def call_directly(module: nn.Module, x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-__all__ = ["ArgsView", "OpSpec", "REGISTRY", "call_directly", "eager_kinds", "register", "spec_for_target"]
+__all__ = ["ArgsView", "OpSpec", "REGISTRY", "call_directly", "cpu_kernel_setup", "eager_kinds", "register",
+           "spec_for_target", "triton_kernel"]

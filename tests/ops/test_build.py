@@ -33,3 +33,21 @@ def test_the_families_build_their_own_cpp_files():
     for ext, name in expected.items():
         if ext is not None:                                           # built here (AVX2): named by the source's hash
             assert ext.__name__ == name
+
+
+def test_a_build_that_fails_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from sparsefx.ops import build
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(build, "load_extension", broken)
+    monkeypatch.setattr(build, "cpu_supports_kernels", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="sparsefx.ops.build"):
+        assert build.try_load_extension("k", tmp_path / "k.cpp", "the test kernels") is None
+    assert "the test kernels unavailable (no compiler); using the pure-torch fallback" in caplog.text
+    monkeypatch.setattr(build, "cpu_supports_kernels", lambda: False)     # no AVX2: not even tried
+    monkeypatch.setattr(build, "load_extension", lambda *a, **k: pytest.fail("built on a CPU without AVX2"))
+    assert build.try_load_extension("k", tmp_path / "k.cpp", "the test kernels") is None

@@ -11,16 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import OpSpec, register
+from ..spec import OpSpec, register, triton_kernel
 from . import eager, op
 from .args import NMArgs
 from .format import pack_nm
-
-
-def _triton(int8_activations: bool):
-    from . import triton  # noqa: F401  (lazy, registers sparsefx::triton_nm_linear; imports no triton until a kernel runs)
-
-    return torch.ops.sparsefx.triton_nm_linear.default, "triton.nm_linear"
 
 
 def _example(g, rows):
@@ -32,7 +26,7 @@ def _example(g, rows):
 
 
 register(OpSpec(name="nm_linear", family="nm", args=NMArgs, reference=op.nm_linear_reference, eager=eager.NMLinear,
-                to_eager=eager.nm_to_eager, kernels={"triton": _triton},
+                to_eager=eager.nm_to_eager, kernels={"triton": triton_kernel(__name__, "nm_linear")},
                 no_kernel={"cpu": "no C++ kernel: the default math already reads only the kept weights for decode "
                                   "(a gather of x per kept weight), and unpacks to one MKL GEMM for prefill"},
                 example=_example))

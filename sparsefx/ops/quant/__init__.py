@@ -12,19 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import OpSpec, register
+from ..spec import OpSpec, cpu_kernel_setup, register, triton_kernel
 from . import cpu, eager, op
 from .format import QuantizedWeight, QuantSpec
 from .args import LowRankQuantArgs, QuantArgs
-
-
-def _triton(name: str):
-    def load(int8_activations: bool):
-        from . import triton  # noqa: F401  (registers sparsefx::triton_*; imports no triton until a kernel runs)
-
-        return getattr(torch.ops.sparsefx, f"triton_{name}").default, f"triton.{name}"
-
-    return load
 
 
 def _cpu(cpp, name: str):
@@ -32,13 +23,6 @@ def _cpu(cpp, name: str):
         return cpp(int8_activations), f"cpu.{name}_q8" if int8_activations else f"cpu.{name}"
 
     return load
-
-
-def _setup_cpu(name: str, kernel):
-    def setup() -> None:
-        getattr(op, name).register_kernel("cpu")(kernel)
-
-    return setup
 
 
 def _packed(g, out, inp, spec: QuantSpec):
@@ -72,5 +56,5 @@ for _name, _args, _eager, _lower, _ref, _cpp, _kernel, _prepare, _example in (
          op.lowrank_quant_linear_reference, cpu.cpp_lowrank_quant_linear, cpu.lowrank_quant_linear_cpu,
          cpu.prepare_lowrank_quant, _lowrank_example)):
     register(OpSpec(name=_name, family="quant", args=_args, reference=_ref, eager=_eager, to_eager=_lower,
-                    kernels={"cpu": _cpu(_cpp, _name), "triton": _triton(_name)}, prepare_cpu=_prepare,
-                    setup={"cpu": _setup_cpu(_name, _kernel)}, example=_example))
+                    kernels={"cpu": _cpu(_cpp, _name), "triton": triton_kernel(__name__, _name)}, prepare_cpu=_prepare,
+                    setup={"cpu": cpu_kernel_setup(getattr(op, _name), _kernel)}, example=_example))

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from ..build import cpu_supports_kernels, load_extension
+from ..build import cpu_supports_kernels, try_load_extension
 from .format import dequantize_packed
 from .op import (lowrank_quant_linear_fake, lowrank_quant_linear_math, lowrank_quant_linear_reference,
                  quant_linear_math, quant_linear_reference)
@@ -77,13 +77,9 @@ SOURCE = Path(__file__).with_name("quant.cpp")
 def extension():
     """Build (once per environment; cached by the source's content) and return the C++ extension of ``quant.cpp``,
     or None if it cannot be built here (its ``sparsefx_cpu::*`` ops are registered when it loads)."""
-    if not cpu_supports_kernels():
-        return None
-    try:
-        ext = load_extension("quant", SOURCE, "the C++ quantized decode kernels",
+    ext = try_load_extension("quant", SOURCE, "the C++ quantized decode kernels",
                              defines={"SPARSEFX_MAX_ROWS": MAX_ROWS})
-    except Exception as exc:  # no compiler: the reference path still gives correct results
-        log.warning("quantized C++ kernels unavailable (%s); using the pure-torch fallback", exc)
+    if ext is None:
         return None
 
     def quant_linear_fake(x, packed, scales, zeros, bias, bits, group_size):

@@ -14,19 +14,10 @@ from __future__ import annotations
 import torch
 
 from ..layout import transposed_storage
-from ..spec import OpSpec, register
+from ..spec import OpSpec, cpu_kernel_setup, register, triton_kernel
 from . import cpu, eager, op
-from .format import pack_bands
 from .args import BandedArgs, MultitierArgs, TieredArgs
-
-
-def _triton(name: str):
-    def load(int8_activations: bool):
-        from . import triton  # noqa: F401  (registers sparsefx::triton_*; imports no triton until a kernel runs)
-
-        return getattr(torch.ops.sparsefx, f"triton_{name}").default, f"triton.{name}"
-
-    return load
+from .format import pack_bands
 
 
 def _cpu(cpp, name: str):
@@ -34,13 +25,6 @@ def _cpu(cpp, name: str):
         return cpp(), f"cpu.{name}"
 
     return load
-
-
-def _setup_cpu(name: str, kernel):
-    def setup() -> None:
-        getattr(op, name).register_kernel("cpu")(kernel)
-
-    return setup
 
 
 def _weight(g, out, inp, dtype=torch.float32):
@@ -77,5 +61,5 @@ for _name, _args, _eager, _lower, _ref, _cpp, _kernel, _prepare, _example in (
         ("banded_linear", BandedArgs, eager.BandedLinear, eager.banded_to_eager, op.banded_linear_reference,
          cpu.cpp_banded_linear, cpu.banded_linear_cpu, cpu.prepare_banded, _banded_example)):
     register(OpSpec(name=_name, family="routed", args=_args, reference=_ref, eager=_eager, to_eager=_lower,
-                    kernels={"cpu": _cpu(_cpp, _name), "triton": _triton(_name)}, prepare_cpu=_prepare,
-                    setup={"cpu": _setup_cpu(_name, _kernel)}, example=_example))
+                    kernels={"cpu": _cpu(_cpp, _name), "triton": triton_kernel(__name__, _name)}, prepare_cpu=_prepare,
+                    setup={"cpu": cpu_kernel_setup(getattr(op, _name), _kernel)}, example=_example))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..build import cpu_supports_kernels, load_extension
+from ..build import cpu_supports_kernels, try_load_extension
 from .format import MAX_MEDIUMS
 from ..layout import transpose_weight, transposed_storage
 from ..tuning import lookup
@@ -131,14 +131,9 @@ SOURCE = Path(__file__).with_name("routed.cpp")
 def extension():
     """Build (once per environment; cached by the source's content) and return the C++ extension of ``routed.cpp``,
     or None if it cannot be built here (its ``sparsefx_cpu::*`` ops are registered when it loads)."""
-    if not cpu_supports_kernels():
-        return None
-    try:
-        ext = load_extension("routed", SOURCE, "the C++ activation-sparse decode kernels")
-    except Exception as exc:  # no compiler: the reference path still gives correct results
-        log.warning("routed C++ kernels unavailable (%s); using the pure-torch fallback", exc)
-        return None
-    _register_fake()
+    ext = try_load_extension("routed", SOURCE, "the C++ activation-sparse decode kernels")
+    if ext is not None:
+        _register_fake()
     return ext
 
 
