@@ -5,6 +5,9 @@
     python bench/ptq_study.py --methods gptq --bits 3 4         # a slice of it
     python bench/ptq_study.py --fit                             # only fit the law to what is there, and plot
 
+Several processes may share the results file (each with its own slice, e.g. ``--methods gptq`` beside
+``--methods dam`` with OMP_NUM_THREADS=1 on a 2-core machine): each reads it again before it writes.
+
 Grid: bits {2, 3, 4, 8} x group size {32, 64, 192} x calibration samples {8, 32, 128} (c4, 512 tokens each) for
 GPTQ and DAM; RTN uses no calibration data, so it has one config per (bits, group): 84 configs, ~11 h on 2 CPU
 cores. By default the study runs the axes through 3-bit, group 64, 32 samples instead (each factor over all its
@@ -194,6 +197,10 @@ def plot_study(data: dict, out: Path) -> None:
     tmp.replace(out)
 
 
+def read_configs(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["configs"] if path.is_file() else []
+
+
 def main() -> None:
     from harness import run_meta
 
@@ -226,8 +233,12 @@ def main() -> None:
         name = "dense" if cfg[0] == "dense" else variant(*cfg)
         if any(c["variant"] == name for c in configs) and not args.redo:
             continue
+        if any(c["variant"] == name for c in read_configs(path)) and not args.redo:
+            continue                    # another process of the study did it meanwhile
         row = run_config(cfg, args.limit, args.mmlu_limit, args.progress)
-        configs = [c for c in configs if c["variant"] != name] + [row]
+        # read again just before writing: several processes of the study may share the file (each takes its slice
+        # with --methods/--bits/...), and each keeps the others' rows
+        configs = [c for c in read_configs(path) if c["variant"] != name] + [row]
         write(configs, meta, args.tag)
         cats = "  ".join(f"{k} {100 * v['acc']:.1f}" for k, v in row["categories"].items())
         print(f"{name:22s} ppl {row['ppl']:10.2f}  {cats}  ({row['compress_s']:.0f} + {row['eval_s']:.0f} s)",
