@@ -262,7 +262,7 @@ def cmd_compress(args) -> int:
         model, tok = (load_model(path) if mode == "whole" else (None, _tokenizer(path)))
         calibration = None
         if recipe.needs_calibration:
-            text = open(args.calib_file, encoding="utf-8").read() if args.calib_file else None
+            text = Path(args.calib_file).read_text(encoding="utf-8") if args.calib_file else None
             calibration = distributed.shard_samples(recipe_calibration(tok, recipe, text=text))
         pairs = load_pairs(args.pairs, tok) if args.pairs else None
         progress = not args.no_progress and distributed.is_main()
@@ -309,6 +309,18 @@ def cmd_export(args) -> int:
     from .eval import count_params
 
     _check_output(args)
+    if args.format == "gguf":
+        from .export import export_gguf
+
+        if args.level is not None:
+            raise SparsefxError("--level makes a smaller sparsefx artifact (--format artifact); GGUF exports refuse "
+                                "structurally pruned artifacts")
+        print(export_gguf(args.artifact, args.output, overwrite=args.overwrite, tokenizer_pre=args.tokenizer_pre,
+                          progress=not args.quiet).summary())
+        return 0
+    if args.level is None:
+        raise SparsefxError("--format artifact writes a structured artifact at one level: add --level (e.g. 0.2), "
+                            "or choose --format gguf")
     art = load_artifact(args.artifact, level=args.level)
     report = {**art.report, "export": {"source": str(args.artifact), "level": args.level}}
     out = save_artifact(args.output, art.model, art.tokenizer, art.recipe, report, stats=art.stats,
@@ -325,8 +337,8 @@ def cmd_autotune(args) -> int:
 
     from .artifact import is_artifact, load_artifact
     from .codegen import autotune
-    from .ops import tuning
     from .models import load_model
+    from .ops import tuning
 
     if args.cache:
         os.environ["SPARSEFX_AUTOTUNE_CACHE"] = args.cache
@@ -472,11 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(c, tokens=False)
     c.set_defaults(fn=cmd_compress)
 
-    x = sub.add_parser("export", help="write a structured artifact at one level (smaller files, for deployment)")
-    x.add_argument("artifact", help="artifact written by `compress` with a gisp / structured_* recipe")
-    x.add_argument("--level", type=float, required=True, help="fraction of prunable parameters to remove")
-    x.add_argument("--output", "-o", required=True, help="artifact folder to write")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    x = sub.add_parser("export", help="write an artifact for a serving engine (--format gguf: llama.cpp), or a "
+                                      "structured artifact at one level (smaller files)")
+    x.add_argument("artifact", help="artifact written by `compress`")
+    x.add_argument("--format", default="artifact", choices=("artifact", "gguf"),
+                   help="artifact (default): a gisp / structured_* artifact cut to --level; gguf: one llama.cpp "
+                        "file (quantized linears as Q4_0/Q4_1/Q8_0, see sparsefx/export/gguf.py)")
+    x.add_argument("--level", type=float, help="(--format artifact) fraction of prunable parameters to remove")
+    x.add_argument("--output", "-o", required=True, help="folder (artifact) or .gguf file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.add_argument("--tokenizer-pre", help="(gguf) llama.cpp's pre-tokenizer name, when the tokenizer is not one "
+                                           "it recognises (e.g. llama-bpe, qwen2, smollm, gpt-2)")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
     x.set_defaults(fn=cmd_export)
 
     a = sub.add_parser("autotune", help="time kernel configs on a model's shapes; write the autotune cache")

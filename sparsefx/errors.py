@@ -23,3 +23,7 @@ class ArtifactError(SparsefxError):
 
 class DataError(SparsefxError):
     """Evaluation or calibration text could not be obtained or is too short."""
+
+
+class ExportError(SparsefxError):
+    """An artifact holds something the chosen export format cannot represent, or the output cannot be written."""
