@@ -318,9 +318,17 @@ def cmd_export(args) -> int:
         print(export_gguf(args.artifact, args.output, overwrite=args.overwrite, tokenizer_pre=args.tokenizer_pre,
                           progress=not args.quiet).summary())
         return 0
+    if args.format == "compressed-tensors":
+        from .export import export_compressed_tensors
+
+        if args.level is not None:
+            raise SparsefxError("--level makes a smaller sparsefx artifact (--format artifact); compressed-tensors "
+                                "exports refuse structurally pruned artifacts")
+        print(export_compressed_tensors(args.artifact, args.output, overwrite=args.overwrite).summary())
+        return 0
     if args.level is None:
         raise SparsefxError("--format artifact writes a structured artifact at one level: add --level (e.g. 0.2), "
-                            "or choose --format gguf")
+                            "or choose --format gguf / compressed-tensors")
     art = load_artifact(args.artifact, level=args.level)
     report = {**art.report, "export": {"source": str(args.artifact), "level": args.level}}
     out = save_artifact(args.output, art.model, art.tokenizer, art.recipe, report, stats=art.stats,
@@ -487,11 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write an artifact for a serving engine (--format gguf: llama.cpp), or a "
                                       "structured artifact at one level (smaller files)")
     x.add_argument("artifact", help="artifact written by `compress`")
-    x.add_argument("--format", default="artifact", choices=("artifact", "gguf"),
+    x.add_argument("--format", default="artifact", choices=("artifact", "gguf", "compressed-tensors"),
                    help="artifact (default): a gisp / structured_* artifact cut to --level; gguf: one llama.cpp "
-                        "file (quantized linears as Q4_0/Q4_1/Q8_0, see sparsefx/export/gguf.py)")
+                        "file (quantized linears as Q4_0/Q4_1/Q8_0, see sparsefx/export/gguf.py); "
+                        "compressed-tensors: an HF folder vLLM serves (pack-quantized)")
     x.add_argument("--level", type=float, help="(--format artifact) fraction of prunable parameters to remove")
-    x.add_argument("--output", "-o", required=True, help="folder (artifact) or .gguf file to write")
+    x.add_argument("--output", "-o", required=True, help="folder (artifact, compressed-tensors) or .gguf file to write")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.add_argument("--tokenizer-pre", help="(gguf) llama.cpp's pre-tokenizer name, when the tokenizer is not one "
                                            "it recognises (e.g. llama-bpe, qwen2, smollm, gpt-2)")

@@ -44,6 +44,7 @@ from ..codegen.eager import compressed_modules
 from ..errors import ExportError
 from ..ops.nm.format import unpack_nm
 from ..ops.quant.format import QuantizedWeight
+from .common import refuse_structured, refuse_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ PRE_TOKENIZERS = {
     "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
     "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
 }
-ROUTED = {"tiered_linear", "multitier_linear", "banded_linear", "thresholded_act", "sparse_lowrank_linear"}
 
 
 @dataclass
@@ -285,10 +285,7 @@ def export_gguf(artifact: str | Path, out: str | Path, overwrite: bool = False, 
         raise ExportError(f"{out} exists; pass --overwrite to replace it, or choose another -o")
     if out.suffix != ".gguf":
         raise ExportError(f"{out}: a GGUF file name ends in .gguf")
-    if (folder / "structure.json").is_file():
-        raise ExportError(f"{folder} was pruned structurally (structure.json): its layers keep different numbers of "
-                          "heads and channels, which this GGUF export does not write (llama.cpp's llama reads one "
-                          "head count for every layer); export a weight-mask or quantized artifact instead")
+    refuse_structured(folder, "GGUF")
     art = load_artifact(folder)
     model, config = art.model, art.model.config
     arch = GGUF_ARCH.get(config.model_type)
@@ -323,13 +320,7 @@ def export_gguf(artifact: str | Path, out: str | Path, overwrite: bool = False, 
     handled: set[str] = set()
     for mname, m in compressed_modules(model).items():
         hf = f"{mname}.weight"
-        if m.kind in ROUTED:
-            raise ExportError(f"{mname} is a {m.kind} (activation routing: which channels a token reads is decided "
-                              "per token), which llama.cpp cannot represent; export the artifact the routing was "
-                              "applied to before it, or a weight-only recipe (wanda, rtn, gptq)")
-        if m.kind == "lowrank_quant_linear":
-            raise ExportError(f"{mname} is DAM's quantized weight plus a low-rank correction, which GGUF has no "
-                              "type for; export an rtn or gptq artifact instead")
+        refuse_unsupported(mname, m, "llama.cpp (GGUF)")
         if m.kind == "quant_linear":
             qw = m.qweight
             perm = permutation(hf, qw.shape[0])
@@ -353,8 +344,6 @@ def export_gguf(artifact: str | Path, out: str | Path, overwrite: bool = False, 
             tensors.append((gguf_name(hf), arr, raw))
             result.tensors.append(TensorRecord(gguf_name(hf), hf, tname, True, note="N:M mask as zeros"))
             kinds[tname] = kinds.get(tname, 0) + 1
-        else:
-            raise ExportError(f"{mname}: compressed kind {m.kind!r} has no GGUF export")
         handled.add(hf)
         if getattr(m, "bias", None) is not None:
             b = m.bias.detach()
