@@ -68,8 +68,10 @@ def compression_of(folder: Path, level: float | None) -> dict:
 
     details = [p.get("details", {}) for p in json.loads((folder / "report.json").read_text())["passes"]]
     sparsity = last_reported(details, "effective_sparsity") or last_reported(details, "sparsity")
-    return {"sparsity": level if level is not None else sparsity,
-            "bits_per_weight": last_reported(details, "bits_per_weight")}
+    # bits per weight of the decoder layers' linears: the first pass that reports it (a recipe quantizes the layers
+    # first; a later pass on the LM head alone, as in rtn-w3-g64-head8, would report the head's 8.375)
+    bits = next((d["bits_per_weight"] for d in details if d.get("bits_per_weight") is not None), None)
+    return {"sparsity": level if level is not None else sparsity, "bits_per_weight": bits}
 
 
 def write(rows: list[dict], meta: dict, tag: str) -> None:
