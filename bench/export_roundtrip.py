@@ -28,13 +28,14 @@ def artifact(name: str) -> Path:
     from sparsefx.artifact import save_artifact
     from sparsefx.data import recipe_calibration
     from sparsefx.models import load_model
-    from sparsefx.passes.config import resolve_recipe
+    from sparsefx.passes.config import Recipe, resolve_recipe
     from sparsefx.pipeline import compress
 
     folder = WORK / name
-    if not (folder / "sparsefx.json").is_file():
+    recipe = resolve_recipe(name)
+    stale = (folder / "recipe.yaml").is_file() and Recipe.load(folder / "recipe.yaml") != recipe
+    if stale or not (folder / "sparsefx.json").is_file():       # compressed now, or again when the recipe changed
         model, tok = load_model("smollm2")
-        recipe = resolve_recipe(name)
         result = compress(model, recipe, calibration=recipe_calibration(tok, recipe), progress=False)
         save_artifact(folder, model, tok, recipe, result.report_dict(), overwrite=True)
     return folder
@@ -42,9 +43,9 @@ def artifact(name: str) -> Path:
 
 def main() -> None:
     import torch
+    from harness import run_meta
     from transformers import AutoModelForCausalLM
 
-    from harness import run_meta
     from sparsefx._cache import atomic_write_bytes
     from sparsefx.artifact import load_artifact
     from sparsefx.data import PROTOCOL

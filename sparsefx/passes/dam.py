@@ -161,7 +161,7 @@ def decompose(config: LowRankQuantConfig, w: torch.Tensor, gram: torch.Tensor, r
         return balance(a, d, b)
 
     def gptq(target):
-        return quantize_gptq(target, gram, config.spec, config.damp)
+        return quantize_gptq(target, gram, config.spec, config.damp, rule=config.scale)
 
     ones = torch.ones(rank, dtype=torch.float16)
     if method == "q_then_l":

@@ -16,22 +16,31 @@ import torch
 from ..errors import CalibrationError
 from ..ops.quant.format import QuantizedWeight, QuantSpec
 
+SCALE_RULES = ("absmax", "signed_max")
 
-def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+
+def group_params(w: torch.Tensor, spec: QuantSpec, rule: str = "absmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of each row of ``w: [rows, g]`` (one group per row): ``([rows], [rows])`` float.
 
+    Symmetric groups (zero fixed at ``2**(bits-1)``) take their scale by ``rule``: ``absmax`` (GPTQ's reference
+    code) spreads ``[-max|w|, max|w|]`` over the ``2**bits - 1`` steps; ``signed_max`` (llama.cpp's Q4_0) maps the
+    weight of largest magnitude exactly onto the lowest code, ``scale = w_max / -2**(bits-1)`` (negative when that
+    weight is positive): a step of ``max|w| / 2**(bits-1)``, finer than absmax's, the other end clamped one step short.
     The scale is rounded to fp16 here, so codes are chosen for the scale that is stored.
     """
     w = w.float()
     if spec.symmetric:
-        amax = w.abs().amax(1)
-        scale = 2 * amax / spec.maxq
+        if rule == "signed_max":
+            peak = w.gather(1, w.abs().argmax(1, keepdim=True)).squeeze(1)
+            scale = peak / -float(2 ** (spec.bits - 1))
+        else:
+            scale = 2 * w.abs().amax(1) / spec.maxq
         zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
     else:
         lo, hi = w.amin(1), w.amax(1)
         scale = (hi - lo) / spec.maxq
         zero = None
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale)).half().float()
     if zero is None:
         zero = torch.round(-lo / scale).clamp(0, spec.maxq)
     return scale, zero
@@ -42,7 +51,7 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec, rule: str = "absmax") -> QuantizedWeight:
     """Round each group to its nearest codes (round-to-nearest).
 
     Example:
@@ -54,7 +63,7 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     out_f, in_f = w.shape
     g = spec.group_size
     groups = w.float().reshape(out_f * (in_f // g), g)
-    scale, zero = group_params(groups, spec)
+    scale, zero = group_params(groups, spec, rule)
     codes = quantize_codes(groups, scale[:, None], zero[:, None], spec.maxq)
     return QuantizedWeight.from_codes(codes.reshape(out_f, in_f), scale.reshape(out_f, -1), zero.reshape(out_f, -1),
                                       spec)
@@ -74,7 +83,8 @@ def one_thread():
 
 @torch.no_grad()
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-                  block: int = 128, consume: bool = False, dtype: torch.dtype = torch.float64) -> QuantizedWeight:
+                  block: int = 128, consume: bool = False, dtype: torch.dtype = torch.float64,
+                  rule: str = "absmax") -> QuantizedWeight:
     """GPTQ with the layer's input Gram matrix ``hessian: [in, in]`` (``X^T X``; any positive scale).
 
     Columns whose input never fires (zero diagonal) are quantized as zero weights. ``damp`` adds that fraction of
@@ -82,7 +92,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp:
     which is then damped and factored in place of a copy (for an 11008-wide input each copy is ~1 GB; with
     ``consume`` only that one matrix lives, else it and its copy). ``dtype``: what the factorization and the
     column loop compute in — float64 (default), or float32 as GPTQ's reference code does: half the memory and
-    about twice as fast, for 7B-class layers.
+    about twice as fast, for 7B-class layers. ``rule``: how symmetric groups take their scale (``group_params``).
 
     Example:
         >>> x = torch.randn(256, 64); w = torch.randn(16, 64)
@@ -113,7 +123,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp:
     scales = torch.zeros(out_f, in_f // g)
     zeros = torch.zeros(out_f, in_f // g)
     block = max(g, block // g * g)                      # blocks hold whole groups
-    _gptq_columns(W, Hinv, spec, block, codes, scales, zeros)
+    _gptq_columns(W, Hinv, spec, block, codes, scales, zeros, rule)
     return QuantizedWeight.from_codes(codes, scales, zeros, spec)
 
 
@@ -138,7 +148,7 @@ def _inverse_cholesky_in_place(H: torch.Tensor) -> torch.Tensor:
     return A
 
 
-def _gptq_columns(W, Hinv, spec, block, codes, scales, zeros) -> None:
+def _gptq_columns(W, Hinv, spec, block, codes, scales, zeros, rule: str = "absmax") -> None:
     """GPTQ's column loop (in place on ``W``; fills ``codes``, ``scales``, ``zeros``).
 
     Each block of columns is worked on transposed (``[cols, out]``), so a column is one contiguous row and the
@@ -155,7 +165,7 @@ def _gptq_columns(W, Hinv, spec, block, codes, scales, zeros) -> None:
             for i in range(b1 - b0):
                 col = b0 + i
                 if col % g == 0:                        # new group: its parameters from the weights as updated now
-                    s, z = group_params(W1[i:i + g].T, spec)
+                    s, z = group_params(W1[i:i + g].T, spec, rule)
                     scales[:, col // g], zeros[:, col // g] = s, z
                     s, z = s.to(W.dtype), z.to(W.dtype)
                 w = W1[i]
@@ -175,4 +185,4 @@ def _gptq_columns(W, Hinv, spec, block, codes, scales, zeros) -> None:
 _THREADED_UPDATE = 1 << 20       # elements of the lazy update from which the GEMM runs on every thread
 
 
-__all__ = ["group_params", "one_thread", "quantize_codes", "quantize_gptq", "quantize_rtn"]
+__all__ = ["SCALE_RULES", "group_params", "one_thread", "quantize_codes", "quantize_gptq", "quantize_rtn"]

@@ -29,19 +29,21 @@ from ..ops.quant.format import QuantizedWeight, QuantSpec
 from .base import PassContext
 from .calibrate import insert_observers, remove_observers, run_calibration
 from .config import PassConfig, check_roles, register_pass
-from .quant import quantize_gptq, quantize_rtn
+from .quant import SCALE_RULES, quantize_gptq, quantize_rtn
 from .rewrite import LinearRewritePass, replace_linear
 
 
 @dataclass(frozen=True)
 class QuantConfig(PassConfig):
-    """bits, group_size, symmetric: the format (``ops/quant/format.py``); roles: which linears (lm_head stays dense unless
-    named); v_sink: GPTQ weighs the attention-sink position of value projections by the sequence length
-    (``InputGram.for_role``)."""
+    """bits, group_size, symmetric: the format (``ops/quant/format.py``); scale: how a symmetric group's scale is
+    chosen (``absmax``, GPTQ's, or ``signed_max``, llama.cpp Q4_0's: see ``quant.group_params``); roles: which linears
+    (lm_head stays dense unless named); v_sink: GPTQ weighs the attention-sink position of value projections by the
+    sequence length (``InputGram.for_role``)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    scale: str = "absmax"
     roles: tuple[str, ...] = ROLES
     v_sink: bool = True
 
@@ -50,6 +52,11 @@ class QuantConfig(PassConfig):
             self.spec
         except RecipeError as exc:
             raise RecipeError(f"{self.method}.{exc}") from None
+        if self.scale not in SCALE_RULES:
+            raise RecipeError(f"{self.method}.scale: expected one of {', '.join(SCALE_RULES)}, got {self.scale!r}")
+        if self.scale != "absmax" and not self.symmetric:
+            raise RecipeError(f"{self.method}.scale: {self.scale} applies to symmetric groups; add symmetric: true "
+                              "or drop scale")
         check_roles(self.method, self.roles)
         if not isinstance(self.v_sink, bool):
             raise RecipeError(f"{self.method}.v_sink must be true or false, got {self.v_sink!r}")
@@ -204,7 +211,7 @@ class RtnPass(_QuantPass):
     name = "rtn"
 
     def quantize(self, w, gram, role, last_use=False):
-        return quantize_rtn(w, self.config.spec)
+        return quantize_rtn(w, self.config.spec, self.config.scale)
 
 
 @register_pass(GptqConfig)
@@ -227,4 +234,4 @@ class GptqPass(_QuantPass):
             # this call's own converted copy; a released float64 original is freed here, before the factorization
             h, consume = h.to(dtype), True
         return quantize_gptq(w, h, self.config.spec, self.config.damp, self.config.block, consume=consume,
-                             dtype=dtype)
+                             dtype=dtype, rule=self.config.scale)

@@ -153,3 +153,40 @@ def test_gptq_precision_field_and_a_failed_factorization():
     with pytest.raises(CalibrationError, match="not positive definite in float32.*raise gptq.damp.*float64"):
         quantize_gptq(torch.randn(8, 64), -torch.eye(64, dtype=torch.float64), QuantSpec(4, 32), damp=0.0,
                       dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_signed_max_maps_each_groups_peak_onto_the_lowest_code(bits):
+    """llama.cpp's Q4_0 rule: the weight of largest magnitude sits exactly on code 0 (up to the fp16 rounding of
+    the scale), the step is max|w| / 2**(bits-1), and the error elsewhere stays within half a step but for the
+    clamped top code."""
+    w = torch.randn(11, 96) * torch.rand(11, 1) * 2
+    spec = QuantSpec(bits, 32, True)
+    qw = quantize_rtn(w, spec, "signed_max")
+    groups = w.reshape(-1, 32)
+    peak_at = groups.abs().argmax(1)
+    codes = qw.codes().reshape(-1, 32)
+    assert (codes.gather(1, peak_at[:, None]) == 0).all()
+    step = qw.scales.float().abs().reshape(-1, 1)
+    assert torch.allclose(step[:, 0], groups.abs().amax(1) / 2 ** (bits - 1), rtol=1e-3)
+    err = (qw.dequantize().reshape(-1, 32) - groups).abs()
+    assert (err <= step + 1e-6).all() and (err <= step * 0.5 + 1e-6).float().mean() > 0.95
+
+
+def test_signed_max_beats_absmax_on_gaussian_weights_and_gptq_takes_it():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g)
+    spec = QuantSpec(4, 32, True)
+    err = {r: float((quantize_rtn(w, spec, r).dequantize() - w).pow(2).mean()) for r in ("absmax", "signed_max")}
+    assert err["signed_max"] < 0.9 * err["absmax"], err
+    q = quantize_gptq(w, torch.eye(256), spec, damp=0.0, rule="signed_max")   # identity Hessian: GPTQ is RTN
+    assert torch.equal(q.codes(), quantize_rtn(w, spec, "signed_max").codes())
+
+
+def test_scale_rule_is_validated():
+    from sparsefx.passes.config import Recipe
+
+    with pytest.raises(RecipeError, match="rtn.scale: signed_max applies to symmetric"):
+        Recipe.from_dict({"passes": [{"method": "rtn", "scale": "signed_max"}]})
+    with pytest.raises(RecipeError, match="gptq.scale: expected one of absmax, signed_max"):
+        Recipe.from_dict({"passes": [{"method": "gptq", "symmetric": True, "scale": "max"}]})
