@@ -101,6 +101,18 @@ def test_exact_formats_round_trip_through_transformers(tmp_path, arch, bits, sym
     assert torch.equal(got, ref)
 
 
+def test_a_quantized_head_becomes_output_weight(tmp_path):
+    """Q4_0 layers (llama.cpp's scale rule) and an 8-bit symmetric LM head: output.weight is Q8_0, all exact."""
+    art = _artifact(tmp_path, "llama", [
+        {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True, "scale": "signed_max"},
+        {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True, "roles": ["lm_head"]}])
+    report, ref, got = _round_trip(tmp_path, art)
+    types = {t.name: t.gguf_type for t in report.tensors}
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "F32"
+    assert types["blk.1.ffn_down.weight"] == "Q4_0" and all(t.exact for t in report.tensors)
+    assert torch.equal(got, ref)
+
+
 def test_asymmetric_formats_report_their_error(tmp_path):
     art = _artifact(tmp_path, "llama", [{"method": "rtn", "bits": 4, "group_size": 32}])
     report, ref, got = _round_trip(tmp_path, art)
