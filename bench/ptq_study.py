@@ -25,7 +25,8 @@ over its tasks (MMLU pooled per category). Then ``sparsefx.tasks.law`` fits the 
 Writes bench/results/tasks_ptq_smollm2.json: {"meta", "configs": [one per config: variant, method, bits,
 group_size, calib_samples, bits_per_weight, ppl, compress_s, eval_s, tasks {task: acc, acc_stderr, n},
 categories {category: acc, acc_stderr, chance, n}]}, "fits": [per method and category: the law's parameters, R²,
-RMSE]}; and bench/results/tasks_ptq_smollm2.png (accuracy per category against bits, the fits drawn through).
+RMSE, ci95 (95 % intervals of the exponents by a parametric bootstrap over the accuracies' standard errors)]};
+and bench/results/tasks_ptq_smollm2.png (accuracy per category against bits, the fits drawn through).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def run_config(cfg, limit: int, mmlu_limit: int, progress: bool) -> dict:
 def fit_all(configs: list[dict]) -> list[dict]:
     """The law per method and category, fitted to that method's configs (dense: the reference)."""
     from sparsefx.errors import DataError
-    from sparsefx.tasks.law import Point, fit_law
+    from sparsefx.tasks.law import Point, bootstrap_exponents, fit_law
 
     dense = next((c for c in configs if c["method"] == "dense"), None)
     if dense is None:
@@ -140,7 +141,9 @@ def fit_all(configs: list[dict]) -> list[dict]:
             except DataError as e:
                 fits.append({"method": method, "category": cat, "error": str(e), "n": len(pts)})
                 continue
-            fits.append({"method": method, "category": cat, **fit.row()})
+            ses = [c["categories"][cat]["acc_stderr"] for c in rows if cat in c["categories"]]
+            ci = bootstrap_exponents(pts, ses, d["acc"], d["acc_stderr"], d["chance"])
+            fits.append({"method": method, "category": cat, **fit.row(), "ci95": {k: list(v) for k, v in ci.items()}})
     return fits
 
 

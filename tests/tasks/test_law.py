@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -47,3 +46,21 @@ def test_what_cannot_be_fitted_is_refused():
         fit_law(pts[:4], dense=0.4, chance=0.25)
     with pytest.raises(DataError, match="one method at a time"):
         fit_law(pts + [Point(3, 64, None, 0.3)], dense=0.4, chance=0.25)
+
+
+def test_bootstrap_intervals_cover_the_true_exponents_and_shrink_with_the_noise():
+    from sparsefx.tasks.law import bootstrap_exponents
+
+    true = LawFit(log_a=1.2, beta=3.0, gamma=0.5, delta=0.3, dense=0.45, chance=0.25, r2=1, rmse=0, n=0)
+    pts = _points(true, noise=0.01, seed=5)
+    wide = bootstrap_exponents(pts, [0.01] * len(pts), 0.45, 0.005, 0.25, n=60, seed=1)
+    narrow = bootstrap_exponents(pts, [0.001] * len(pts), 0.45, 0.0005, 0.25, n=60, seed=1)
+    for k, v in (("beta", 3.0), ("gamma", 0.5), ("delta", 0.3)):
+        lo, hi = wide[k]
+        assert lo < v < hi, (k, wide[k])
+        assert narrow[k][1] - narrow[k][0] < 0.5 * (hi - lo)
+    rtn = [Point(p.bits, p.group_size, None, p.acc) for p in pts if p.calib_samples == 32]
+    ci = bootstrap_exponents(rtn, [0.01] * len(rtn), 0.45, 0.005, 0.25, n=40)
+    assert set(ci) == {"beta", "gamma"}
+    with pytest.raises(ValueError, match="standard errors"):
+        bootstrap_exponents(rtn, [0.01], 0.45, 0.0, 0.25)
