@@ -133,6 +133,9 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, overwrite: 
     qconfig = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
                                  ignore=sorted(n for n in linears if n not in quantized))
     config = model.config.to_dict()
+    if not tied and config.get("tie_word_embeddings"):
+        # the artifact's head is stored apart from the embeddings (a quantized head): loaders must not tie it back
+        config["tie_word_embeddings"] = False
     config["dtype"] = str(main_dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     import compressed_tensors

@@ -166,3 +166,26 @@ def test_smollm2_export_loads_in_transformers_at_the_same_perplexity(tmp_path, s
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     ours = perplexity(load_artifact(art).model, windows, progress=False)[0]
     assert perplexity(loaded, windows, progress=False)[0] == pytest.approx(ours, rel=1e-6)
+
+
+def test_a_quantized_head_of_a_tied_model_is_untied_in_the_export(tmp_path):
+    """SmolLM2-style tied embeddings with an 8-bit head: the export says tie_word_embeddings false, so loaders
+    keep the quantized head instead of tying it back to the (dense) embeddings; transformers gives our logits."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = Recipe.from_dict({"name": "t", "calibration": {"samples": 4, "seqlen": 16}, "passes": [
+        {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+        {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True, "roles": ["lm_head"]}]})
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
+    art = save_artifact(tmp_path / "art", model, tiny_tokenizer(), recipe, result.report_dict())
+    report = export_compressed_tensors(art, tmp_path / "ct")
+    assert "lm_head" in report.schemes["w8 g32 sym"]
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and "lm_head" not in cfg["quantization_config"]["ignore"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, load_artifact(art).model(x).logits)

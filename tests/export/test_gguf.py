@@ -113,6 +113,22 @@ def test_a_quantized_head_becomes_output_weight(tmp_path):
     assert torch.equal(got, ref)
 
 
+def test_a_quantized_head_of_a_tied_model(tmp_path):
+    """Tied embeddings, 8-bit head: token_embd stays dense, output.weight is the Q8_0 head; same logits."""
+    recipe = Recipe.from_dict({"name": "t", "calibration": {"samples": 4, "seqlen": 16}, "passes": [
+        {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+        {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True, "roles": ["lm_head"]}]})
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
+    art = save_artifact(tmp_path / "art", model, tiny_tokenizer(), recipe, result.report_dict())
+    report, ref, got = _round_trip(tmp_path, art)
+    types = {t.name: t.gguf_type for t in report.tensors}
+    assert (types["output.weight"], types["token_embd.weight"]) == ("Q8_0", "F32")
+    assert torch.equal(got, ref)
+
+
 def test_asymmetric_formats_report_their_error(tmp_path):
     art = _artifact(tmp_path, "llama", [{"method": "rtn", "bits": 4, "group_size": 32}])
     report, ref, got = _round_trip(tmp_path, art)
