@@ -8,20 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparsefx.artifact import load_artifact, save_artifact
+from sparsefx.artifact import load_artifact
 from sparsefx.cli import main
 from sparsefx.errors import ExportError
 from sparsefx.export import export_compressed_tensors
-from sparsefx.models import tiny_model, tiny_tokenizer
-from sparsefx.passes.config import Recipe
-from sparsefx.pipeline import compress
-
-
-def _artifact(tmp_path, passes, arch="llama", name="art", dtype=torch.float32):
-    recipe = Recipe.from_dict({"name": "t", "calibration": {"samples": 4, "seqlen": 16}, "passes": passes})
-    model = tiny_model(arch).to(dtype)
-    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
-    return save_artifact(tmp_path / name, model, tiny_tokenizer(), recipe, result.report_dict())
 
 
 def _decompressed(folder):
@@ -57,11 +47,11 @@ def _decompressed(folder):
     ("llama", 4, 32, True), ("llama", 4, 32, False), ("qwen2", 8, 32, False), ("llama", 3, 32, False),
     ("mistral", 2, 32, True), ("llama", 8, 96, True),
 ])
-def test_model_compressor_decompresses_our_weights_exactly(tmp_path, arch, bits, group, symmetric):
+def test_model_compressor_decompresses_our_weights_exactly(tmp_path, make_artifact, arch, bits, group, symmetric):
     """Every bit width and both symmetries; group 96 (only the MLP's down projection has 96 inputs here: the
     other linears stay dense and are listed under ``ignore``)."""
     p = {"method": "rtn", "bits": bits, "group_size": group, "symmetric": symmetric}
-    art = _artifact(tmp_path, [{**p, "roles": ["down"]} if group == 96 else p], arch)
+    art = make_artifact([{**p, "roles": ["down"]} if group == 96 else p], arch)
     report = export_compressed_tensors(art, tmp_path / "ct")
     assert list(report.schemes) == [f"w{bits} g{group} {'sym' if symmetric else 'asym'}"]
     ours = load_artifact(art).model
@@ -81,13 +71,13 @@ def test_model_compressor_decompresses_our_weights_exactly(tmp_path, arch, bits,
     assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (bits, group, symmetric)
 
 
-def test_transformers_loads_a_symmetric_export(tmp_path):
+def test_transformers_loads_a_symmetric_export(tmp_path, make_artifact):
     """transformers' compressed-tensors quantizer loads the folder as it is (on CPU it decompresses): same logits.
     (Asymmetric exports: this transformers / compressed-tensors pair expects the zero points unpacked on load
     while compressed-tensors' own compressor packs them; vLLM reads them packed.)"""
     from transformers import AutoModelForCausalLM
 
-    art = _artifact(tmp_path, [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}])
+    art = make_artifact()
     export_compressed_tensors(art, tmp_path / "ct")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     x = torch.randint(0, 256, (2, 9))
@@ -95,8 +85,8 @@ def test_transformers_loads_a_symmetric_export(tmp_path):
         assert torch.equal(loaded(x).logits, load_artifact(art).model(x).logits)
 
 
-def test_masks_are_dense_zeros_and_bf16_stays_bf16(tmp_path):
-    art = _artifact(tmp_path, [{"method": "magnitude", "pattern": "2:4"}], dtype=torch.bfloat16)
+def test_masks_are_dense_zeros_and_bf16_stays_bf16(tmp_path, make_artifact):
+    art = make_artifact([{"method": "magnitude", "pattern": "2:4"}], dtype=torch.bfloat16)
     report = export_compressed_tensors(art, tmp_path / "ct")
     assert not report.schemes
     state = load_file(tmp_path / "ct" / "model.safetensors")
@@ -116,16 +106,16 @@ def test_masks_are_dense_zeros_and_bf16_stays_bf16(tmp_path):
     ([{"method": "dam", "budget": 3.75, "bits": 3, "group_size": 32, "symmetric": True, "factor_bits": 4,
        "factor_group": 32}], "low-rank correction"),
 ])
-def test_refusals_name_the_tensor_and_leave_nothing(tmp_path, passes, match):
-    art = _artifact(tmp_path, passes)
+def test_refusals_name_the_tensor_and_leave_nothing(tmp_path, make_artifact, passes, match):
+    art = make_artifact(passes)
     with pytest.raises(ExportError, match=match) as info:
         export_compressed_tensors(art, tmp_path / "ct")
     assert "model.layers." in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-def test_cli_and_existing_output(tmp_path, capsys, monkeypatch):
-    art = _artifact(tmp_path, [{"method": "rtn", "bits": 4, "group_size": 32}])
+def test_cli_and_existing_output(tmp_path, make_artifact, capsys, monkeypatch):
+    art = make_artifact([{"method": "rtn", "bits": 4, "group_size": 32}])
     out = tmp_path / "ct"
     assert main(["export", str(art), "--format", "compressed-tensors", "-o", str(out)]) == 0
     assert "w4 g32 asym" in capsys.readouterr().out
@@ -146,21 +136,16 @@ def test_cli_and_existing_output(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.real_model
-def test_smollm2_export_loads_in_transformers_at_the_same_perplexity(tmp_path, smollm2):
+def test_smollm2_export_loads_in_transformers_at_the_same_perplexity(tmp_path, smollm2, smollm2_q4_0):
     import dataclasses
 
     from transformers import AutoModelForCausalLM
 
     from sparsefx.data import PROTOCOL, eval_windows
     from sparsefx.eval import perplexity
-    from sparsefx.models import load_model
-    from sparsefx.passes.config import resolve_recipe
 
     _, tok = smollm2
-    model, _ = load_model("smollm2")
-    recipe = resolve_recipe("rtn-w4-g32-sym")
-    result = compress(model, recipe, calibration=torch.zeros(1, 8, dtype=torch.long), progress=False)
-    art = save_artifact(tmp_path / "art", model, tok, recipe, result.report_dict())
+    art = smollm2_q4_0
     export_compressed_tensors(art, tmp_path / "ct")
     windows = eval_windows(tok, dataclasses.replace(PROTOCOL, eval_tokens=2048))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
@@ -168,19 +153,12 @@ def test_smollm2_export_loads_in_transformers_at_the_same_perplexity(tmp_path, s
     assert perplexity(loaded, windows, progress=False)[0] == pytest.approx(ours, rel=1e-6)
 
 
-def test_a_quantized_head_of_a_tied_model_is_untied_in_the_export(tmp_path):
+def test_a_quantized_head_of_a_tied_model_is_untied_in_the_export(tmp_path, make_artifact, head8):
     """SmolLM2-style tied embeddings with an 8-bit head: the export says tie_word_embeddings false, so loaders
     keep the quantized head instead of tying it back to the (dense) embeddings; transformers gives our logits."""
     from transformers import AutoModelForCausalLM
 
-    recipe = Recipe.from_dict({"name": "t", "calibration": {"samples": 4, "seqlen": 16}, "passes": [
-        {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
-        {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True, "roles": ["lm_head"]}]})
-    model = tiny_model("llama")
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
-    art = save_artifact(tmp_path / "art", model, tiny_tokenizer(), recipe, result.report_dict())
+    art = make_artifact(head8, tied=True)
     report = export_compressed_tensors(art, tmp_path / "ct")
     assert "lm_head" in report.schemes["w8 g32 sym"]
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())

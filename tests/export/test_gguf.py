@@ -6,15 +6,12 @@ import gguf
 import pytest
 import torch
 
-from sparsefx.artifact import load_artifact, save_artifact
+from sparsefx.artifact import load_artifact
 from sparsefx.cli import main
 from sparsefx.errors import ExportError
 from sparsefx.export import export_gguf
 from sparsefx.export.gguf import qk_permutation, quant_to_ggml
-from sparsefx.models import tiny_model, tiny_tokenizer
 from sparsefx.ops.quant.format import QuantizedWeight, QuantSpec
-from sparsefx.passes.config import Recipe
-from sparsefx.pipeline import compress
 
 
 def _random_qweight(rows, cols, bits, group, symmetric, seed):
@@ -67,15 +64,6 @@ def test_qk_permutation_is_llama_cpps():
     assert torch.equal(w[qk_permutation(24, n_head)], ref)
 
 
-def _artifact(tmp_path, arch="llama", passes=None, name="art"):
-    recipe = Recipe.from_dict({"name": "t", "calibration": {"samples": 4, "seqlen": 16},
-                               "passes": passes or [{"method": "rtn", "bits": 4, "group_size": 32,
-                                                     "symmetric": True}]})
-    model = tiny_model(arch)
-    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
-    return save_artifact(tmp_path / name, model, tiny_tokenizer(), recipe, result.report_dict())
-
-
 def _round_trip(tmp_path, art, **kw):
     from transformers import AutoModelForCausalLM
 
@@ -92,18 +80,18 @@ def _round_trip(tmp_path, art, **kw):
     ("llama", 4, True, "Q4_0"), ("llama", 3, True, "Q4_0"), ("llama", 8, True, "Q8_0"),
     ("qwen2", 2, True, "Q4_0"), ("mistral", 4, True, "Q4_0"),
 ])
-def test_exact_formats_round_trip_through_transformers(tmp_path, arch, bits, symmetric, gtype):
+def test_exact_formats_round_trip_through_transformers(tmp_path, make_artifact, arch, bits, symmetric, gtype):
     """transformers' GGUF loader (which undoes llama.cpp's q/k row order) gives the artifact's logits exactly."""
-    art = _artifact(tmp_path, arch, [{"method": "rtn", "bits": bits, "group_size": 32, "symmetric": symmetric}])
+    art = make_artifact([{"method": "rtn", "bits": bits, "group_size": 32, "symmetric": symmetric}], arch)
     report, ref, got = _round_trip(tmp_path, art)
     assert {t.gguf_type for t in report.tensors if t.source.endswith("proj.weight")} == {gtype}
     assert all(t.exact for t in report.tensors)
     assert torch.equal(got, ref)
 
 
-def test_a_quantized_head_becomes_output_weight(tmp_path):
+def test_a_quantized_head_becomes_output_weight(tmp_path, make_artifact):
     """Q4_0 layers (llama.cpp's scale rule) and an 8-bit symmetric LM head: output.weight is Q8_0, all exact."""
-    art = _artifact(tmp_path, "llama", [
+    art = make_artifact([
         {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True, "scale": "signed_max"},
         {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True, "roles": ["lm_head"]}])
     report, ref, got = _round_trip(tmp_path, art)
@@ -113,24 +101,17 @@ def test_a_quantized_head_becomes_output_weight(tmp_path):
     assert torch.equal(got, ref)
 
 
-def test_a_quantized_head_of_a_tied_model(tmp_path):
+def test_a_quantized_head_of_a_tied_model(tmp_path, make_artifact, head8):
     """Tied embeddings, 8-bit head: token_embd stays dense, output.weight is the Q8_0 head; same logits."""
-    recipe = Recipe.from_dict({"name": "t", "calibration": {"samples": 4, "seqlen": 16}, "passes": [
-        {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
-        {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True, "roles": ["lm_head"]}]})
-    model = tiny_model("llama")
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
-    art = save_artifact(tmp_path / "art", model, tiny_tokenizer(), recipe, result.report_dict())
+    art = make_artifact(head8, tied=True)
     report, ref, got = _round_trip(tmp_path, art)
     types = {t.name: t.gguf_type for t in report.tensors}
     assert (types["output.weight"], types["token_embd.weight"]) == ("Q8_0", "F32")
     assert torch.equal(got, ref)
 
 
-def test_asymmetric_formats_report_their_error(tmp_path):
-    art = _artifact(tmp_path, "llama", [{"method": "rtn", "bits": 4, "group_size": 32}])
+def test_asymmetric_formats_report_their_error(tmp_path, make_artifact):
+    art = make_artifact([{"method": "rtn", "bits": 4, "group_size": 32}])
     report, ref, got = _round_trip(tmp_path, art)
     quant = [t for t in report.tensors if t.gguf_type == "Q4_1"]
     assert len(quant) == 14 and not any(t.exact for t in quant)
@@ -138,19 +119,15 @@ def test_asymmetric_formats_report_their_error(tmp_path):
     assert "not bit-exact" in report.summary()
     assert 0 < (got - ref).abs().max() < 0.05
 
-    art8 = _artifact(tmp_path, "llama", [{"method": "rtn", "bits": 8, "group_size": 32}], name="a8")
+    art8 = make_artifact([{"method": "rtn", "bits": 8, "group_size": 32}], name="a8")
     report8 = export_gguf(art8, tmp_path / "a8.gguf", tokenizer_pre="gpt-2")
     q8 = [t for t in report8.tensors if t.gguf_type == "Q8_0"]
     assert len(q8) == 14 and all("requantized" in t.note and 0 < t.rel_err < 0.02 for t in q8)
 
 
-def test_masks_and_dense_weights_keep_their_dtype(tmp_path):
+def test_masks_and_dense_weights_keep_their_dtype(tmp_path, make_artifact):
     """A 2:4 artifact stored in bf16: its packed N:M linears and dense tensors come out as BF16 with the zeros."""
-    recipe = Recipe.from_dict({"name": "t", "calibration": {"samples": 4, "seqlen": 16},
-                               "passes": [{"method": "magnitude", "pattern": "2:4"}]})
-    model = tiny_model("llama").to(torch.bfloat16)
-    result = compress(model, recipe, calibration=torch.randint(0, 256, (4, 16)), progress=False)
-    art = save_artifact(tmp_path / "art", model, tiny_tokenizer(), recipe, result.report_dict())
+    art = make_artifact([{"method": "magnitude", "pattern": "2:4"}], dtype=torch.bfloat16)
     out = tmp_path / "m.gguf"
     report = export_gguf(art, out, tokenizer_pre="gpt-2")
     types = {t.gguf_type for t in report.tensors if t.source.endswith("proj.weight")}
@@ -166,8 +143,8 @@ def test_masks_and_dense_weights_keep_their_dtype(tmp_path):
     assert torch.equal(w.float(), dense.float()) and (w.reshape(-1, 4) == 0).sum(1).ge(2).all()
 
 
-def test_metadata_and_tokenizer(tmp_path):
-    art = _artifact(tmp_path)
+def test_metadata_and_tokenizer(tmp_path, make_artifact):
+    art = make_artifact()
     out = tmp_path / "m.gguf"
     export_gguf(art, out, tokenizer_pre="gpt-2")
     r = gguf.GGUFReader(out)
@@ -180,9 +157,9 @@ def test_metadata_and_tokenizer(tmp_path):
     assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_0)
 
 
-def test_unknown_pre_tokenizer_is_named(tmp_path):
+def test_unknown_pre_tokenizer_is_named(tmp_path, make_artifact):
     with pytest.raises(ExportError, match="--tokenizer-pre"):
-        export_gguf(_artifact(tmp_path), tmp_path / "m.gguf")
+        export_gguf(make_artifact(), tmp_path / "m.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
 
 
@@ -191,16 +168,16 @@ def test_unknown_pre_tokenizer_is_named(tmp_path):
     ([{"method": "daws", "sparsity": 0.5}], "tiered_linear|multitier_linear|banded_linear"),
     ([{"method": "dam", "budget": 3.75, "bits": 3, "group_size": 32, "symmetric": True, "factor_bits": 4, "factor_group": 32}], "low-rank correction"),
 ])
-def test_what_gguf_cannot_hold_is_refused_by_tensor(tmp_path, passes, match):
-    art = _artifact(tmp_path, passes=passes)
+def test_what_gguf_cannot_hold_is_refused_by_tensor(tmp_path, make_artifact, passes, match):
+    art = make_artifact(passes)
     with pytest.raises(ExportError, match=match) as info:
         export_gguf(art, tmp_path / "m.gguf", tokenizer_pre="gpt-2")
     assert "model.layers." in str(info.value)
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_structured_and_unsupported_architectures_are_refused(tmp_path):
-    art = _artifact(tmp_path, "gemma3", name="g")
+def test_structured_and_unsupported_architectures_are_refused(tmp_path, make_artifact):
+    art = make_artifact(arch="gemma3", name="g")
     with pytest.raises(ExportError, match="gemma3.*supported: llama, mistral, qwen2"):
         export_gguf(art, tmp_path / "g.gguf", tokenizer_pre="gpt-2")
     (art / "structure.json").write_text("{}")
@@ -208,8 +185,8 @@ def test_structured_and_unsupported_architectures_are_refused(tmp_path):
         export_gguf(art, tmp_path / "g.gguf", tokenizer_pre="gpt-2")
 
 
-def test_existing_output_and_interrupted_export(tmp_path, monkeypatch):
-    art = _artifact(tmp_path)
+def test_existing_output_and_interrupted_export(tmp_path, make_artifact, monkeypatch):
+    art = make_artifact()
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep")
     with pytest.raises(ExportError, match="--overwrite"):
@@ -226,8 +203,8 @@ def test_existing_output_and_interrupted_export(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "m.gguf"]
 
 
-def test_cli(tmp_path, capsys):
-    art = _artifact(tmp_path)
+def test_cli(tmp_path, make_artifact, capsys):
+    art = make_artifact()
     out = tmp_path / "m.gguf"
     assert main(["export", str(art), "--format", "gguf", "-o", str(out), "--tokenizer-pre", "gpt-2",
                  "--quiet"]) == 0
@@ -241,7 +218,7 @@ def test_cli(tmp_path, capsys):
 
 
 @pytest.mark.real_model
-def test_smollm2_q4_0_round_trip_perplexity(tmp_path, smollm2):
+def test_smollm2_q4_0_round_trip_perplexity(tmp_path, smollm2, smollm2_q4_0):
     """SmolLM2 through rtn-w4-g32-sym: the exported GGUF, loaded by transformers, scores the protocol's first
     2,048 tokens at the artifact's perplexity; the tokenizer is recognised as llama.cpp's "smollm"."""
     import dataclasses
@@ -250,14 +227,9 @@ def test_smollm2_q4_0_round_trip_perplexity(tmp_path, smollm2):
 
     from sparsefx.data import PROTOCOL, eval_windows
     from sparsefx.eval import perplexity
-    from sparsefx.models import load_model
-    from sparsefx.passes.config import resolve_recipe
 
     _, tok = smollm2
-    model, _ = load_model("smollm2")
-    recipe = resolve_recipe("rtn-w4-g32-sym")
-    result = compress(model, recipe, calibration=torch.zeros(1, 8, dtype=torch.long), progress=False)
-    art = save_artifact(tmp_path / "art", model, tok, recipe, result.report_dict())
+    art = smollm2_q4_0
     report = export_gguf(art, tmp_path / "g" / "m.gguf")
     assert report.tokenizer_pre == "smollm" and report.file_type == "Q4_0"
     assert all(t.exact for t in report.tensors)
