@@ -76,6 +76,8 @@ def cmd_eval(args) -> int:
     if args.level is not None and not is_artifact(args.model):
         raise SparsefxError("--level applies to structurally pruned artifacts (gisp, structured_*); "
                             f"{args.model} is not an artifact")
+    if str(args.model).endswith(".gguf"):
+        return _eval_gguf(args, task_names)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     if is_artifact(args.model):
@@ -131,6 +133,42 @@ def cmd_eval(args) -> int:
           f"sparsity {res.linear_sparsity:.4f}")
     if args.json:
         _write_json(args.json, out)
+    return 0
+
+
+def _eval_gguf(args, task_names) -> int:
+    """``eval model.gguf``: the protocol's perplexity as llama.cpp computes it (``export/llamacpp.py``), on the
+    windows the GGUF's own tokenizer (read by transformers) gives — the windows our engine scores."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from .data import eval_windows
+    from .export.llamacpp import LlamaCpp
+
+    path = Path(args.model)
+    if task_names is not None or args.compile or args.decode_path or args.int8_activations:
+        raise SparsefxError("a .gguf file is scored by llama.cpp for perplexity only: drop --tasks, --compile, "
+                            "--decode-path and --int8-activations, or evaluate the artifact it was exported from")
+    if not path.is_file():
+        raise SparsefxError(f"{path}: no such GGUF file; write one with `sparsefx export DIR --format gguf -o FILE`")
+    try:
+        engine = LlamaCpp(path, threads=args.threads or 2, n_ctx=_protocol(args).window)
+    except ImportError as exc:
+        raise SparsefxError(str(exc)) from None
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    protocol = _protocol(args)
+    windows = eval_windows(tok, protocol)
+    t0 = time.perf_counter()
+    ppl = engine.perplexity(windows)
+    print(f"model            {path}  (llama.cpp, {args.threads or 2} threads)")
+    print(f"perplexity       {ppl:.4f}  ({windows.numel() - windows.shape[0]} predicted tokens, "
+          f"{time.perf_counter() - t0:.0f} s)")
+    print(f"  measured on    {protocol.eval_text}: its first {protocol.eval_tokens:,} tokens in "
+          f"{protocol.window:,}-token windows")
+    if args.json:
+        _write_json(args.json, {"model": str(path), "engine": "llama.cpp", "ppl": ppl,
+                                "tokens": int(windows.numel() - windows.shape[0])})
     return 0
 
 
@@ -446,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (protocol), decode tokens/s, parameter counts; or zero-shot task "
                                     "accuracy (--tasks)")
-    e.add_argument("model", nargs="?", help="embedded model name, local HF folder, or sparsefx artifact")
+    e.add_argument("model", nargs="?", help="embedded model name, local HF folder, sparsefx artifact, or a .gguf "
+                                            "file (perplexity through llama.cpp: the llamacpp extra)")
+    e.add_argument("--threads", type=int, help="(.gguf) llama.cpp threads (default 2)")
     e.add_argument("--tasks", help="zero-shot accuracy on these tasks instead of perplexity: comma-separated "
                                    "names, mmlu, all; `--tasks list` names them")
     e.add_argument("--limit", type=int, help="--tasks: score at most N examples per task (a seeded random subset)")

@@ -15,14 +15,14 @@ from sparsefx.passes.config import builtin_recipes
 def test_recipes_are_listed_by_method_with_their_descriptions(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    groups = re.findall(r"^(\S[^:\n]*):$", out, flags=re.M)
+    groups = re.findall(r"^(\S[^:\n]*):$", out, flags=re.MULTILINE)
     assert {"wanda", "daws", "gptq", "rtn", "dam", "gisp", "magnitude"} <= set(groups)
     assert groups == sorted(groups)
     for name in builtin_recipes():
         line = next(line for line in out.splitlines() if line.split()[:1] == [name])
         assert len(line.split()) > 2, line                  # a description follows the name
-    assert re.search(r"^\s+wanda-50\s+\*\s+50 % unstructured", out, flags=re.M)      # * = calibrates
-    assert re.search(r"^\s+magnitude-50\s{2,}[^*\s]", out, flags=re.M)
+    assert re.search(r"^\s+wanda-50\s+\*\s+50 % unstructured", out, flags=re.MULTILINE)      # * = calibrates
+    assert re.search(r"^\s+magnitude-50\s{2,}[^*\s]", out, flags=re.MULTILINE)
     assert max(map(len, out.splitlines()[:-1])) <= 100                                # fits a terminal
 
 
@@ -159,3 +159,16 @@ def test_a_bad_batch_size_is_refused_before_any_model_is_loaded(tmp_path, capsys
     # the model does not exist: had it been loaded first, the error would name the missing model instead
     assert main(["eval", str(tmp_path / "no-model"), "--tasks", "piqa", "--batch-size", "0"]) == 2
     assert "--batch-size must be at least 1 example per forward, got 0" in capsys.readouterr().err
+
+
+def test_eval_of_a_gguf_file_is_perplexity_through_llama_cpp_or_a_named_refusal(tmp_path, monkeypatch, capsys):
+    gguf = tmp_path / "m.gguf"
+    assert main(["eval", str(gguf)]) == 2
+    assert "no such GGUF file" in capsys.readouterr().err
+    gguf.write_bytes(b"GGUF")
+    assert main(["eval", str(gguf), "--tasks", "arc_easy"]) == 2
+    assert "perplexity only" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)          # as if the llamacpp extra were not installed
+    assert main(["eval", str(gguf)]) == 2
+    err = capsys.readouterr().err
+    assert "llama.cpp is not installed" in err and "llama-cpp-python" in err

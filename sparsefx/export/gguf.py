@@ -202,7 +202,11 @@ def _add_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre: str | 
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+        if not special.merges:      # a pure byte vocabulary: llama.cpp still wants the key (an empty list)
+            writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY,
+                                 sub_type=gguf.GGUFValueType.STRING)
+        special.add_to_gguf(writer, quiet=True)
         return pre
     if model_type == "BPE" and tj["model"].get("byte_fallback"):
         hf = gguf.vocab.LlamaHfVocab(folder)
@@ -227,6 +231,21 @@ def _add_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre: str | 
 
 
 # --- the export ---------------------------------------------------------------------------------------------------
+
+
+def _writer(arch: str):
+    """gguf's writer, able to write an empty array (a typed count of 0, which the format allows and gguf-py's
+    writer refuses): a byte-level tokenizer without merges needs ``tokenizer.ggml.merges = []``."""
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and len(val) == 0 and sub_type is not None:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer(None, arch)
 
 
 def _metadata(writer, config, arch: str, name: str) -> None:
@@ -373,7 +392,7 @@ def export_gguf(artifact: str | Path, out: str | Path, overwrite: bool = False, 
     result.file_type = file_type
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(None, arch)
+    writer = _writer(arch)
     try:
         _metadata(writer, config, arch, art.recipe.name or folder.name)
         writer.add_file_type(int(ftype))
