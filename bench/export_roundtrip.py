@@ -49,7 +49,7 @@ def main() -> None:
     from sparsefx._cache import atomic_write_bytes
     from sparsefx.artifact import load_artifact
     from sparsefx.data import PROTOCOL
-    from sparsefx.eval import evaluate
+    from sparsefx.eval import evaluate, stored_bits_per_weight
     from sparsefx.export import export_compressed_tensors, export_gguf
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,8 +61,7 @@ def main() -> None:
         art = load_artifact(folder)
         ppl_art = evaluate(art.model, art.tokenizer, PROTOCOL, speed=False, progress=False).ppl
         quant = [m for m in art.model.modules() if getattr(m, "kind", None) == "quant_linear"]
-        bpw = (sum(m.qweight.nbytes for m in quant) * 8 / sum(m.in_features * m.out_features for m in quant)
-               if quant else 32.0)
+        bpw = stored_bits_per_weight(art.model)
         out = WORK / "exports" / name
         shutil.rmtree(out, ignore_errors=True)
         g = export_gguf(folder, out / "model.gguf")

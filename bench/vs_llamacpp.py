@@ -48,25 +48,6 @@ def gguf_bits(path: Path) -> float:
     return 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
 
 
-def artifact_bits(model) -> float:
-    """Stored bits per weight of the decoder layers' linears of a loaded artifact (dense: its dtype's bits)."""
-    total_bits = total = 0
-    for name, m in model.named_modules():
-        if ".layers." not in name:
-            continue
-        if getattr(m, "kind", None) == "quant_linear":
-            total_bits += 8 * m.qweight.nbytes
-            total += m.in_features * m.out_features
-        elif isinstance(m, torch.nn.Linear):
-            total_bits += m.weight.numel() * m.weight.element_size() * 8
-            total += m.weight.numel()
-        elif hasattr(m, "in_features") and hasattr(m, "out_features") and getattr(m, "kind", None):
-            bufs = sum(b.numel() * b.element_size() for b in m.buffers(recurse=False) if b is not None)
-            total_bits += 8 * bufs
-            total += m.in_features * m.out_features
-    return total_bits / max(total, 1)
-
-
 def main() -> None:
     from decode_e2e import decode_tok_s
     from export_roundtrip import artifact
@@ -75,7 +56,7 @@ def main() -> None:
     from sparsefx import load
     from sparsefx._cache import atomic_write_bytes
     from sparsefx.data import PROTOCOL, eval_windows
-    from sparsefx.eval import evaluate
+    from sparsefx.eval import evaluate, stored_bits_per_weight
     from sparsefx.export import export_gguf
     from sparsefx.export.llamacpp import INSTALL, LlamaCpp, available
     from sparsefx.models import _embedded_gguf, load_model
@@ -128,7 +109,7 @@ def main() -> None:
             ppl = evaluate(model, tok, PROTOCOL, speed=False, progress=False).ppl
             engines[("sparsefx", variant)] = {
                 "step": (lambda model=model: decode_tok_s(model, prompt, args.new_tokens)),
-                "bits": artifact_bits(getattr(model, "_orig_mod", model)), "ppl": ppl}
+                "bits": stored_bits_per_weight(getattr(model, "_orig_mod", model)), "ppl": ppl}
             print(f"sparsefx {variant}: ppl {ppl:.4f}", flush=True)
 
     per_round: dict[str, list[float]] = {f"{e}/{v}": [] for e, v in engines}

@@ -132,6 +132,27 @@ def count_params(model: nn.Module) -> dict[str, int]:
             "linear_nonzero": lin_nz}
 
 
+def stored_bits_per_weight(model: nn.Module) -> float:
+    """Bits the decoder layers' linears store per weight they stand for: a compressed linear's artifact tensors
+    (packed codes with their scales and zeros, low-rank factors, N:M values and indices, ...), a plain linear its
+    weight at its dtype (32 for an fp32 model, 16 for bf16).
+
+    Example:
+        >>> stored_bits_per_weight(load("smollm2-rtn-w4-g32"))  # doctest: +SKIP
+        4.5
+    """
+    stored = weights = 0
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    for mod in (layers.modules() if layers is not None else ()):
+        if getattr(mod, "kind", None) and hasattr(mod, "export_state") and hasattr(mod, "in_features"):
+            stored += sum(t.numel() * t.element_size() for t in mod.export_state()[1].values() if t is not None)
+            weights += mod.in_features * mod.out_features
+        elif isinstance(mod, nn.Linear):
+            stored += mod.weight.numel() * mod.weight.element_size()
+            weights += mod.weight.numel()
+    return stored * 8 / weights if weights else 0.0
+
+
 def evaluate(model: nn.Module, tokenizer, protocol: Protocol = PROTOCOL, speed: bool = True,
              progress: bool = True, windows: torch.Tensor | None = None, prepare_decode: bool = True,
              decode_path: bool = False, int8_activations: bool = False) -> EvalResult:

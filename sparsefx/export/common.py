@@ -7,6 +7,9 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ExportError
+from ..sequential.blocks import text_config
+
+__all__ = ["ROUTED", "head_tied", "refuse_structured", "refuse_unsupported", "text_config"]
 
 ROUTED = {"tiered_linear", "multitier_linear", "banded_linear", "thresholded_act", "sparse_lowrank_linear"}
 
@@ -32,3 +35,11 @@ def refuse_structured(folder: Path, fmt: str) -> None:
         raise ExportError(f"{folder} was pruned structurally (structure.json): its layers keep different numbers of "
                           f"heads and channels, which the {fmt} export does not write (the engines read one head "
                           "count for every layer); export a weight-mask or quantized artifact instead")
+
+
+def head_tied(model: nn.Module) -> bool:
+    """Whether the model's output head *is* its input embedding (tied, and still the same tensor): then the formats
+    store the embedding once and the engine ties it back. A head quantized apart from the embeddings is not tied."""
+    out = model.get_output_embeddings()
+    return bool(getattr(text_config(model), "tie_word_embeddings", False)) and out is not None and \
+        getattr(out, "weight", None) is model.get_input_embeddings().weight

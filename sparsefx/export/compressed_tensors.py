@@ -33,7 +33,7 @@ from ..codegen.eager import compressed_modules
 from ..errors import ExportError
 from ..ops.nm.format import unpack_nm
 from ..shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
-from .common import refuse_structured, refuse_unsupported
+from .common import head_tied, refuse_structured, refuse_unsupported
 
 
 @dataclass
@@ -111,10 +111,7 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, overwrite: 
             tensors.append((f"{name}.bias", m.bias.detach().to(dtypes.get(f"{name}.bias") or main_dtype)))
             handled.add(f"{name}.bias")
         handled.add(f"{name}.weight")
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    out_emb = model.get_output_embeddings()
-    tied = bool(getattr(text, "tie_word_embeddings", False)) and out_emb is not None and \
-        getattr(out_emb, "weight", None) is model.get_input_embeddings().weight
+    tied = head_tied(model)
     for name, t in model.state_dict().items():
         if name in handled or (tied and name == "lm_head.weight"):
             continue

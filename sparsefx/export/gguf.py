@@ -44,7 +44,7 @@ from ..codegen.eager import compressed_modules
 from ..errors import ExportError
 from ..ops.nm.format import unpack_nm
 from ..ops.quant.format import QuantizedWeight
-from .common import refuse_structured, refuse_unsupported
+from .common import head_tied, refuse_structured, refuse_unsupported, text_config
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +248,7 @@ def _writer(arch: str):
     return Writer(None, arch)
 
 
-def _metadata(writer, config, arch: str, name: str) -> None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+def _metadata(writer, text, arch: str, name: str) -> None:
     rope = getattr(text, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
     if rope_type != "default":
@@ -311,7 +310,7 @@ def export_gguf(artifact: str | Path, out: str | Path, overwrite: bool = False, 
     if arch is None:
         raise ExportError(f"architecture {config.model_type!r} has no GGUF export here; supported: "
                           f"{', '.join(sorted(GGUF_ARCH))}")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     n_head = text.num_attention_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_head
     dtypes = checkpoint_dtypes(folder)
@@ -371,9 +370,7 @@ def export_gguf(artifact: str | Path, out: str | Path, overwrite: bool = False, 
             result.tensors.append(TensorRecord(gguf_name(f"{mname}.bias"), f"{mname}.bias", "F32", True))
             handled.add(f"{mname}.bias")
 
-    tied = getattr(text, "tie_word_embeddings", False) and \
-        model.get_output_embeddings() is not None and \
-        getattr(model.get_output_embeddings(), "weight", None) is model.get_input_embeddings().weight
+    tied = head_tied(model)
     for hf, t in model.state_dict().items():
         if hf in handled or (tied and hf == "lm_head.weight") or hf.endswith("rotary_emb.inv_freq"):
             continue
@@ -394,7 +391,7 @@ def export_gguf(artifact: str | Path, out: str | Path, overwrite: bool = False, 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     writer = _writer(arch)
     try:
-        _metadata(writer, config, arch, art.recipe.name or folder.name)
+        _metadata(writer, text, arch, art.recipe.name or folder.name)
         writer.add_file_type(int(ftype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         result.tokenizer_pre = _add_tokenizer(writer, folder, art.tokenizer, int(text.vocab_size), tokenizer_pre)

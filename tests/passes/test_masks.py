@@ -162,3 +162,24 @@ def test_parameter_counts_see_compressed_linears(recipe, nonzero):
     # the model's totals too (packed and quantized linears hold buffers, not parameters)
     assert counts["params_total"] == before["params_total"]
     assert before["params_total"] - counts["params_nonzero"] == pytest.approx((1 - nonzero) * dense, rel=0.01)
+
+
+@pytest.mark.parametrize("recipe", ["{method: rtn, bits: 4, group_size: 32}",
+                                    "{method: rtn, bits: 3, group_size: 32, symmetric: true}"])
+def test_stored_bits_per_weight_is_what_the_pass_reports(recipe):
+    # the figure the export and llama.cpp benches print beside each variant: the quant pass's own bits_per_weight
+    from sparsefx.eval import stored_bits_per_weight
+
+    model = tiny_model("llama")
+    assert stored_bits_per_weight(model) == 32.0
+    result = compress(model, Recipe.from_yaml(f"passes: [{recipe}]"), progress=False)
+    assert stored_bits_per_weight(model) == pytest.approx(result.reported("bits_per_weight"), rel=1e-6)
+
+
+def test_stored_bits_per_weight_of_packed_nm():
+    # 2:4 packed from fp32: half the weights kept at 32 bits, each with a uint8 position -> 16 + 4 bits per weight
+    from sparsefx.eval import stored_bits_per_weight
+
+    model = tiny_model("llama")
+    compress(model, Recipe.from_yaml("passes: [{method: magnitude, pattern: '2:4', pack: true}]"), progress=False)
+    assert stored_bits_per_weight(model) == pytest.approx(0.5 * 32 + 0.5 * 8)
