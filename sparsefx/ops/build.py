@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -38,9 +39,26 @@ def announce_if_slow(what: str, after_s: float = 3.0):
         timer.cancel()
 
 
+def local_includes(source: Path) -> list[Path]:
+    """The files ``source`` includes with ``#include "..."`` (relative to the including file), theirs too."""
+    found: list[Path] = []
+    todo = [source]
+    while todo:
+        f = todo.pop()
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read_text(), flags=re.MULTILINE):
+            dep = (f.parent / name).resolve()
+            if dep.is_file() and dep not in found:
+                found.append(dep)
+                todo.append(dep)
+    return found
+
+
 def extension_name(stem: str, source: Path, defines: dict[str, int] | None = None) -> str:
-    """``sparsefx_<stem>_<12 hex digits>``: the digits hash the source, the flags and the defines."""
+    """``sparsefx_<stem>_<12 hex digits>``: the digits hash the source and the local headers it includes, the flags
+    and the defines."""
     h = hashlib.sha256(source.read_bytes())
+    for dep in local_includes(source):
+        h.update(dep.read_bytes())
     h.update(repr((FLAGS, sorted((defines or {}).items()), torch.__version__)).encode())
     return f"sparsefx_{stem}_{h.hexdigest()[:12]}"
 
