@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 static inline uint32_t load_u32(const uint8_t* p) {
   uint32_t v;
@@ -298,37 +299,51 @@ static PreparedQ8 prepare_q8(const float* x0, int64_t M, int64_t in, int64_t bit
   return px;
 }
 
-// y[m, o] for o in [o0, o1) from int8 x (M rows of px), W packed [out, in * BITS / 8].
+// y[m, o] for o in [o0, o1) from int8 x (M rows of px), W packed [out, in * BITS / 8]. Per 32-code block the
+// group's scale and the block's x scale are folded into one factor and one FMA, alternating between two accumulators
+// (one chain would wait on FMA latency); a row's fp16 scales are widened eight at a time, and the zero points' term
+// sum_g s_g z_g xsum_g is one vector dot per row rather than a scalar chain per group.
 template <int BITS, int M>
 static void rows_q8(const int8_t* q, const float* dx, const float* xsum, const uint8_t* packed,
                     const at::Half* scales, const uint8_t* zeros, float zero_sym, int64_t in, int64_t gs, float* y,
                     int64_t out, int64_t o0, int64_t o1) {
-  const int64_t groups = in / gs, blocks = in / 32, row_bytes = in * BITS / 8;
+  const int64_t groups = in / gs, blocks = in / 32, row_bytes = in * BITS / 8, per_group = gs / 32;
   const uint8_t* end = packed + out * row_bytes;
+  std::vector<float> sf_buf((size_t)(groups + 8));
+  float* sf = sf_buf.data();
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* p = packed + o * row_bytes;
-    __m256 acc[M];
-    float zero_part[M];
-    for (int m = 0; m < M; ++m) { acc[m] = _mm256_setzero_ps(); zero_part[m] = 0.0f; }
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256 gacc[M];
-      for (int m = 0; m < M; ++m) gacc[m] = _mm256_setzero_ps();
-      for (int64_t j = g * gs; j < (g + 1) * gs; j += 32, p += 4 * BITS) {   // gs is a multiple of 32
-        const __m256i codes = codes_u8<BITS>(p, BITS == 3 && p + 16 > end);
-        for (int m = 0; m < M; ++m) {
-          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * in + j));
-          gacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<BITS>(codes, xq)),
-                                    _mm256_set1_ps(dx[m * blocks + j / 32]), gacc[m]);
-        }
-      }
-      const float s = _cvtsh_ss(scales[o * groups + g].x);
-      const float z = zeros ? (float)zeros[o * groups + g] : zero_sym;
+    const at::Half* srow = scales + o * groups;
+    int64_t g8 = 0;
+    for (; g8 + 8 <= groups; g8 += 8)
+      _mm256_storeu_ps(sf + g8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + g8))));
+    for (; g8 < groups; ++g8) sf[g8] = _cvtsh_ss(srow[g8].x);
+    __m256 acc[2][M];
+    for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b, p += 4 * BITS) {
+      const __m256i codes = codes_u8<BITS>(p, BITS == 3 && p + 16 > end);
+      const float s = sf[b / per_group];
       for (int m = 0; m < M; ++m) {
-        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(s), gacc[m], acc[m]);
-        zero_part[m] += s * z * xsum[m * groups + g];
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * in + b * 32));
+        acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<BITS>(codes, xq)),
+                                        _mm256_set1_ps(s * dx[m * blocks + b]), acc[b & 1][m]);
       }
     }
-    for (int m = 0; m < M; ++m) y[m * out + o] = hsum(acc[m]) - zero_part[m];
+    const uint8_t* zrow = zeros ? zeros + o * groups : nullptr;
+    for (int m = 0; m < M; ++m) {
+      const float* xs = xsum + m * groups;
+      __m256 zacc = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= groups; g += 8) {
+        const __m256 z = zrow ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zrow + g))))
+                              : _mm256_set1_ps(zero_sym);
+        zacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sf + g), z), _mm256_loadu_ps(xs + g), zacc);
+      }
+      float zero_part = hsum(zacc);
+      for (; g < groups; ++g) zero_part += sf[g] * (zrow ? (float)zrow[g] : zero_sym) * xs[g];
+      y[m * out + o] = hsum(_mm256_add_ps(acc[0][m], acc[1][m])) - zero_part;
+    }
   }
 }
 
