@@ -88,6 +88,8 @@ def cmd_eval(args) -> int:
     else:
         model, tok = load_model(args.model, dtype=dtype)
         model.to(device)
+    if args.runtime:
+        return _eval_runtime(args, model, tok, task_names)
     if (args.compile or task_names is not None) and next(model.parameters()).device.type == "cpu":
         from .codegen.cpu import prepare_cpu_decode
 
@@ -136,6 +138,48 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_runtime(args, model, tok, task_names) -> int:
+    """``eval --runtime``: perplexity and decode speed through the C++ decode runtime (sparsefx.runtime)."""
+    import torch
+
+    from .data import eval_windows
+    from .runtime import DecodeRuntime
+
+    if task_names is not None or args.compile or args.decode_path:
+        raise SparsefxError("--runtime scores perplexity (and decode speed) through the C++ decode runtime; it does "
+                            "not combine with --tasks, --compile or --decode-path (drop --runtime for those)")
+    if next(model.parameters()).device.type != "cpu":
+        raise SparsefxError("--runtime runs on the CPU: add --device cpu")
+    protocol = _protocol(args)
+    windows = eval_windows(tok, protocol)
+    rt = DecodeRuntime(model, max_len=max(protocol.window, 128), int8_activations=bool(args.int8_activations))
+    ppl = rt.perplexity(_progress(windows, not args.no_progress, "perplexity (runtime)"))
+    tok_s = None
+    if not args.no_speed:
+        prompt = torch.randint(0, min(rt.vocab, 1000), (32,), generator=torch.Generator().manual_seed(0))
+        rt.decode_tok_s(prompt, 4)                                   # warm-up
+        tok_s = max(rt.decode_tok_s(prompt, 64) for _ in range(2))   # as eval without --runtime: best of 2
+    acts = "int8" if args.int8_activations else "fp32"
+    print(f"model            {args.model}  (C++ decode runtime, {acts} activations into quantized linears)")
+    print(f"perplexity       {ppl:.4f}  ({windows.numel() - windows.shape[0]} predicted tokens, through the runtime)")
+    print(f"  measured on    {protocol.eval_text}: its first {protocol.eval_tokens:,} tokens in "
+          f"{protocol.window:,}-token windows")
+    if tok_s:
+        print(f"decode tokens/s  {tok_s:.2f}  (batch 1, greedy, 64 tokens after a 32-token prompt)")
+    if args.json:
+        _write_json(args.json, {"ppl": ppl, "decode_tok_s": tok_s, "runtime": True,
+                                "int8_activations": bool(args.int8_activations)})
+    return 0
+
+
+def _progress(items, on: bool, desc: str):
+    if not on:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="window")
+
+
 def _eval_gguf(args, task_names) -> int:
     """``eval model.gguf``: the protocol's perplexity as llama.cpp computes it (``export/llamacpp.py``), on the
     windows the GGUF's own tokenizer (read by transformers) gives — the windows our engine scores."""
@@ -147,9 +191,10 @@ def _eval_gguf(args, task_names) -> int:
     from .export.llamacpp import LlamaCpp
 
     path = Path(args.model)
-    if task_names is not None or args.compile or args.decode_path or args.int8_activations:
+    if task_names is not None or args.compile or args.decode_path or args.int8_activations or args.runtime:
         raise SparsefxError("a .gguf file is scored by llama.cpp for perplexity only: drop --tasks, --compile, "
-                            "--decode-path and --int8-activations, or evaluate the artifact it was exported from")
+                            "--decode-path, --int8-activations and --runtime, or evaluate the artifact it was "
+                            "exported from")
     if not path.is_file():
         raise SparsefxError(f"{path}: no such GGUF file; write one with `sparsefx export DIR --format gguf -o FILE`")
     try:
@@ -502,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decode-path", action="store_true",
                    help="score the text one token at a time through the KV cache (and, on CPU, the decode "
                         "kernels), as generate() runs the model; one forward per token, so much slower")
+    e.add_argument("--runtime", action="store_true",
+                   help="CPU: perplexity and decode speed through the C++ decode runtime (the whole decoder in one "
+                        "call per token; llama/mistral/qwen2 with dense or rtn/gptq linears); with "
+                        "--int8-activations its quantized linears read int8 inputs")
     e.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype to compute in (auto: float32 on CPU, bfloat16 on CUDA); the artifact may store another")

@@ -153,9 +153,10 @@ class DecodeRuntime:
             nxt = int(self.forward([nxt], ids.numel() + step).argmax())
         return new_tokens / (time.perf_counter() - t0)
 
-    def perplexity(self, windows: torch.Tensor, chunk: int = 8) -> float:
-        """exp(mean NLL) over ``windows: [n, T]``, each window from a fresh context, fed ``chunk`` tokens per call
-        (the decode kernels take a few rows at a time; the numbers do not depend on ``chunk``)."""
+    def perplexity(self, windows, chunk: int = 8) -> float:
+        """exp(mean NLL) over ``windows`` (``[n, T]`` token ids, or any iterable of 1-D windows: a progress bar),
+        each window from a fresh context, fed ``chunk`` tokens per call (the decode kernels take a few rows at a
+        time; the numbers do not depend on ``chunk``)."""
         nll, count = 0.0, 0
         for row in windows:
             if row.numel() > self.max_len:
