@@ -320,13 +320,15 @@ static void rows_q8(const int8_t* q, const float* dx, const float* xsum, const u
     for (; g8 < groups; ++g8) sf[g8] = _cvtsh_ss(srow[g8].x);
     __m256 acc[2][M];
     for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b, p += 4 * BITS) {
-      const __m256i codes = codes_u8<BITS>(p, BITS == 3 && p + 16 > end);
-      const float s = sf[b / per_group];
-      for (int m = 0; m < M; ++m) {
-        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * in + b * 32));
-        acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<BITS>(codes, xq)),
-                                        _mm256_set1_ps(s * dx[m * blocks + b]), acc[b & 1][m]);
+    for (int64_t g = 0, b = 0; g < groups; ++g) {
+      const float s = sf[g];
+      for (int64_t k = 0; k < per_group; ++k, ++b, p += 4 * BITS) {
+        const __m256i codes = codes_u8<BITS>(p, BITS == 3 && p + 16 > end);
+        for (int m = 0; m < M; ++m) {
+          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * in + b * 32));
+          acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<BITS>(codes, xq)),
+                                          _mm256_set1_ps(s * dx[m * blocks + b]), acc[b & 1][m]);
+        }
       }
     }
     const uint8_t* zrow = zeros ? zeros + o * groups : nullptr;
