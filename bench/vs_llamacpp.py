@@ -5,7 +5,8 @@
 
 Batch 1, ``--threads`` threads for both engines (torch.set_num_threads / llama.cpp n_threads), a 64-token prompt
 (the start of the eval text) and 64 greedy tokens (argmax in both engines; the prefill is not timed), median of
-``--rounds`` rounds; every round runs every variant once, so drift hits all alike.
+``--rounds`` rounds after one warm-up decode of each (compiled variants compile there); every round runs every
+variant once, so drift hits all alike.
 
 llama.cpp (``llama-cpp-python``, an optional extra; its rows are left out, with a note, when it is not installed)
 runs GGUF files: our exports of the ``dense`` (F32), ``rtn-w8-g32-sym`` (Q8_0), ``gptq-w4-g32-sym-head8`` (Q4_0,
@@ -125,6 +126,8 @@ def main() -> None:
                 "bits": stored_bits_per_weight(getattr(model, "_orig_mod", model)), "ppl": ppl}
             print(f"sparsefx {variant}: ppl {ppl:.4f}", flush=True)
 
+    for spec in engines.values():      # warm-up: compiled variants compile on their first decode, caches fill
+        spec["step"]()
     per_round: dict[str, list[float]] = {f"{e}/{v}": [] for e, v in engines}
     for r in range(args.rounds):
         for (e, v), spec in engines.items():
