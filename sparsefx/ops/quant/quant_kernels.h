@@ -275,6 +275,15 @@ struct PreparedQ8 {
   std::vector<float> dx, xsum;
 };
 
+// Where rounded input j of 32-block c goes for 4-bit codes: rows_q8 reads two blocks per step from one 32-byte load
+// (low nibbles: even codes of block c then of c + 1; high nibbles: the odd codes), so each pair of blocks keeps its
+// 64 inputs as [even of c, even of c + 1, odd of c, odd of c + 1]; an odd last block keeps [even, odd].
+static inline int64_t q4_pos(int64_t c, int j, int64_t blocks) {
+  const int64_t k = j / 2, odd = j % 2;
+  if ((c | 1) < blocks) return (c / 2) * 64 + odd * 32 + (c % 2) * 16 + k;
+  return c * 32 + odd * 16 + k;
+}
+
 static PreparedQ8 prepare_q8(const float* x0, int64_t M, int64_t in, int64_t bits, int64_t gs) {
   const int64_t groups = in / gs, blocks = in / 32;
   PreparedQ8 px{std::vector<int8_t>((size_t)(M * in)), std::vector<float>((size_t)(M * blocks)),
@@ -287,11 +296,20 @@ static PreparedQ8 prepare_q8(const float* x0, int64_t M, int64_t in, int64_t bit
       float amax = 0.0f;
       for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
       const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int8_t* qb = px.q.data() + m * in + c * 32;
       int sum = 0;
-      for (int j = 0; j < 32; ++j) {
-        qb[j] = (int8_t)std::nearbyint(xb[order[j]] * inv);
-        sum += qb[j];
+      if (bits == 4) {   // q4_pos: pairs of blocks interleaved for rows_q8's two-block step
+        int8_t* qm = px.q.data() + m * in;
+        for (int j = 0; j < 32; ++j) {
+          const int8_t v = (int8_t)std::nearbyint(xb[j] * inv);
+          qm[q4_pos(c, j, blocks)] = v;
+          sum += v;
+        }
+      } else {
+        int8_t* qb = px.q.data() + m * in + c * 32;
+        for (int j = 0; j < 32; ++j) {
+          qb[j] = (int8_t)std::nearbyint(xb[order[j]] * inv);
+          sum += qb[j];
+        }
       }
       px.dx[m * blocks + c] = dx;
       px.xsum[m * groups + c * 32 / gs] += dx * (float)sum;
@@ -320,6 +338,42 @@ static void rows_q8(const int8_t* q, const float* dx, const float* xsum, const u
     for (; g8 < groups; ++g8) sf[g8] = _cvtsh_ss(srow[g8].x);
     __m256 acc[2][M];
     for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+    if constexpr (BITS == 4) {
+      // two blocks per step: one 32-byte load, low and high nibbles against the inputs q4_pos laid out for them;
+      // the two products' int16 pair sums are added before widening (|sum| <= 2 * 2 * 15 * 127 fits int16), and
+      // one FMA scales lanes 0-3 by block b's factor, lanes 4-7 by block b + 1's
+      const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+      int64_t b = 0, g = 0, k = 0;   // block b is block k of group g
+      auto scale_then_step = [&]() {
+        const float sg = sf[g];
+        if (++k == per_group) { k = 0; ++g; }
+        return sg;
+      };
+      for (; b + 2 <= blocks; b += 2, p += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        const float s0 = scale_then_step(), s1 = scale_then_step();
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xm = q + m * in + b * 32;
+          const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
+          const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
+          const __m256i d = _mm256_madd_epi16(
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)), ones);
+          const __m256 f = _mm256_set_m128(_mm_set1_ps(s1 * dx[m * blocks + b + 1]),
+                                           _mm_set1_ps(s0 * dx[m * blocks + b]));
+          acc[(b >> 1) & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), f, acc[(b >> 1) & 1][m]);
+        }
+      }
+      if (b < blocks) {   // an odd last block, laid out [even, odd] as codes_u8 gives them
+        const __m256i codes = codes_u8<4>(p, false);
+        const float s = sf[g];
+        for (int m = 0; m < M; ++m) {
+          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * in + b * 32));
+          acc[0][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<4>(codes, xq)),
+                                      _mm256_set1_ps(s * dx[m * blocks + b]), acc[0][m]);
+        }
+      }
+    } else
     for (int64_t g = 0, b = 0; g < groups; ++g) {
       const float s = sf[g];
       for (int64_t k = 0; k < per_group; ++k, ++b, p += 4 * BITS) {
