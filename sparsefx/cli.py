@@ -78,6 +78,9 @@ def cmd_eval(args) -> int:
                             f"{args.model} is not an artifact")
     if str(args.model).endswith(".gguf"):
         return _eval_gguf(args, task_names)
+    if args.runtime and (task_names is not None or args.compile or args.decode_path):
+        raise SparsefxError("--runtime scores perplexity (and decode speed) through the C++ decode runtime; it does "
+                            "not combine with --tasks, --compile or --decode-path (drop --runtime for those)")
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     if is_artifact(args.model):
@@ -89,7 +92,7 @@ def cmd_eval(args) -> int:
         model, tok = load_model(args.model, dtype=dtype)
         model.to(device)
     if args.runtime:
-        return _eval_runtime(args, model, tok, task_names)
+        return _eval_runtime(args, model, tok)
     if (args.compile or task_names is not None) and next(model.parameters()).device.type == "cpu":
         from .codegen.cpu import prepare_cpu_decode
 
@@ -138,22 +141,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_runtime(args, model, tok, task_names) -> int:
+def _eval_runtime(args, model, tok) -> int:
     """``eval --runtime``: perplexity and decode speed through the C++ decode runtime (sparsefx.runtime)."""
     import torch
 
     from .data import eval_windows
     from .runtime import DecodeRuntime
 
-    if task_names is not None or args.compile or args.decode_path:
-        raise SparsefxError("--runtime scores perplexity (and decode speed) through the C++ decode runtime; it does "
-                            "not combine with --tasks, --compile or --decode-path (drop --runtime for those)")
     if next(model.parameters()).device.type != "cpu":
         raise SparsefxError("--runtime runs on the CPU: add --device cpu")
     protocol = _protocol(args)
     windows = eval_windows(tok, protocol)
     rt = DecodeRuntime(model, max_len=max(protocol.window, 128), int8_activations=bool(args.int8_activations))
-    ppl = rt.perplexity(_progress(windows, not args.no_progress, "perplexity (runtime)"))
+    ppl = rt.perplexity(windows, progress=not args.no_progress)
     tok_s = None
     if not args.no_speed:
         prompt = torch.randint(0, min(rt.vocab, 1000), (32,), generator=torch.Generator().manual_seed(0))
@@ -162,8 +162,7 @@ def _eval_runtime(args, model, tok, task_names) -> int:
     acts = "int8" if args.int8_activations else "fp32"
     print(f"model            {args.model}  (C++ decode runtime, {acts} activations into quantized linears)")
     print(f"perplexity       {ppl:.4f}  ({windows.numel() - windows.shape[0]} predicted tokens, through the runtime)")
-    print(f"  measured on    {protocol.eval_text}: its first {protocol.eval_tokens:,} tokens in "
-          f"{protocol.window:,}-token windows")
+    _print_protocol(protocol)
     if tok_s:
         print(f"decode tokens/s  {tok_s:.2f}  (batch 1, greedy, 64 tokens after a 32-token prompt)")
     if args.json:
@@ -172,12 +171,9 @@ def _eval_runtime(args, model, tok, task_names) -> int:
     return 0
 
 
-def _progress(items, on: bool, desc: str):
-    if not on:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="window")
+def _print_protocol(protocol) -> None:
+    print(f"  measured on    {protocol.eval_text}: its first {protocol.eval_tokens:,} tokens in "
+          f"{protocol.window:,}-token windows")
 
 
 def _eval_gguf(args, task_names) -> int:
@@ -197,20 +193,19 @@ def _eval_gguf(args, task_names) -> int:
                             "exported from")
     if not path.is_file():
         raise SparsefxError(f"{path}: no such GGUF file; write one with `sparsefx export DIR --format gguf -o FILE`")
+    protocol = _protocol(args)
     try:
-        engine = LlamaCpp(path, threads=args.threads or 2, n_ctx=_protocol(args).window)
+        engine = LlamaCpp(path, threads=args.threads or 2, n_ctx=protocol.window)
     except ImportError as exc:
         raise SparsefxError(str(exc)) from None
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    protocol = _protocol(args)
     windows = eval_windows(tok, protocol)
     t0 = time.perf_counter()
     ppl = engine.perplexity(windows)
     print(f"model            {path}  (llama.cpp, {args.threads or 2} threads)")
     print(f"perplexity       {ppl:.4f}  ({windows.numel() - windows.shape[0]} predicted tokens, "
           f"{time.perf_counter() - t0:.0f} s)")
-    print(f"  measured on    {protocol.eval_text}: its first {protocol.eval_tokens:,} tokens in "
-          f"{protocol.window:,}-token windows")
+    _print_protocol(protocol)
     if args.json:
         _write_json(args.json, {"model": str(path), "engine": "llama.cpp", "ppl": ppl,
                                 "tokens": int(windows.numel() - windows.shape[0])})

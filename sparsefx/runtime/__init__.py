@@ -153,12 +153,13 @@ class DecodeRuntime:
             nxt = int(self.forward([nxt], ids.numel() + step).argmax())
         return new_tokens / (time.perf_counter() - t0)
 
-    def perplexity(self, windows, chunk: int = 8) -> float:
-        """exp(mean NLL) over ``windows`` (``[n, T]`` token ids, or any iterable of 1-D windows: a progress bar),
-        each window from a fresh context, fed ``chunk`` tokens per call (the decode kernels take a few rows at a
-        time; the numbers do not depend on ``chunk``)."""
+    def perplexity(self, windows: torch.Tensor, chunk: int = 8, progress: bool = False) -> float:
+        """exp(mean NLL) over ``windows: [n, T]``, each window from a fresh context, fed ``chunk`` tokens per call
+        (the decode kernels take a few rows at a time; the numbers do not depend on ``chunk``)."""
+        from tqdm.auto import tqdm
+
         nll, count = 0.0, 0
-        for row in windows:
+        for row in tqdm(windows, desc="perplexity (runtime)", unit="window", disable=not progress):
             if row.numel() > self.max_len:
                 raise ValueError(f"a window of {row.numel()} tokens exceeds max_len {self.max_len}")
             logits = torch.cat([self.forward(row[s:s + chunk], s, all_logits=True)
