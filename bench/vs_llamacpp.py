@@ -107,23 +107,20 @@ def main() -> None:
             q8 = name.endswith("-q8")
             recipe = name.removesuffix("-q8")
             model = load(artifact(recipe), int8_activations=q8)
+            bits = stored_bits_per_weight(model)
             if how == "runtime":
                 rt = DecodeRuntime(model, max_len=PROTOCOL.window, int8_activations=q8)
                 ppl = rt.perplexity(windows)     # through the runtime itself: int8 activations included
-                engines[("sparsefx", variant)] = {
-                    "step": (lambda rt=rt: rt.decode_tok_s(prompt[0], args.new_tokens)),
-                    "bits": stored_bits_per_weight(model), "ppl": ppl}
-                print(f"sparsefx {variant}: ppl {ppl:.4f}", flush=True)
-                continue
-            if how == "compiled":
-                import sparsefx.codegen.backend  # noqa: F401  (registers the backend)
+                step = (lambda rt=rt: rt.decode_tok_s(prompt[0], args.new_tokens))
+            else:
+                if how == "compiled":
+                    import sparsefx.codegen.backend  # noqa: F401  (registers the backend)
 
-                model = torch.compile(model, backend="sparsefx",
-                                      options={"int8_activations": True} if q8 else None)
-            ppl = evaluate(model, tok, PROTOCOL, speed=False, progress=False).ppl
-            engines[("sparsefx", variant)] = {
-                "step": (lambda model=model: decode_tok_s(model, prompt, args.new_tokens)),
-                "bits": stored_bits_per_weight(getattr(model, "_orig_mod", model)), "ppl": ppl}
+                    model = torch.compile(model, backend="sparsefx",
+                                          options={"int8_activations": True} if q8 else None)
+                ppl = evaluate(model, tok, PROTOCOL, speed=False, progress=False).ppl
+                step = (lambda model=model: decode_tok_s(model, prompt, args.new_tokens))
+            engines[("sparsefx", variant)] = {"step": step, "bits": bits, "ppl": ppl}
             print(f"sparsefx {variant}: ppl {ppl:.4f}", flush=True)
 
     for spec in engines.values():      # warm-up: compiled variants compile on their first decode, caches fill
